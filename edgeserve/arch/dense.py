@@ -1,0 +1,163 @@
+"""Dense decoder of the Llama family: Llama, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
+
+Legend: B = sequences, S = new tokens per sequence (padded), T = keys attended to,
+D = hidden, H = query heads, KVH = key/value heads, hd = head dim, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from edgeserve.arch import rope
+from edgeserve.arch.spec import ModelSpec
+from edgeserve.batch import StepBatch
+
+
+def weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor the checkpoint must provide, by its Hugging Face name."""
+    d, i = spec.hidden_size, spec.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, d),
+                                          "model.norm.weight": (d,)}
+    if not spec.tie_embeddings:
+        shapes["lm_head.weight"] = (spec.vocab_size, d)
+    for n in range(spec.num_layers):
+        p = f"model.layers.{n}."
+        shapes |= {
+            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (spec.q_size, d),
+            p + "self_attn.k_proj.weight": (spec.kv_size, d),
+            p + "self_attn.v_proj.weight": (spec.kv_size, d),
+            p + "self_attn.o_proj.weight": (d, spec.q_size),
+            p + "mlp.gate_proj.weight": (i, d), p + "mlp.up_proj.weight": (i, d),
+            p + "mlp.down_proj.weight": (d, i)}
+        if spec.qkv_bias:
+            shapes |= {p + "self_attn.q_proj.bias": (spec.q_size,),
+                       p + "self_attn.k_proj.bias": (spec.kv_size,),
+                       p + "self_attn.v_proj.bias": (spec.kv_size,)}
+        if spec.qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (spec.head_dim,),
+                       p + "self_attn.k_norm.weight": (spec.head_dim,)}
+        if spec.mlp_bias:
+            shapes |= {p + "mlp.gate_proj.bias": (i,), p + "mlp.up_proj.bias": (i,),
+                       p + "mlp.down_proj.bias": (d,)}
+    return shapes
+
+
+class Layer(NamedTuple):
+    norm_in: torch.Tensor
+    norm_post: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    q_bias: torch.Tensor | None
+    k_bias: torch.Tensor | None
+    v_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    gate_bias: torch.Tensor | None
+    up_bias: torch.Tensor | None
+    down_bias: torch.Tensor | None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As Hugging Face does it: normalise in float32, scale in the input dtype.
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+class DenseModel:
+    """Forward passes over weight views; holds no memory of its own."""
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> None:
+        self.spec = spec
+        self.embed = weights["model.embed_tokens.weight"]
+        self.norm = weights["model.norm.weight"]
+        self.lm_head = self.embed if spec.tie_embeddings else weights["lm_head.weight"]
+        self.layers = [self._layer(weights, f"model.layers.{n}.") for n in range(spec.num_layers)]
+        self.inv_freq = rope.inv_freq(spec.rope, spec.head_dim).to(self.embed.device)
+
+    @staticmethod
+    def _layer(w: dict[str, torch.Tensor], p: str) -> Layer:
+        a, m = p + "self_attn.", p + "mlp."
+        return Layer(
+            w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"],
+            w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"],
+            w[a + "o_proj.weight"], w[m + "gate_proj.weight"], w[m + "up_proj.weight"],
+            w[m + "down_proj.weight"], w.get(a + "q_proj.bias"), w.get(a + "k_proj.bias"),
+            w.get(a + "v_proj.bias"), w.get(a + "q_norm.weight"), w.get(a + "k_norm.weight"),
+            w.get(m + "gate_proj.bias"), w.get(m + "up_proj.bias"), w.get(m + "down_proj.bias"))
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch, kv: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Logits (B, V) of each sequence's last new token, or (B, S, V) with all_logits.
+
+        kv: the paged view (pages, L, 2, P, KVH, hd); the new keys and values are written
+        into the pages of batch.slot_page / slot_offset.
+        """
+        spec = self.spec
+        x = F.embedding(batch.tokens, self.embed)                       # (B, S, D)
+        cos, sin = rope.cos_sin(self.inv_freq, batch.positions, x.dtype)
+        masks: dict[int | None, torch.Tensor] = {}
+        for n, layer in enumerate(self.layers):
+            window = spec.sliding_windows[n]
+            if window not in masks:
+                masks[window] = self._mask(batch, window)
+            h = rms_norm(x, layer.norm_in, spec.rms_norm_eps)
+            x = x + self._attention(h, layer, batch, kv[:, n], cos, sin, masks[window])
+            h = rms_norm(x, layer.norm_post, spec.rms_norm_eps)
+            x = x + self._mlp(h, layer)
+        x = rms_norm(x if all_logits else x[torch.arange(batch.size), batch.last],
+                     self.norm, spec.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+    def _attention(self, h: torch.Tensor, w: Layer, batch: StepBatch, kv: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        b, s, _ = h.shape
+        q = F.linear(h, w.q, w.q_bias).view(b, s, spec.num_heads, spec.head_dim)
+        k = F.linear(h, w.k, w.k_bias).view(b, s, spec.num_kv_heads, spec.head_dim)
+        v = F.linear(h, w.v, w.v_bias).view(b, s, spec.num_kv_heads, spec.head_dim)
+        if w.q_norm is not None and w.k_norm is not None:
+            q = rms_norm(q, w.q_norm, spec.rms_norm_eps)
+            k = rms_norm(k, w.k_norm, spec.rms_norm_eps)
+        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        # kv here is one layer: (pages, 2, P, KVH, hd). Store the new tokens' keys/values.
+        kv[batch.slot_page, 0, batch.slot_offset] = k[batch.valid]
+        kv[batch.slot_page, 1, batch.slot_offset] = v[batch.valid]
+        if batch.fresh:
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)         # (B, KVH, S, hd)
+        else:
+            pages = kv[batch.page_table]                     # (B, MP, 2, P, KVH, hd)
+            t = mask.shape[-1]
+            keys = pages[:, :, 0].flatten(1, 2)[:, :t].transpose(1, 2)  # (B, KVH, T, hd)
+            values = pages[:, :, 1].flatten(1, 2)[:, :t].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                             enable_gqa=True)         # (B, H, S, hd)
+        return F.linear(out.transpose(1, 2).reshape(b, s, spec.q_size), w.o)
+
+    def _mlp(self, h: torch.Tensor, w: Layer) -> torch.Tensor:
+        gate = F.silu(F.linear(h, w.gate, w.gate_bias))
+        return F.linear(gate * F.linear(h, w.up, w.up_bias), w.down, w.down_bias)
+
+    @staticmethod
+    def _mask(batch: StepBatch, window: int | None) -> torch.Tensor:
+        """(B, 1, S, T) bool: key j is visible to query i (causal, in range, in window)."""
+        q_pos = batch.positions[:, :, None]                            # (B, S, 1)
+        if batch.fresh:
+            k_pos = batch.positions[:, None, :]                        # (B, 1, S)
+            visible = batch.valid[:, None, :] & (k_pos <= q_pos)
+        else:
+            t = int(batch.kv_lens.max())
+            k_pos = torch.arange(t, device=q_pos.device)[None, None, :]
+            visible = (k_pos < batch.kv_lens[:, None, None]) & (k_pos <= q_pos)
+        if window is not None:
+            visible = visible & (q_pos - k_pos < window)
+        return visible[:, None]

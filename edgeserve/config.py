@@ -1,0 +1,91 @@
+"""Every setting, as frozen dataclasses. Environment variables are read here and nowhere else."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
+          "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4,
+          "tb": 1000**4, "tib": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: str | int) -> int:
+    """'2GiB' -> 2147483648; plain integers are bytes."""
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size must not be negative: {value}")
+        return value
+    m = _SIZE_RE.match(value)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"not a size: {value!r} (examples: 512MiB, 2GiB, 1073741824)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def format_size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """Sizing of the per-device block pool. None means: choose from the device."""
+
+    pool_size: int | None = None
+    block_size: int | None = None
+    # On the CPU the pool is a fixed budget: this share of physical memory, capped.
+    cpu_fraction: float = 0.25
+    cpu_cap: int = 8 << 30
+    # On CUDA: this share of the free memory at start-up.
+    cuda_fraction: float = 0.85
+    cpu_block_size: int = 256 << 10
+    cuda_block_size: int = 2 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    max_batch: int = 64            # sequences decoded together in one step, per model
+    max_queue: int = 1024          # waiting sequences before new requests are refused
+    prefill_chunk: int = 2048      # prompt tokens prefilled in one forward
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    models: Path = Path("models")
+    device: str = "auto"
+    dtype: str | None = None       # compute dtype; None: bf16 on CUDA, fp32 on CPU
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+
+    def with_(self, **changes: object) -> Config:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def from_env(**overrides: object) -> Config:
+    """Defaults, then EDGESERVE_* variables, then explicit overrides (None means unset)."""
+    env = os.environ
+    pool = PoolConfig(
+        pool_size=parse_size(env["EDGESERVE_POOL_SIZE"]) if "EDGESERVE_POOL_SIZE" in env else None,
+        block_size=(parse_size(env["EDGESERVE_BLOCK_SIZE"])
+                    if "EDGESERVE_BLOCK_SIZE" in env else None),
+    )
+    cfg = Config(
+        models=Path(env.get("EDGESERVE_MODELS", "models")),
+        device=env.get("EDGESERVE_DEVICE", "auto"),
+        dtype=env.get("EDGESERVE_DTYPE") or None,
+        pool=pool,
+        api_key=env.get("EDGESERVE_API_KEY") or None,
+    )
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if "models" in changes:
+        changes["models"] = Path(str(changes["models"]))
+    return replace(cfg, **changes)  # type: ignore[arg-type]

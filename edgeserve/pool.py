@@ -1,0 +1,329 @@
+"""The per-device block pool: it owns device memory; everyone else asks it for units and views.
+
+Memory is one slab cut into fixed-size blocks. A unit (a weight tensor, a KV page, an
+expert, a task block) occupies a contiguous run of blocks, so a view of it is a plain
+strided tensor. Bookkeeping is plain Python over integer block ids, kept apart from the
+storage so that it can be tested on the CPU with a tiny block size.
+
+    blocks   | 0 1 2 | 3 | 4 5 | 6 7 8 9 |
+    owner    |  u7   | - | u2  |    -    |    free runs: [(3, 1), (6, 4)]
+
+Invariant (check_integrity): every block is free or owned by exactly one unit, free runs
+are disjoint and merged, and bytes by kind add up to the owned blocks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import torch
+
+from edgeserve.config import format_size
+
+
+class UnitKind(StrEnum):
+    WEIGHT = "weight"
+    TASK_BLOCK = "task_block"
+    EXPERT = "expert"
+    KV = "kv"
+
+
+@dataclass(eq=False, slots=True)
+class Unit:
+    id: int
+    kind: UnitKind
+    nbytes: int
+    start: int                  # first block; changes when compaction moves the unit
+    nblocks: int
+    key: str | None = None      # content hash of immutable units
+    owner: str | None = None    # model id that created it
+    pins: int = 0               # > 0: in use (loaded model or running step), never evicted
+    last_use: float = 0.0
+    uses: int = 0
+    importance: float = 0.0
+    reload_cost: float = 0.0
+    alive: bool = True
+
+
+class PoolFull(MemoryError):
+    """Not enough free blocks, even after evicting every unpinned unit."""
+
+    def __init__(self, device: str, needed: int, available: int) -> None:
+        self.needed, self.available = needed, available
+        super().__init__(
+            f"{device}: pool needs {format_size(needed)} more but only {format_size(available)} "
+            f"can be freed (missing {format_size(needed - available)})")
+
+
+# Chooses, among unpinned units, which to drop first; returns them in eviction order.
+EvictionPolicy = Callable[[list[Unit]], list[Unit]]
+
+
+def lru_order(units: list[Unit]) -> list[Unit]:
+    return sorted(units, key=lambda u: u.last_use)
+
+
+def allocate_slab(device: str, nbytes: int) -> torch.Tensor:
+    """A uint8 tensor of nbytes: CuPy memory on CUDA, host memory on the CPU."""
+    if device.startswith("cuda"):
+        import cupy  # type: ignore[import-not-found]
+
+        index = int(device.split(":")[1]) if ":" in device else 0
+        with cupy.cuda.Device(index):
+            mem = cupy.empty(nbytes, dtype=cupy.uint8)
+        # torch shares the CuPy allocation (no copy) through __cuda_array_interface__.
+        return torch.as_tensor(mem, device=device)
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+@dataclass
+class _Blocks:
+    """Free-run bookkeeping over block ids (no storage)."""
+
+    count: int
+    owner: list[int] = field(init=False)               # unit id per block, -1 when free
+    free_runs: list[tuple[int, int]] = field(init=False)  # (start, length), sorted, merged
+    free: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.owner = [-1] * self.count
+        self.free_runs = [(0, self.count)] if self.count else []
+        self.free = self.count
+
+    def find_run(self, n: int) -> int | None:
+        for start, length in self.free_runs:
+            if length >= n:
+                return start
+        return None
+
+    def take(self, start: int, n: int, unit_id: int) -> None:
+        i = bisect.bisect_right(self.free_runs, (start, self.count + 1)) - 1
+        run_start, run_len = self.free_runs[i]
+        assert run_start <= start and start + n <= run_start + run_len, "blocks not free"
+        pieces = [(run_start, start - run_start), (start + n, run_start + run_len - start - n)]
+        self.free_runs[i:i + 1] = [p for p in pieces if p[1] > 0]
+        self.owner[start:start + n] = [unit_id] * n
+        self.free -= n
+
+    def give(self, start: int, n: int) -> None:
+        self.owner[start:start + n] = [-1] * n
+        i = bisect.bisect_left(self.free_runs, (start, 0))
+        if i > 0 and sum(self.free_runs[i - 1]) == start:       # merge with the run before
+            i -= 1
+            start, n = self.free_runs[i][0], self.free_runs[i][1] + n
+            del self.free_runs[i]
+        if i < len(self.free_runs) and self.free_runs[i][0] == start + n:  # and the one after
+            n += self.free_runs[i][1]
+            del self.free_runs[i]
+        self.free_runs.insert(i, (start, n))
+        self.free += n
+
+
+class BlockPool:
+    """Blocks of one device. Thread-safe bookkeeping; data moves only in compact()."""
+
+    def __init__(self, device: str, pool_size: int, block_size: int,
+                 policy: EvictionPolicy = lru_order, storage: bool = True) -> None:
+        if block_size <= 0 or block_size & (block_size - 1):
+            raise ValueError(f"block size must be a power of two, got {block_size}")
+        if pool_size < block_size:
+            raise ValueError(f"pool size {pool_size} is smaller than one block ({block_size})")
+        self.device, self.block_size, self.policy = device, block_size, policy
+        self.num_blocks = pool_size // block_size
+        self.slab = allocate_slab(device, self.num_blocks * block_size) if storage else None
+        self.units: dict[int, Unit] = {}
+        self.by_key: dict[str, Unit] = {}
+        self.epoch = 0                  # bumped whenever units move; cached views go stale
+        self.on_evict: list[Callable[[Unit], None]] = []
+        self.evictions = 0
+        self._blocks = _Blocks(self.num_blocks)
+        self._ids = itertools.count(1)
+        self._lock = threading.RLock()
+        self._bytes_by_kind = dict.fromkeys(UnitKind, 0)
+        self._peak_by_kind = dict.fromkeys(UnitKind, 0)
+
+    # ---- sizes -------------------------------------------------------------------------
+    @property
+    def total_bytes(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def free_bytes(self) -> int:
+        return self._blocks.free * self.block_size
+
+    def blocks_for(self, nbytes: int) -> int:
+        return max(1, -(-nbytes // self.block_size))
+
+    # ---- allocate / release --------------------------------------------------------------
+    def can_allocate(self, nbytes: int, evict: bool = True) -> bool:
+        need = self.blocks_for(nbytes)
+        with self._lock:
+            spare = self._blocks.free + (self._evictable_blocks() if evict else 0)
+            return spare >= need
+
+    def allocate(self, kind: UnitKind, nbytes: int, *, key: str | None = None,
+                 owner: str | None = None, pin: bool = True, evict: bool = True) -> Unit:
+        """A new unit of nbytes in a contiguous run, evicting or compacting if needed."""
+        n = self.blocks_for(nbytes)
+        with self._lock:
+            if self._blocks.free < n and evict:
+                self._evict(n - self._blocks.free)
+            if self._blocks.free < n:
+                spare = self._blocks.free + (self._evictable_blocks() if evict else 0)
+                raise PoolFull(self.device, n * self.block_size, spare * self.block_size)
+            start = self._blocks.find_run(n)
+            if start is None:           # enough blocks, but scattered
+                self.compact()
+                start = self._blocks.find_run(n)
+                assert start is not None
+            unit = Unit(next(self._ids), kind, nbytes, start, n, key=key, owner=owner,
+                        pins=1 if pin else 0, last_use=time.monotonic())
+            self._blocks.take(start, n, unit.id)
+            self.units[unit.id] = unit
+            if key is not None:
+                self.by_key[key] = unit
+            self._account(unit, +1)
+            return unit
+
+    def release(self, unit: Unit) -> None:
+        """Return a unit's blocks at once, pinned or not (its owner is done with it)."""
+        with self._lock:
+            if not unit.alive:
+                return
+            unit.alive = False
+            del self.units[unit.id]
+            if unit.key is not None and self.by_key.get(unit.key) is unit:
+                del self.by_key[unit.key]
+            self._blocks.give(unit.start, unit.nblocks)
+            self._account(unit, -1)
+
+    def pin(self, unit: Unit) -> None:
+        with self._lock:
+            unit.pins += 1
+            unit.last_use = time.monotonic()
+            unit.uses += 1
+
+    def unpin(self, unit: Unit) -> None:
+        with self._lock:
+            if unit.pins <= 0:
+                raise RuntimeError(f"unit {unit.id} unpinned more often than pinned")
+            unit.pins -= 1
+
+    def lookup(self, key: str) -> Unit | None:
+        with self._lock:
+            return self.by_key.get(key)
+
+    # ---- eviction and compaction -----------------------------------------------------------
+    def _evictable_blocks(self) -> int:
+        return sum(u.nblocks for u in self.units.values() if u.pins == 0)
+
+    def _evict(self, blocks_needed: int) -> None:
+        candidates = [u for u in self.units.values() if u.pins == 0]
+        for unit in self.policy(candidates):
+            if blocks_needed <= 0:
+                break
+            blocks_needed -= unit.nblocks
+            self.release(unit)
+            self.evictions += 1
+            for callback in self.on_evict:
+                callback(unit)
+
+    def compact(self) -> int:
+        """Slide every unit to the lowest free address; returns the number of units moved.
+
+        Moves data, so callers make sure no computation reads the pool meanwhile (the
+        engine allocates only on its worker thread, between steps).
+        """
+        with self._lock:
+            moved, cursor = 0, 0
+            for unit in sorted(self.units.values(), key=lambda u: u.start):
+                if unit.start != cursor:
+                    self._move(unit, cursor)
+                    moved += 1
+                cursor += unit.nblocks
+            self.epoch += 1
+            return moved
+
+    def _move(self, unit: Unit, dst: int) -> None:
+        src, n = unit.start, unit.nblocks
+        if self.slab is not None:
+            bs = self.block_size
+            data = self.slab[src * bs:(src + n) * bs]
+            if dst + n > src:           # overlapping ranges: go through a copy
+                data = data.clone()
+            self.slab[dst * bs:(dst + n) * bs].copy_(data)
+        self._blocks.give(src, n)
+        self._blocks.take(dst, n, unit.id)
+        unit.start = dst
+
+    # ---- views -------------------------------------------------------------------------
+    def view(self, unit: Unit, dtype: torch.dtype, shape: Iterable[int]) -> torch.Tensor:
+        """A tensor over the unit's bytes; stale after compact() (check self.epoch)."""
+        assert self.slab is not None and unit.alive
+        shape = tuple(shape)
+        begin = unit.start * self.block_size
+        nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+        if nbytes > unit.nblocks * self.block_size:
+            raise ValueError(f"view of {nbytes} bytes exceeds unit {unit.id}")
+        return self.slab[begin:begin + nbytes].view(dtype).view(shape)
+
+    def paged_view(self, dtype: torch.dtype, page_shape: tuple[int, ...],
+                   page_blocks: int = 1) -> torch.Tensor:
+        """The whole slab as pages addressed by first block id: (num_blocks', *page_shape)."""
+        assert self.slab is not None
+        elems_per_block = self.block_size // dtype.itemsize
+        inner = torch.empty(page_shape, device="meta").stride()
+        flat = self.slab.view(dtype)
+        return flat.as_strided((self.num_blocks - page_blocks + 1, *page_shape),
+                               (elems_per_block, *inner))
+
+    # ---- accounting --------------------------------------------------------------------
+    def _account(self, unit: Unit, sign: int) -> None:
+        kind = unit.kind
+        self._bytes_by_kind[kind] += sign * unit.nblocks * self.block_size
+        self._peak_by_kind[kind] = max(self._peak_by_kind[kind], self._bytes_by_kind[kind])
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        with self._lock:
+            return {k.value: v for k, v in self._bytes_by_kind.items()}
+
+    def peak_by_kind(self) -> dict[str, int]:
+        with self._lock:
+            return {k.value: v for k, v in self._peak_by_kind.items()}
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self._peak_by_kind = dict(self._bytes_by_kind)
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless every block is free or owned by exactly one unit."""
+        with self._lock:
+            b = self._blocks
+            expected = [-1] * self.num_blocks
+            by_kind = dict.fromkeys(UnitKind, 0)
+            for unit in self.units.values():
+                assert unit.alive and unit.nblocks == self.blocks_for(unit.nbytes), unit
+                for i in range(unit.start, unit.start + unit.nblocks):
+                    assert expected[i] == -1, f"block {i} owned twice"
+                    expected[i] = unit.id
+                by_kind[unit.kind] += unit.nblocks * self.block_size
+                assert unit.pins >= 0, unit
+            assert expected == b.owner, "owner map disagrees with units"
+            in_runs = [False] * self.num_blocks
+            prev_end = -1
+            for start, length in b.free_runs:
+                assert length > 0 and start > prev_end, f"free runs unmerged at {start}"
+                for i in range(start, start + length):
+                    in_runs[i] = True
+                prev_end = start + length
+            assert in_runs == [o == -1 for o in b.owner], "free runs disagree with owners"
+            assert b.free == sum(in_runs), "free count wrong"
+            assert by_kind == self._bytes_by_kind, "bytes by kind do not add up"
+            for key, unit in self.by_key.items():
+                assert unit.key == key and self.units.get(unit.id) is unit, key
