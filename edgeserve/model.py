@@ -47,7 +47,7 @@ class ResidentModel:
 
     def forward(self, batch: StepBatch, all_logits: bool = False) -> torch.Tensor:
         runner = self.runner
-        return runner.forward(batch, self.kv.view[:, :], all_logits)
+        return runner.forward(batch, self.kv.view, all_logits)
 
     @property
     def weight_bytes(self) -> int:

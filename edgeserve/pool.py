@@ -113,6 +113,7 @@ class _Blocks:
 
     def give(self, start: int, n: int) -> None:
         self.owner[start:start + n] = [-1] * n
+        self.free += n
         i = bisect.bisect_left(self.free_runs, (start, 0))
         if i > 0 and sum(self.free_runs[i - 1]) == start:       # merge with the run before
             i -= 1
@@ -122,7 +123,6 @@ class _Blocks:
             n += self.free_runs[i][1]
             del self.free_runs[i]
         self.free_runs.insert(i, (start, n))
-        self.free += n
 
 
 class BlockPool:

@@ -1,0 +1,254 @@
+"""EdgeServer: the async Python API. Safe to call from many coroutines at once."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeserve.config import Config, PoolConfig, from_env, parse_size
+from edgeserve.device import DeviceInfo, discover
+from edgeserve.engine import Engine
+from edgeserve.loader import LoadReport, parse_dtype
+from edgeserve.model import ResidentModel
+from edgeserve.pool import BlockPool
+from edgeserve.results import Completion, Delta, GenerationError, InvalidRequest, Usage
+from edgeserve.sampling import SamplingParams
+from edgeserve.sequence import Event, Sequence as Seq
+from edgeserve.sequence import Status
+from edgeserve.store import ModelStore
+from edgeserve.tokenizer import Tokenizer
+
+log = logging.getLogger("edgeserve")
+
+
+def _pool_sizes(device: DeviceInfo, cfg: PoolConfig) -> tuple[int, int]:
+    block = cfg.block_size or (cfg.cuda_block_size if device.is_cuda else cfg.cpu_block_size)
+    if cfg.pool_size is not None:
+        size = cfg.pool_size
+    elif device.is_cuda:
+        size = int(device.free_bytes * cfg.cuda_fraction)
+    else:
+        size = min(cfg.cpu_cap, int(device.total_bytes * cfg.cpu_fraction))
+    return size, block
+
+
+class EdgeServer:
+    """Serves the models of a store from one block pool per device.
+
+    async with EdgeServer(models="models", device="cpu", pool_size="2GiB") as es:
+        out = await es.chat("demo-llama", [{"role": "user", "content": "hi"}], max_tokens=8)
+    """
+
+    def __init__(self, models: str | Path | None = None, device: str | None = None,
+                 pool_size: str | int | None = None, *, block_size: str | int | None = None,
+                 dtype: str | None = None, config: Config | None = None) -> None:
+        cfg = config or from_env(models=models, device=device, dtype=dtype)
+        if pool_size is not None or block_size is not None:
+            cfg = replace(cfg, pool=replace(
+                cfg.pool,
+                pool_size=parse_size(pool_size) if pool_size is not None else cfg.pool.pool_size,
+                block_size=(parse_size(block_size) if block_size is not None
+                            else cfg.pool.block_size)))
+        self.config = cfg
+        self.store = ModelStore(cfg.models)
+        self.pools: dict[str, BlockPool] = {}
+        self.models: dict[str, ResidentModel] = {}
+        self.engine: Engine | None = None
+        self._tokenizers: dict[str, Tokenizer | None] = {}
+        self._loading: dict[str, asyncio.Task[LoadReport]] = {}
+        self._ids = itertools.count(1)
+
+    # ---- life cycle --------------------------------------------------------------------
+    async def start(self) -> EdgeServer:
+        if self.engine is not None:
+            return self
+        for device in discover(self.config.device):
+            size, block = _pool_sizes(device, self.config.pool)
+            self.pools[device.name] = BlockPool(device.name, size, block)
+            log.info("pool on %s (%s): %d blocks of %d bytes", device.name, device.description,
+                     size // block, block)
+        self.engine = Engine(self.config.engine)
+        self.engine.start()
+        return self
+
+    async def close(self) -> None:
+        if self.engine is None:
+            return
+        for task in self._loading.values():
+            task.cancel()
+        engine, self.engine = self.engine, None
+        await engine.close()
+        for model in self.models.values():
+            model.release()
+        self.models.clear()
+
+    async def __aenter__(self) -> EdgeServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise RuntimeError("EdgeServer is not started: use 'async with' or await start()")
+        return self.engine
+
+    def dtype_for(self, device: str) -> torch.dtype:
+        if self.config.dtype:
+            return parse_dtype(self.config.dtype)
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+    # ---- models ------------------------------------------------------------------------
+    async def load(self, model_id: str) -> LoadReport:
+        """Make model_id resident (loads run one at a time, concurrent calls share one)."""
+        engine = self._engine
+        if model_id in self.models:
+            model = self.models[model_id]
+            return LoadReport(model_id, model.pool.device, 0.0, model.weight_bytes,
+                              bytes_from_device=model.weight_bytes)
+        task = self._loading.get(model_id)
+        if task is None:
+            task = asyncio.create_task(self._load(engine, model_id))
+            self._loading[model_id] = task
+            task.add_done_callback(lambda _: self._loading.pop(model_id, None))
+        return await asyncio.shield(task)
+
+    async def _load(self, engine: Engine, model_id: str) -> LoadReport:
+        path = self.store.path(model_id)
+        start = time.perf_counter()
+        tokenizer = None
+        if (path / "tokenizer.json").is_file():
+            tokenizer = await asyncio.to_thread(Tokenizer.from_dir, path)
+        pool = max(self.pools.values(), key=lambda p: p.free_bytes)
+        report = LoadReport(model_id, pool.device)
+        model = await engine.run(ResidentModel.load, model_id, path, pool,
+                                 self.dtype_for(pool.device), report)
+        report.seconds = time.perf_counter() - start
+        self._tokenizers[model_id] = tokenizer
+        self.models[model_id] = model
+        log.info("loaded %s on %s: %.1f MB in %.2f s", model_id, pool.device,
+                 report.bytes_total / 1e6, report.seconds)
+        return report
+
+    async def unload(self, model_id: str) -> None:
+        """Stop serving model_id once its running requests end; its memory goes back."""
+        model = self.models.pop(model_id, None)
+        if model is None:
+            self.store.path(model_id)           # UnknownModel for an id not in the store
+            return
+        while self._engine.has_sequences(model):
+            await asyncio.sleep(0.01)
+        await self._engine.run(model.release)
+
+    def tokenizer(self, model_id: str) -> Tokenizer | None:
+        return self._tokenizers.get(model_id)
+
+    # ---- generation --------------------------------------------------------------------
+    async def chat(self, model: str, messages: list[dict[str, Any]], **sampling: Any
+                   ) -> Completion:
+        return await self._collect(self.stream_chat(model, messages, **sampling))
+
+    async def complete(self, model: str, prompt: str | Sequence[int], **sampling: Any
+                       ) -> Completion:
+        return await self._collect(self.stream_complete(model, prompt, **sampling))
+
+    async def stream_chat(self, model: str, messages: list[dict[str, Any]], **sampling: Any
+                          ) -> AsyncIterator[Delta]:
+        params = SamplingParams.from_options(**sampling)
+        await self.load(model)
+        tokenizer = self._require_tokenizer(model)
+        prompt = tokenizer.encode_chat(messages)
+        async for delta in self._stream(model, prompt, params):
+            yield delta
+
+    async def stream_complete(self, model: str, prompt: str | Sequence[int], **sampling: Any
+                              ) -> AsyncIterator[Delta]:
+        params = SamplingParams.from_options(**sampling)
+        await self.load(model)
+        if isinstance(prompt, str):
+            ids = self._require_tokenizer(model).encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        async for delta in self._stream(model, ids, params):
+            yield delta
+
+    def _require_tokenizer(self, model: str) -> Tokenizer:
+        tokenizer = self._tokenizers.get(model)
+        if tokenizer is None:
+            raise InvalidRequest(f"model '{model}' has no tokenizer.json: send token ids",
+                                 "prompt")
+        return tokenizer
+
+    async def _stream(self, model_id: str, prompt: list[int], params: SamplingParams
+                      ) -> AsyncIterator[Delta]:
+        if model_id not in self.models:
+            await self.load(model_id)
+        model = self.models[model_id]
+        _check_prompt(model, prompt)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        seq = Seq(next(self._ids), model, prompt, params,
+                  lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
+                  tokenizer=self._tokenizers.get(model_id))
+        self._engine.submit(seq)
+        try:
+            while True:
+                event = await queue.get()
+                if event.error is not None:
+                    raise GenerationError(str(event.error)) from event.error
+                usage = (Usage(event.prompt_tokens, event.completion_tokens)
+                         if event.finish_reason else None)
+                yield Delta(event.text, event.token_ids, event.finish_reason, usage)
+                if event.finish_reason:
+                    return
+        finally:
+            if seq.status is not Status.FINISHED and self.engine is not None:
+                self.engine.cancel(seq)
+
+    @staticmethod
+    async def _collect(stream: AsyncIterator[Delta]) -> Completion:
+        text, ids = [], []
+        async for delta in stream:
+            text.append(delta.text)
+            ids.extend(delta.token_ids)
+            if delta.finish_reason and delta.usage:
+                return Completion("".join(text), ids, delta.finish_reason, delta.usage)
+        raise GenerationError("the stream ended without a finish reason")
+
+    # ---- introspection -----------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Per device: total/free bytes, bytes by unit kind, resident models."""
+        devices = {}
+        for name, pool in self.pools.items():
+            devices[name] = {
+                "total_bytes": pool.total_bytes, "free_bytes": pool.free_bytes,
+                "block_size": pool.block_size, "bytes_by_kind": pool.bytes_by_kind(),
+                "peak_bytes_by_kind": pool.peak_by_kind(),
+                "resident_models": {m.id: m.weight_bytes for m in self.models.values()
+                                    if m.pool is pool}}
+        engine = self.engine
+        return {"devices": devices,
+                "requests": {"running": engine.num_running if engine else 0,
+                             "waiting": engine.num_waiting if engine else 0}}
+
+
+def _check_prompt(model: ResidentModel, prompt: list[int]) -> None:
+    if not prompt:
+        raise InvalidRequest("the prompt is empty", "prompt")
+    vocab = model.spec.vocab_size
+    bad = next((t for t in prompt if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"token id {bad} is outside the vocabulary (0..{vocab - 1})",
+                             "prompt")
+    if len(prompt) >= model.spec.max_positions:
+        raise InvalidRequest(f"the prompt has {len(prompt)} tokens; model '{model.id}' "
+                             f"accepts fewer than {model.spec.max_positions}", "prompt")

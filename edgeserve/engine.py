@@ -1,0 +1,235 @@
+"""The step loop: continuous batching over every resident model, on one worker thread.
+
+Each step takes, per model, the sequences with KV to compute: decode sequences (one new
+token each) run together in one forward; sequences being prefilled run in chunks. New
+requests join at the next step; cancelled ones leave at the next step, pages returned.
+When the pool cannot hold the KV of every running sequence, the newest is preempted:
+its pages go back and it is recomputed later from its tokens (nothing is lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+from edgeserve.batch import build_batch
+from edgeserve.config import EngineConfig
+from edgeserve.model import ResidentModel
+from edgeserve.pool import PoolFull
+from edgeserve.sampling import sample
+from edgeserve.sequence import Event, Sequence, Status
+
+log = logging.getLogger("edgeserve.engine")
+T = TypeVar("T")
+
+
+class QueueFull(RuntimeError):
+    """More sequences are waiting than the engine accepts."""
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        # One thread runs every forward and every pool change, so views never move under
+        # a running forward and no lock is held across compute.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="edgeserve-step")
+        self._inbox: deque[Sequence] = deque()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._lock = threading.Lock()
+        self.steps = 0
+
+    # ---- called on the event loop ------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._drive(), name="engine")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self.run(self._abort_all)
+        self.executor.shutdown(wait=True)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn on the worker thread, between steps."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def submit(self, seq: Sequence) -> None:
+        with self._lock:
+            if len(self._inbox) + len(self._waiting) >= self.config.max_queue:
+                raise QueueFull(f"{self.config.max_queue} requests are already waiting")
+            self._inbox.append(seq)
+        self._wake.set()
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled = True
+        self._wake.set()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._inbox) + len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def counts_by_model(self) -> dict[str, tuple[int, int]]:
+        """model id -> (running, waiting)."""
+        out: dict[str, tuple[int, int]] = {}
+        for seq in self._running:
+            r, w = out.get(seq.model.id, (0, 0))
+            out[seq.model.id] = (r + 1, w)
+        for seq in [*self._waiting, *self._inbox]:
+            r, w = out.get(seq.model.id, (0, 0))
+            out[seq.model.id] = (r, w + 1)
+        return out
+
+    def has_sequences(self, model: ResidentModel) -> bool:
+        return any(s.model is model for s in [*self._running, *self._waiting, *self._inbox])
+
+    async def _drive(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._inbox or self._waiting or self._running:
+                try:
+                    await self.run(self.step)
+                except Exception:       # a step must never take the loop down
+                    log.exception("engine step failed")
+                    await self.run(self._abort_all)
+
+    # ---- the worker thread ---------------------------------------------------------------
+    def step(self) -> None:
+        with self._lock:
+            self._waiting.extend(self._inbox)
+            self._inbox.clear()
+        self._drop_cancelled()
+        for model in {id(s.model): s.model for s in [*self._running, *self._waiting]}.values():
+            self._step_model(model)
+        self.steps += 1
+
+    def _step_model(self, model: ResidentModel) -> None:
+        running = [s for s in self._running if s.model is model]
+        self._reserve(model, running)
+        running = [s for s in self._running if s.model is model]
+        admitted = self._admit(model, len(running))
+        decode = [s for s in running if s.length - s.cached == 1]
+        prefill = [s for s in running if s.length - s.cached > 1] + admitted
+        if decode:
+            self._forward(model, decode, 1)
+        for seq in prefill:
+            self._forward(model, [seq], self.config.prefill_chunk)
+
+    def _reserve(self, model: ResidentModel, running: list[Sequence]) -> None:
+        """Pages for every running sequence's next tokens, preempting the newest if needed."""
+        chunk = self.config.prefill_chunk
+        for seq in sorted(running, key=lambda s: s.arrival):
+            if seq.status is not Status.RUNNING:
+                continue
+            while True:
+                try:
+                    model.kv.grow(seq.pages, seq.cached + len(seq.pending(chunk)))
+                    break
+                except PoolFull as e:
+                    victim = max((s for s in self._running if s.model is model
+                                  and s.status is Status.RUNNING), key=lambda s: s.arrival)
+                    if victim is seq and len(self._running) == 1:
+                        self._fail(seq, e)
+                        break
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+
+    def _admit(self, model: ResidentModel, num_running: int) -> list[Sequence]:
+        admitted: list[Sequence] = []
+        chunk = self.config.prefill_chunk
+        for seq in [s for s in self._waiting if s.model is model]:
+            if num_running + len(admitted) >= self.config.max_batch:
+                break
+            first = len(seq.pending(chunk))
+            if not model.kv.can_grow(seq.pages, first):
+                if not self._running and not admitted:
+                    self._fail(seq, PoolFull(model.pool.device, model.kv.layout.page_bytes
+                                             * model.kv.layout.pages_for(first),
+                                             model.pool.free_bytes))
+                    continue
+                break   # first come, first served: later ones wait too
+            model.kv.grow(seq.pages, first)
+            self._waiting.remove(seq)
+            seq.status = Status.RUNNING
+            self._running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def _forward(self, model: ResidentModel, seqs: list[Sequence], limit: int) -> None:
+        chunks = [(seq.pending(limit), seq.cached, seq.pages) for seq in seqs]
+        try:
+            batch = build_batch(chunks, model.kv.layout.page_tokens,
+                                torch.device(model.pool.device))
+            logits = model.forward(batch)
+        except Exception as e:
+            log.exception("forward of %s failed", model.id)
+            for seq in seqs:
+                self._fail(seq, e)
+            return
+        done = [i for i, seq in enumerate(seqs)
+                if seq.cached + len(chunks[i][0]) == seq.length]
+        for seq, (ids, _, _) in zip(seqs, chunks, strict=True):
+            seq.cached += len(ids)
+        if not done:
+            return
+        tokens = sample(logits[done], [seqs[i].params for i in done],
+                        [seqs[i].generator for i in done]).tolist()
+        eos = frozenset(model.spec.eos_token_ids)
+        for i, token in zip(done, tokens, strict=True):
+            seq = seqs[i]
+            event = seq.accept(token, eos)
+            if seq.status is Status.FINISHED:
+                self._retire(seq)
+            seq.sink(event)
+
+    # ---- endings ----------------------------------------------------------------------
+    def _retire(self, seq: Sequence) -> None:
+        seq.status = Status.FINISHED
+        seq.model.kv.release(seq.pages)
+        if seq in self._running:
+            self._running.remove(seq)
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        log.info("preempting sequence %d of %s (KV memory is short)", seq.id, seq.model.id)
+        seq.model.kv.release(seq.pages)
+        seq.cached = 0
+        seq.status = Status.WAITING
+        self._running.remove(seq)
+        self._waiting.appendleft(seq)
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        self._retire(seq)
+        seq.finish_reason = "error"
+        seq.sink(Event([], "", "error", error=error, prompt_tokens=len(seq.prompt),
+                       completion_tokens=seq.sampled))
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in [*self._running, *self._waiting] if s.cancelled]:
+            self._retire(seq)
+            seq.finish_reason = "cancelled"
+
+    def _abort_all(self) -> None:
+        with self._lock:
+            self._waiting.extend(self._inbox)
+            self._inbox.clear()
+        for seq in [*self._running, *self._waiting]:
+            self._fail(seq, RuntimeError("the engine stopped"))

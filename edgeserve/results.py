@@ -1,0 +1,48 @@
+"""Public result and error types of the Python API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class InvalidRequest(ValueError):
+    """A request the engine will not run; `param` names the offending parameter."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class GenerationError(RuntimeError):
+    """A request that failed while running (its error is the __cause__)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str          # "stop" | "length"
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """One piece of a stream; the last one has finish_reason and usage set."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+    def __str__(self) -> str:
+        return self.text

@@ -1,0 +1,67 @@
+"""The model store: a folder whose subfolders are models in Hugging Face layout."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
+
+
+class UnknownModel(LookupError):
+    def __init__(self, model_id: str, store: Path) -> None:
+        self.model_id = model_id
+        super().__init__(f"model '{model_id}' is not in the store {store}")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredModel:
+    id: str
+    path: Path
+    created: int            # folder modification time, seconds
+    parent: str | None      # the base model of a derived model, else None
+    size_bytes: int
+
+
+class ModelStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, model_id: str) -> Path:
+        """The folder of model_id; UnknownModel unless it is a model folder inside the store."""
+        if not isinstance(model_id, str) or not _ID_RE.match(model_id) or ".." in model_id:
+            raise UnknownModel(str(model_id), self.root)
+        root = self.root.resolve()
+        path = (root / model_id).resolve()
+        # resolve() follows symlinks: a link that leads out of the store is refused.
+        if path.parent != root or not (path / "config.json").is_file():
+            raise UnknownModel(model_id, self.root)
+        return path
+
+    def list(self) -> list[StoredModel]:
+        if not self.root.is_dir():
+            return []
+        models = []
+        for child in sorted(self.root.iterdir()):
+            try:
+                path = self.path(child.name)
+            except UnknownModel:
+                continue
+            models.append(StoredModel(child.name, path, int(path.stat().st_mtime),
+                                      _parent(path), _size(path)))
+        return models
+
+
+def _parent(path: Path) -> str | None:
+    try:
+        meta = json.loads((path / "edgeserve.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    parent = meta.get("parent") if isinstance(meta, dict) else None
+    return parent if isinstance(parent, str) else None
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors") if f.is_file())
