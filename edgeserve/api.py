@@ -133,6 +133,8 @@ class EdgeServer:
         model = await engine.run(ResidentModel.load, model_id, path, pool,
                                  self.dtype_for(pool.device), report)
         report.seconds = time.perf_counter() - start
+        if not model.eos_token_ids and tokenizer is not None:
+            model.eos_token_ids = tokenizer.eos_token_ids
         self._tokenizers[model_id] = tokenizer
         self.models[model_id] = model
         log.info("loaded %s on %s: %.1f MB in %.2f s", model_id, pool.device,
@@ -233,7 +235,7 @@ class EdgeServer:
                 "total_bytes": pool.total_bytes, "free_bytes": pool.free_bytes,
                 "block_size": pool.block_size, "bytes_by_kind": pool.bytes_by_kind(),
                 "peak_bytes_by_kind": pool.peak_by_kind(),
-                "resident_models": {m.id: m.weight_bytes for m in self.models.values()
+                "resident_models": {m.id: m.resident_bytes for m in self.models.values()
                                     if m.pool is pool}}
         engine = self.engine
         return {"devices": devices,

@@ -191,7 +191,7 @@ class Engine:
             return
         tokens = sample(logits[done], [seqs[i].params for i in done],
                         [seqs[i].generator for i in done]).tolist()
-        eos = frozenset(model.spec.eos_token_ids)
+        eos = model.eos_token_ids
         for i, token in zip(done, tokens, strict=True):
             seq = seqs[i]
             event = seq.accept(token, eos)

@@ -24,6 +24,7 @@ class ResidentModel:
     dtype: torch.dtype
     units: dict[str, Unit]
     kv: KVCache
+    eos_token_ids: frozenset[int] = frozenset()
     _runner: DenseModel | None = field(default=None, repr=False)
     _epoch: int = -1
 
@@ -34,7 +35,7 @@ class ResidentModel:
         report = report or LoadReport(model_id, pool.device)
         units = load_weights(path, spec, pool, dtype, model_id, report)
         kv = KVCache(pool, KVLayout.for_model(spec, dtype, pool.block_size), model_id)
-        return cls(model_id, path, spec, pool, dtype, units, kv)
+        return cls(model_id, path, spec, pool, dtype, units, kv, frozenset(spec.eos_token_ids))
 
     @property
     def runner(self) -> DenseModel:
@@ -52,6 +53,11 @@ class ResidentModel:
     @property
     def weight_bytes(self) -> int:
         return sum(u.nbytes for u in self.units.values())
+
+    @property
+    def resident_bytes(self) -> int:
+        """Weight bytes held in the pool, whole blocks counted."""
+        return sum(u.nblocks for u in self.units.values()) * self.pool.block_size
 
     def release(self) -> None:
         """Give the weights back to the pool (KV pages belong to sequences)."""

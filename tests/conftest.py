@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny checkpoints saved by transformers, made once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from hf_models import ARCHS, make_model  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> Path:
+    """A model store with one tiny random model per supported architecture."""
+    root = tmp_path_factory.mktemp("store")
+    for arch in ARCHS:
+        make_model(arch, root / arch)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory) -> Path:
+    """A store holding the demo model (real tokenizer and chat template, random weights)."""
+    from edgeserve.demo import build_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    build_demo(root)
+    return root

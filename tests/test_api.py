@@ -1,0 +1,216 @@
+"""EdgeServer end to end on tiny models: exact outputs, batching, memory, errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from edgeserve import EdgeServer, InvalidRequest
+from edgeserve.sampling import SamplingError
+from edgeserve.store import UnknownModel
+from hf_models import ARCHS, reference
+
+
+def prompts(vocab: int, lengths=(3, 11, 6, 25)) -> list[list[int]]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(path, prompt: list[int], n: int) -> list[int]:
+    model = reference(path)
+    model.generation_config.eos_token_id = None      # we compare with ignore_eos
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                             pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def server(store, **kw) -> EdgeServer:
+    return EdgeServer(models=store, device="cpu", pool_size=kw.pop("pool_size", "64MiB"),
+                      block_size=kw.pop("block_size", "4KiB"), **kw)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+async def test_batched_greedy_equals_transformers(arch, tiny_store):
+    async with server(tiny_store) as es:
+        batch = prompts(320)
+        outs = await asyncio.gather(*[es.complete(arch, p, max_tokens=32, temperature=0,
+                                                  ignore_eos=True) for p in batch])
+        for p, out in zip(batch, outs, strict=True):
+            assert out.token_ids == hf_greedy(tiny_store / arch, p, 32)
+            assert out.finish_reason == "length" and out.usage.completion_tokens == 32
+        es.pools["cpu"].check_integrity()
+
+
+async def test_new_request_joins_the_running_batch(tiny_store):
+    async with server(tiny_store) as es:
+        a, b = prompts(320, (5, 9))
+        solo_b = await es.complete("llama", b, max_tokens=8, temperature=0, ignore_eos=True)
+        stream = es.stream_complete("llama", a, max_tokens=200, temperature=0, ignore_eos=True)
+        await anext(stream)                              # a is running
+        steps_before = es.engine.steps
+        joined = await es.complete("llama", b, max_tokens=8, temperature=0, ignore_eos=True)
+        steps_for_b = es.engine.steps - steps_before
+        rest = [d async for d in stream]
+        assert joined.token_ids == solo_b.token_ids
+        assert steps_for_b < 20                          # b did not wait for a's 200 tokens
+        assert len(rest) > 150 and rest[-1].finish_reason == "length"
+
+
+async def test_pool_returns_to_baseline_after_requests_and_cancellations(tiny_store):
+    async with server(tiny_store) as es:
+        await es.load("qwen3")
+        pool = es.pools["cpu"]
+        baseline = pool.bytes_by_kind()
+        assert baseline["kv"] == 0
+
+        async def cancelled_midway(p):
+            async for _ in es.stream_complete("qwen3", p, max_tokens=100, ignore_eos=True):
+                break                                    # closing the stream cancels it
+
+        async def killed(p):
+            task = asyncio.create_task(es.complete("qwen3", p, max_tokens=100, ignore_eos=True))
+            await asyncio.sleep(0.02)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        ps = prompts(320, (4, 8, 12, 16, 20, 24))
+        await asyncio.gather(es.complete("qwen3", ps[0], max_tokens=10, seed=1),
+                             *[cancelled_midway(p) for p in ps[1:3]],
+                             *[killed(p) for p in ps[3:]])
+        for _ in range(100):                             # cancellation lands at the next step
+            if pool.bytes_by_kind() == baseline and es.engine.num_running == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.bytes_by_kind() == baseline
+        pool.check_integrity()
+
+
+async def test_peak_kv_follows_tokens_held_not_max_length(tiny_store):
+    async with server(tiny_store) as es:
+        await es.load("llama")
+        pool, model = es.pools["cpu"], es.models["llama"]
+        pool.reset_peak()
+        out = await es.complete("llama", prompts(320, (10,))[0], max_tokens=6, ignore_eos=True)
+        held = 10 + len(out.token_ids)
+        page = model.kv.layout.page_blocks * pool.block_size
+        assert pool.peak_by_kind()["kv"] <= model.kv.layout.pages_for(held) * page
+        assert model.kv.layout.pages_for(model.spec.max_positions) * page > 4 * page
+
+
+async def test_preemption_under_a_small_pool_loses_nothing(tiny_store, caplog):
+    # Room for the weights and only a few KV pages: sequences must take turns.
+    caplog.set_level("INFO", logger="edgeserve.engine")
+    async with server(tiny_store, pool_size="480KiB") as es:
+        await es.load("llama")
+        free_pages = es.pools["cpu"].free_bytes // es.pools["cpu"].block_size
+        assert 4 <= free_pages < 24
+        batch = prompts(320, (9, 14, 7, 12, 10, 8))
+        outs = await asyncio.gather(*[es.complete("llama", p, max_tokens=24, temperature=0,
+                                                  ignore_eos=True) for p in batch])
+        for p, out in zip(batch, outs, strict=True):
+            solo = await es.complete("llama", p, max_tokens=24, temperature=0, ignore_eos=True)
+            assert out.token_ids == solo.token_ids
+        es.pools["cpu"].check_integrity()
+        assert es.pools["cpu"].bytes_by_kind()["kv"] == 0
+        assert "preempting" in caplog.text
+
+
+async def test_seeded_sampling_is_reproducible_in_any_batch(tiny_store):
+    async with server(tiny_store) as es:
+        p = prompts(320, (8,))[0]
+        solo = await es.complete("mistral", p, max_tokens=16, temperature=0.9, seed=42,
+                                 ignore_eos=True)
+        others = [es.complete("mistral", q, max_tokens=16, temperature=1.0, ignore_eos=True)
+                  for q in prompts(320, (3, 5, 7))]
+        crowd = await asyncio.gather(*others, es.complete("mistral", p, max_tokens=16,
+                                                          temperature=0.9, seed=42,
+                                                          ignore_eos=True))
+        assert crowd[-1].token_ids == solo.token_ids
+        other_seed = await es.complete("mistral", p, max_tokens=16, temperature=0.9, seed=43,
+                                       ignore_eos=True)
+        assert other_seed.token_ids != solo.token_ids
+
+
+async def test_stop_token_ids_and_eos(tiny_store):
+    async with server(tiny_store) as es:
+        p = prompts(320, (6,))[0]
+        free = await es.complete("qwen2", p, max_tokens=12, temperature=0, ignore_eos=True)
+        stop_at = free.token_ids[5]
+        cut = free.token_ids.index(stop_at)
+        out = await es.complete("qwen2", p, max_tokens=12, temperature=0, ignore_eos=True,
+                                stop_token_ids=[stop_at])
+        assert out.token_ids == free.token_ids[:cut] and out.finish_reason == "stop"
+        es.models["qwen2"].eos_token_ids = frozenset({stop_at})
+        out = await es.complete("qwen2", p, max_tokens=12, temperature=0)
+        assert out.token_ids == free.token_ids[:cut] and out.finish_reason == "stop"
+
+
+async def test_chat_text_and_stop_strings(demo_store):
+    async with EdgeServer(models=demo_store, device="cpu", pool_size="256MiB") as es:
+        messages = [{"role": "user", "content": "Write about pools."}]
+        full = await es.chat("demo-llama", messages, max_tokens=24, temperature=0,
+                             ignore_eos=True)
+        tok = es.tokenizer("demo-llama")
+        assert tok is not None and full.text == tok.decode(full.token_ids)
+        stop = full.text[len(full.text) // 2: len(full.text) // 2 + 3]
+        assert stop.strip()
+        cut = await es.chat("demo-llama", messages, max_tokens=24, temperature=0,
+                            ignore_eos=True, stop=[stop])
+        assert cut.text == full.text[: full.text.index(stop)] and cut.finish_reason == "stop"
+        streamed = [d async for d in es.stream_chat("demo-llama", messages, max_tokens=24,
+                                                    temperature=0, ignore_eos=True)]
+        assert "".join(d.text for d in streamed) == full.text
+
+
+async def test_concurrent_loads_share_one_copy_and_unload_frees(tiny_store):
+    async with server(tiny_store) as es:
+        reports = await asyncio.gather(*[es.load("qwen2") for _ in range(5)])
+        pool = es.pools["cpu"]
+        weights = pool.bytes_by_kind()["weight"]
+        assert 0 < weights < 2 * reports[0].bytes_total
+        assert (await es.load("qwen2")).bytes_from_device == reports[0].bytes_total
+        assert es.stats()["devices"]["cpu"]["resident_models"] == {"qwen2": weights}
+        await es.unload("qwen2")
+        assert pool.bytes_by_kind()["weight"] == 0
+        pool.check_integrity()
+
+
+async def test_bad_input_gives_clear_errors(tiny_store, tmp_path):
+    async with server(tiny_store) as es:
+        with pytest.raises(UnknownModel):
+            await es.complete("nope", [1, 2], max_tokens=2)
+        with pytest.raises(UnknownModel):
+            await es.load("../store")
+        with pytest.raises(InvalidRequest, match="vocabulary"):
+            await es.complete("llama", [1, 99999], max_tokens=2)
+        with pytest.raises(InvalidRequest, match="empty"):
+            await es.complete("llama", [], max_tokens=2)
+        with pytest.raises(InvalidRequest, match="fewer than"):
+            await es.complete("llama", [1] * 600, max_tokens=2)
+        with pytest.raises(SamplingError):
+            await es.complete("llama", [1, 2], max_tokens=-1)
+        with pytest.raises(InvalidRequest, match="tokenizer"):
+            await es.complete("llama", "text needs a tokenizer", max_tokens=2)
+        # The engine keeps serving after all that.
+        assert (await es.complete("llama", [1, 2], max_tokens=3, ignore_eos=True)).usage
+
+
+async def test_a_broken_model_does_not_stop_the_others(tiny_store, tmp_path):
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store / "llama", store / "good")
+    shutil.copytree(tiny_store / "llama", store / "bad")
+    data = (store / "bad" / "model.safetensors").read_bytes()
+    (store / "bad" / "model.safetensors").write_bytes(data[: len(data) // 3])
+    async with server(store) as es:
+        running = asyncio.create_task(es.complete("good", [1, 2, 3], max_tokens=40,
+                                                  ignore_eos=True))
+        with pytest.raises(ValueError, match="bad"):
+            await es.load("bad")
+        assert (await running).usage.completion_tokens == 40
+        es.pools["cpu"].check_integrity()
