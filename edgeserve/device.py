@@ -40,7 +40,7 @@ def cpu_info() -> DeviceInfo:
 def _cupy_device_count() -> int:
     """Number of CUDA devices CuPy can use, 0 when CuPy or a driver is missing."""
     try:
-        import cupy  # type: ignore[import-not-found]
+        import cupy
 
         n = int(cupy.cuda.runtime.getDeviceCount())
     except Exception:  # ImportError, CUDARuntimeError without a driver, ...
@@ -50,7 +50,7 @@ def _cupy_device_count() -> int:
 
 def _nvml_names() -> dict[int, str]:
     try:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml
 
         pynvml.nvmlInit()
         try:

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from edgeserve.arch import dense
 from edgeserve.arch.spec import ModelFormatError, ModelSpec, load_spec
-from edgeserve.pool import BlockPool, PoolFull, Unit, UnitKind
+from edgeserve.pool import BlockPool, Unit, UnitKind
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -71,7 +71,7 @@ class Checkpoint:
                                "model.safetensors.index.json")
 
 
-def _open(path: Path):  # type: ignore[no-untyped-def]
+def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
@@ -111,7 +111,7 @@ def load_weights(model_dir: Path, spec: ModelSpec, pool: BlockPool, dtype: torch
     return units
 
 
-def _load_tensor(f, path: Path, name: str, shape: tuple[int, ...], pool: BlockPool,  # type: ignore[no-untyped-def]
+def _load_tensor(f, path: Path, name: str, shape: tuple[int, ...], pool: BlockPool,
                  dtype: torch.dtype, owner: str) -> Unit:
     try:
         tensor = f.get_tensor(name)

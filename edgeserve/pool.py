@@ -72,7 +72,7 @@ def lru_order(units: list[Unit]) -> list[Unit]:
 def allocate_slab(device: str, nbytes: int) -> torch.Tensor:
     """A uint8 tensor of nbytes: CuPy memory on CUDA, host memory on the CPU."""
     if device.startswith("cuda"):
-        import cupy  # type: ignore[import-not-found]
+        import cupy
 
         index = int(device.split(":")[1]) if ":" in device else 0
         with cupy.cuda.Device(index):

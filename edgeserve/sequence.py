@@ -39,7 +39,7 @@ class Sequence:
     model: ResidentModel
     prompt: list[int]
     params: SamplingParams
-    sink: Callable[[Event], None]        # thread-safe: hands events to the event loop
+    sink: Callable[[Event], object]      # thread-safe: hands events to the event loop
     tokenizer: Tokenizer | None = None
     output: list[int] = field(default_factory=list)
     pages: list[Unit] = field(default_factory=list)

@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 import torch
+from hf_models import ARCHS, reference
 
 from edgeserve import EdgeServer, InvalidRequest
 from edgeserve.sampling import SamplingError
 from edgeserve.store import UnknownModel
-from hf_models import ARCHS, reference
 
 
 def prompts(vocab: int, lengths=(3, 11, 6, 25)) -> list[list[int]]:

@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 import torch
+from hf_models import make_model
 from safetensors.torch import load_file
 
 from edgeserve.arch.spec import ModelFormatError
 from edgeserve.loader import LoadReport, load_weights, read_spec, weight_views
 from edgeserve.pool import BlockPool
-from hf_models import make_model
 
 
 def load(path, dtype=torch.float32):
@@ -78,7 +78,7 @@ def test_wrong_shape_is_named(tmp_path):
     config = json.loads((path / "config.json").read_text())
     config["intermediate_size"] = 100
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelFormatError, match="gate_proj.weight' has shape"):
+    with pytest.raises(ModelFormatError, match=r"gate_proj\.weight' has shape"):
         load(path)
 
 
@@ -87,7 +87,7 @@ def test_truncated_file_fails_cleanly_and_frees_memory(tmp_path):
     data = file.read_bytes()
     file.write_bytes(data[: len(data) // 2])
     pool = BlockPool("cpu", 32 << 20, 4096)
-    with pytest.raises(ModelFormatError, match="model.safetensors"):
+    with pytest.raises(ModelFormatError, match=r"model\.safetensors"):
         load_weights(path, read_spec(path), pool, torch.float32, "m", LoadReport("m", "cpu"))
     assert pool.free_bytes == pool.total_bytes
     pool.check_integrity()
@@ -96,6 +96,6 @@ def test_truncated_file_fails_cleanly_and_frees_memory(tmp_path):
 def test_missing_weights_file(tmp_path):
     path, file = broken(tmp_path, "m")
     file.unlink()
-    with pytest.raises(ModelFormatError, match="no model.safetensors"):
+    with pytest.raises(ModelFormatError, match=r"no model\.safetensors"):
         load(path)
     shutil.rmtree(path)

@@ -84,10 +84,10 @@ class _Fields:
             return None
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ModelFormatError(
                 f"{self.path}: field '{name}' should be {kind.__name__}, got {value!r}")
-        if positive and value <= 0:
+        if positive and value <= 0:  # type: ignore[operator]
             raise ModelFormatError(f"{self.path}: field '{name}' must be positive, got {value}")
         return value
 

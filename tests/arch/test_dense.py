@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_models import ARCHS, reference
 
 from edgeserve.batch import build_batch
 from edgeserve.model import ResidentModel
 from edgeserve.pool import BlockPool
-from hf_models import ARCHS, reference
 
 CPU = torch.device("cpu")
 
@@ -62,5 +62,5 @@ def test_unsupported_architecture_names_the_field(tmp_path):
         {"architectures": ["LlamaForCausalLM"], "hidden_size": "64"}))
     with pytest.raises(ModelFormatError, match="hidden_size"):
         load_spec(tmp_path)
-    with pytest.raises(ModelFormatError, match="config.json"):
+    with pytest.raises(ModelFormatError, match=r"config\.json"):
         load_spec(tmp_path / "missing")

@@ -1,0 +1,125 @@
+"""Decode throughput: edgeserve against transformers `generate`, same model, device, dtype.
+
+Prints one JSON line: single-stream tokens/s for both, edgeserve aggregate tokens/s at
+8 and 32 concurrent streams, and the ratios the targets are stated in.
+
+    .venv/bin/python bench/decode.py [--device cpu|cuda] [--tokens 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from edgeserve import EdgeServer
+
+OUT = Path(__file__).parent / "out"
+SIZES = {  # a Llama of about 60 M parameters by default: compute matters, overhead shows
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=4, vocab_size=8192),
+    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=2048),
+}
+
+
+def make_model(size: str) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = OUT / f"decode-{size}"
+    if not (path / "config.json").is_file():
+        torch.manual_seed(0)
+        config = LlamaConfig(max_position_embeddings=4096, **SIZES[size])
+        LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def hf_single(path: Path, device: str, dtype: torch.dtype, prompt: list[int], tokens: int,
+              repeats: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor([prompt], device=device)
+    rates = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens,
+                                 do_sample=False, pad_token_id=0)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        assert out.shape[1] == len(prompt) + tokens
+        if i:                                   # the first run warms up
+            rates.append(tokens / elapsed)
+    return statistics.median(rates)
+
+
+async def edgeserve_rate(es: EdgeServer, streams: int, prompt_len: int, tokens: int,
+                         repeats: int, vocab: int) -> float:
+    rates = []
+    for r in range(repeats + 1):
+        prompts = [prompt_ids(prompt_len, vocab, 100 * r + s) for s in range(streams)]
+        start = time.perf_counter()
+        outs = await asyncio.gather(*[
+            es.complete("model", p, max_tokens=tokens, temperature=0, ignore_eos=True)
+            for p in prompts])
+        elapsed = time.perf_counter() - start
+        assert all(len(o.token_ids) == tokens for o in outs)
+        if r:
+            rates.append(streams * tokens / elapsed)
+    return statistics.median(rates)
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    path = make_model(args.size)
+    store = path.parent
+    link = store / "model"
+    if not link.exists():
+        link.symlink_to(path.name)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    vocab = int(SIZES[args.size]["vocab_size"])
+    prompt = prompt_ids(args.prompt, vocab, 0)
+    hf = hf_single(path, args.device, dtype, prompt, args.tokens, args.repeats)
+    result: dict[str, object] = {"bench": "decode", "device": args.device, "size": args.size,
+                                 "dtype": str(dtype).removeprefix("torch."),
+                                 "prompt_tokens": args.prompt, "new_tokens": args.tokens,
+                                 "transformers_tok_s": round(hf, 1)}
+    async with EdgeServer(models=store, device=args.device, pool_size=args.pool_size) as es:
+        await es.load("model")
+        for streams in (1, 8, 32):
+            rate = await edgeserve_rate(es, streams, args.prompt, args.tokens, args.repeats,
+                                        vocab)
+            result[f"edgeserve_{streams}_tok_s"] = round(rate, 1)
+    result["single_stream_ratio"] = round(float(result["edgeserve_1_tok_s"]) / hf, 2)  # type: ignore[arg-type]
+    result["streams32_vs_transformers_single"] = round(
+        float(result["edgeserve_32_tok_s"]) / hf, 2)  # type: ignore[arg-type]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", default="small", choices=sorted(SIZES))
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pool-size", default="2GiB")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args))))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
