@@ -21,8 +21,8 @@ from edgeserve.model import ResidentModel
 from edgeserve.pool import BlockPool
 from edgeserve.results import Completion, Delta, GenerationError, InvalidRequest, Usage
 from edgeserve.sampling import SamplingParams
-from edgeserve.sequence import Event, Sequence as Seq
-from edgeserve.sequence import Status
+from edgeserve.sequence import Event, Status
+from edgeserve.sequence import Sequence as Seq
 from edgeserve.store import ModelStore
 from edgeserve.tokenizer import Tokenizer
 
