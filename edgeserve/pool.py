@@ -77,8 +77,8 @@ def allocate_slab(device: str, nbytes: int) -> torch.Tensor:
         index = int(device.split(":")[1]) if ":" in device else 0
         with cupy.cuda.Device(index):
             mem = cupy.empty(nbytes, dtype=cupy.uint8)
-        # torch shares the CuPy allocation (no copy) through __cuda_array_interface__.
-        return torch.as_tensor(mem, device=device)
+        # torch shares the CuPy allocation (no copy); DLPack keeps it alive with the tensor.
+        return torch.from_dlpack(mem)
     return torch.empty(nbytes, dtype=torch.uint8)
 
 
