@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -198,8 +199,11 @@ class EdgeServer:
         _check_prompt(model, prompt)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        seq = Seq(next(self._ids), model, prompt, params,
-                  lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
+        def sink(event: Event) -> None:     # called on the step thread
+            with contextlib.suppress(RuntimeError):   # the loop closed: nobody listens
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        seq = Seq(next(self._ids), model, prompt, params, sink,
                   tokenizer=self._tokenizers.get(model_id))
         self._engine.submit(seq)
         try:

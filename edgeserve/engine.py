@@ -10,11 +10,11 @@ its pages go back and it is recomputed later from its tokens (nothing is lost).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
@@ -38,43 +38,50 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         # One thread runs every forward and every pool change, so views never move under
-        # a running forward and no lock is held across compute.
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="edgeserve-step")
+        # a running forward and no lock is held across compute. It steps continuously while
+        # there is work; the event loop only hands it requests and calls.
+        self._thread = threading.Thread(target=self._loop, name="edgeserve-step", daemon=True)
+        self._cond = threading.Condition()
+        self._calls: deque[tuple[Callable[[], Any], asyncio.Future[Any]]] = deque()
         self._inbox: deque[Sequence] = deque()
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._lock = threading.Lock()
+        self._stopping = False
         self.steps = 0
 
     # ---- called on the event loop ------------------------------------------------------
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._drive(), name="engine")
+        if not self._thread.is_alive():
+            self._thread.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        await self.run(self._abort_all)
-        self.executor.shutdown(wait=True)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn on the worker thread, between steps."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        """Run fn(*args) on the step thread, between two steps."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the engine is stopped")
+            self._calls.append((lambda: fn(*args), future))
+            self._cond.notify()
+        return await future
 
     def submit(self, seq: Sequence) -> None:
-        with self._lock:
+        with self._cond:
             if len(self._inbox) + len(self._waiting) >= self.config.max_queue:
                 raise QueueFull(f"{self.config.max_queue} requests are already waiting")
             self._inbox.append(seq)
-        self._wake.set()
+            self._cond.notify()
 
     def cancel(self, seq: Sequence) -> None:
-        seq.cancelled = True
-        self._wake.set()
+        with self._cond:
+            seq.cancelled = True
+            self._cond.notify()
 
     @property
     def num_waiting(self) -> int:
@@ -87,7 +94,7 @@ class Engine:
     def counts_by_model(self) -> dict[str, tuple[int, int]]:
         """model id -> (running, waiting)."""
         out: dict[str, tuple[int, int]] = {}
-        for seq in self._running:
+        for seq in list(self._running):
             r, w = out.get(seq.model.id, (0, 0))
             out[seq.model.id] = (r + 1, w)
         for seq in [*self._waiting, *self._inbox]:
@@ -98,20 +105,30 @@ class Engine:
     def has_sequences(self, model: ResidentModel) -> bool:
         return any(s.model is model for s in [*self._running, *self._waiting, *self._inbox])
 
-    async def _drive(self) -> None:
+    # ---- the step thread -----------------------------------------------------------------
+    def _loop(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._inbox or self._waiting or self._running:
+            with self._cond:
+                while not (self._calls or self._inbox or self._waiting or self._running
+                           or self._stopping):
+                    self._cond.wait()
+                calls = list(self._calls)
+                self._calls.clear()
+                stopping = self._stopping
+            for call, future in calls:
+                _resolve(future, call)
+            if stopping:
+                self._abort_all()
+                return
+            if self._inbox or self._waiting or self._running:
                 try:
-                    await self.run(self.step)
-                except Exception:       # a step must never take the loop down
+                    self.step()
+                except Exception:       # a step must never take the engine down
                     log.exception("engine step failed")
-                    await self.run(self._abort_all)
+                    self._abort_all()
 
-    # ---- the worker thread ---------------------------------------------------------------
     def step(self) -> None:
-        with self._lock:
+        with self._cond:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
         self._drop_cancelled()
@@ -128,8 +145,8 @@ class Engine:
         prefill = [s for s in running if s.length - s.cached > 1] + admitted
         if decode:
             self._forward(model, decode, 1)
-        for seq in prefill:
-            self._forward(model, [seq], self.config.prefill_chunk)
+        for group in _prefill_groups(prefill, self.config.prefill_chunk):
+            self._forward(model, group, self.config.prefill_chunk)
 
     def _reserve(self, model: ResidentModel, running: list[Sequence]) -> None:
         """Pages for every running sequence's next tokens, preempting the newest if needed."""
@@ -228,8 +245,46 @@ class Engine:
             seq.finish_reason = "cancelled"
 
     def _abort_all(self) -> None:
-        with self._lock:
+        with self._cond:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
         for seq in [*self._running, *self._waiting]:
             self._fail(seq, RuntimeError("the engine stopped"))
+
+
+def _prefill_groups(seqs: list[Sequence], budget: int) -> list[list[Sequence]]:
+    """Batches of similar length whose padded size stays within `budget` tokens."""
+    groups: list[list[Sequence]] = []
+    real = 0
+    for seq in sorted(seqs, key=lambda s: s.length - s.cached):
+        n = min(budget, seq.length - seq.cached)
+        group = groups[-1] if groups else None
+        # Sorted by length, so n is the widest row: padding = rows * n - real tokens.
+        if group and (len(group) + 1) * n <= budget and (len(group) + 1) * n <= 1.5 * (real + n):
+            group.append(seq)
+            real += n
+        else:
+            groups.append([seq])
+            real = n
+    return groups
+
+
+def _resolve(future: asyncio.Future[Any], call: Callable[[], Any]) -> None:
+    """Run call here and hand its outcome to the future on its own event loop."""
+    loop = future.get_loop()
+    result, error = None, None
+    try:
+        result = call()
+    except BaseException as e:  # handed to the awaiting coroutine
+        error = e
+    with contextlib.suppress(RuntimeError):     # a closed loop: nobody is waiting any more
+        loop.call_soon_threadsafe(_settle, future, result, error)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
