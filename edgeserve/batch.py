@@ -26,6 +26,7 @@ class StepBatch:
     slot_offset: torch.Tensor  # (N,) its offset inside the page
     last: torch.Tensor         # (B,) index in S of each sequence's last new token
     fresh: bool                # every sequence starts at 0: attend to the new keys only
+    padded: bool               # some rows are shorter than S
 
     @property
     def size(self) -> int:
@@ -59,4 +60,5 @@ def build_batch(chunks: Sequence[tuple[Sequence[int], int, Sequence[Unit]]],
 
     return StepBatch(t(tokens), t(positions), t(valid, torch.bool), t(kv_lens), t(page_table),
                      t(slot_page), t(slot_offset), t(last),
-                     fresh=all(start == 0 for _, start, _ in chunks))
+                     fresh=all(start == 0 for _, start, _ in chunks),
+                     padded=any(len(ids) < width for ids, _, _ in chunks))

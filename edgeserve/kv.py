@@ -1,7 +1,9 @@
 """Paged KV: pages are pool units taken on demand as a sequence grows, returned when it ends.
 
 A page holds `page_tokens` tokens of keys and values for every layer of one model:
-    page (L, 2, P, KVH, hd)     L = layers, 2 = key/value, P = tokens per page
+    page (L, P, 2, KVH, hd)     L = layers, P = tokens per page, 2 = key/value
+Keys and values of a token sit together, so gathered pages flatten to a token axis
+without a copy.
 Pages are addressed by their first block id, so one strided view of the pool slab
 serves every page of the model, and a page table is a list of block ids.
 """
@@ -36,7 +38,7 @@ class KVLayout:
 
     @property
     def page_shape(self) -> tuple[int, int, int, int, int]:
-        return (self.layers, 2, self.page_tokens, self.kv_heads, self.head_dim)
+        return (self.layers, self.page_tokens, 2, self.kv_heads, self.head_dim)
 
     @property
     def page_bytes(self) -> int:
@@ -57,7 +59,7 @@ class KVCache:
 
     @property
     def view(self) -> torch.Tensor:
-        """(pages addressed by block id, L, 2, P, KVH, hd) over the whole slab."""
+        """(pages addressed by block id, L, P, 2, KVH, hd) over the whole slab."""
         if self._view is None or self._epoch != self.pool.epoch:
             self._epoch = self.pool.epoch
             self._view = self.pool.paged_view(self.layout.dtype, self.layout.page_shape,

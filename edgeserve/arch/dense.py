@@ -99,7 +99,7 @@ class DenseModel:
     def forward(self, batch: StepBatch, kv: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Logits (B, V) of each sequence's last new token, or (B, S, V) with all_logits.
 
-        kv: the paged view (pages, L, 2, P, KVH, hd); the new keys and values are written
+        kv: the paged view (pages, L, P, 2, KVH, hd); the new keys and values are written
         into the pages of batch.slot_page / slot_offset.
         """
         spec = self.spec
@@ -129,16 +129,18 @@ class DenseModel:
             q = rms_norm(q, w.q_norm, spec.rms_norm_eps)
             k = rms_norm(k, w.k_norm, spec.rms_norm_eps)
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-        # kv here is one layer: (pages, 2, P, KVH, hd). Store the new tokens' keys/values.
-        kv[batch.slot_page, 0, batch.slot_offset] = k[batch.valid]
-        kv[batch.slot_page, 1, batch.slot_offset] = v[batch.valid]
+        # kv here is one layer: (pages, P, 2, KVH, hd). Store the new tokens' keys/values.
+        new = torch.stack((k, v), 2)                                    # (B, S, 2, KVH, hd)
+        kv[batch.slot_page, batch.slot_offset] = new[batch.valid] if batch.padded else \
+            new.flatten(0, 1)
         if batch.fresh:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)         # (B, KVH, S, hd)
         else:
-            pages = kv[batch.page_table]                     # (B, MP, 2, P, KVH, hd)
             t = mask.shape[-1]
-            keys = pages[:, :, 0].flatten(1, 2)[:, :t].transpose(1, 2)  # (B, KVH, T, hd)
-            values = pages[:, :, 1].flatten(1, 2)[:, :t].transpose(1, 2)
+            # index_select copies whole pages, much faster than advanced indexing here.
+            pages = torch.index_select(kv, 0, batch.page_table.flatten())
+            tokens = pages.view(b, -1, 2, spec.num_kv_heads, spec.head_dim)[:, :t]
+            keys, values = tokens[:, :, 0].transpose(1, 2), tokens[:, :, 1].transpose(1, 2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                              enable_gqa=True)         # (B, H, S, hd)
         return F.linear(out.transpose(1, 2).reshape(b, s, spec.q_size), w.o)
