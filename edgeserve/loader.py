@@ -8,6 +8,7 @@ unit: the checkpoint is never held whole in Python memory.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -83,36 +84,48 @@ def load_weights(model_dir: Path, spec: ModelSpec, pool: BlockPool, dtype: torch
                  progress: Callable[[int], None] | None = None) -> dict[str, Unit]:
     """Read every tensor the architecture needs into pinned weight units of `pool`.
 
-    On any error the units taken so far are released before the error propagates.
+    Units are taken first (a load that cannot fit fails before reading anything), then
+    each file is read in order, every tensor copied into its rows of its unit. On any
+    error the units taken so far are released before the error propagates.
     """
-    shapes = dense.weight_shapes(spec)
+    plan = dense.weight_plan(spec)
     checkpoint = Checkpoint.scan(model_dir)
-    missing = [name for name in shapes if name not in checkpoint.files]
+    # checkpoint tensor -> (unit name, first row, shape)
+    slots: dict[str, tuple[str, int, tuple[int, ...]]] = {}
+    for unit_name, unit in plan.items():
+        for part, first, rows in unit.slices():
+            slots[part] = (unit_name, first, (rows, *unit.shape[1:]))
+    missing = [name for name in slots if name not in checkpoint.files]
     if missing:
         raise ModelFormatError(f"{model_dir}: checkpoint lacks tensor '{missing[0]}'"
                                + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    by_file: dict[Path, list[str]] = {}
-    for name in shapes:                       # file order keeps the reads sequential
-        by_file.setdefault(checkpoint.files[name], []).append(name)
     units: dict[str, Unit] = {}
     try:
+        for name, planned in plan.items():
+            units[name] = pool.allocate(UnitKind.WEIGHT,
+                                        math.prod(planned.shape) * dtype.itemsize, owner=owner)
+        views = {name: pool.view(units[name], dtype, plan[name].shape) for name in plan}
+        by_file: dict[Path, list[str]] = {}
+        for name in slots:
+            by_file.setdefault(checkpoint.files[name], []).append(name)
         for path, names in by_file.items():
             with _open(path) as f:
                 for name in names:
-                    units[name] = _load_tensor(f, path, name, shapes[name], pool, dtype, owner)
-                    report.bytes_from_disk += units[name].nbytes
+                    unit_name, row, shape = slots[name]
+                    tensor = _read_tensor(f, path, name, shape)
+                    views[unit_name][row:row + shape[0]].copy_(tensor)
+                    report.bytes_from_disk += tensor.numel() * dtype.itemsize
                     if progress is not None:
-                        progress(units[name].nbytes)
+                        progress(tensor.numel() * dtype.itemsize)
     except BaseException:
-        for unit in units.values():
-            pool.release(unit)
+        for taken in units.values():
+            pool.release(taken)
         raise
     report.bytes_total = sum(u.nbytes for u in units.values())
     return units
 
 
-def _load_tensor(f, path: Path, name: str, shape: tuple[int, ...], pool: BlockPool,
-                 dtype: torch.dtype, owner: str) -> Unit:
+def _read_tensor(f, path: Path, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     try:
         tensor = f.get_tensor(name)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -122,16 +135,13 @@ def _load_tensor(f, path: Path, name: str, shape: tuple[int, ...], pool: BlockPo
                                f"config.json implies {shape}")
     if not tensor.dtype.is_floating_point:
         raise ModelFormatError(f"{path}: tensor '{name}' has dtype {tensor.dtype}")
-    nbytes = tensor.numel() * dtype.itemsize
-    unit = pool.allocate(UnitKind.WEIGHT, nbytes, owner=owner)
-    pool.view(unit, dtype, shape).copy_(tensor)
-    return unit
+    return tensor
 
 
 def weight_views(pool: BlockPool, units: dict[str, Unit], spec: ModelSpec,
                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    shapes = dense.weight_shapes(spec)
-    return {name: pool.view(unit, dtype, shapes[name]) for name, unit in units.items()}
+    plan = dense.weight_plan(spec)
+    return {name: pool.view(unit, dtype, plan[name].shape) for name, unit in units.items()}
 
 
 def read_spec(model_dir: Path) -> ModelSpec:

@@ -10,17 +10,24 @@ import torch
 from hf_models import make_model
 from safetensors.torch import load_file
 
+from edgeserve.arch.dense import weight_plan
 from edgeserve.arch.spec import ModelFormatError
 from edgeserve.loader import LoadReport, load_weights, read_spec, weight_views
 from edgeserve.pool import BlockPool
 
 
 def load(path, dtype=torch.float32):
+    """The pool, and a view per checkpoint tensor (rows of its fused unit), and the report."""
     pool = BlockPool("cpu", 32 << 20, 4096)
     spec = read_spec(path)
     report = LoadReport("m", "cpu")
     units = load_weights(path, spec, pool, dtype, "m", report)
-    return pool, weight_views(pool, units, spec, dtype), report
+    views = weight_views(pool, units, spec, dtype)
+    parts = {}
+    for name, unit in weight_plan(spec).items():
+        for part, first, rows in unit.slices():
+            parts[part] = views[name][first:first + rows]
+    return pool, parts, report
 
 
 @pytest.mark.parametrize("ckpt_dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -16,53 +16,67 @@ from edgeserve.arch.spec import ModelSpec
 from edgeserve.batch import StepBatch
 
 
-def weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Every tensor the checkpoint must provide, by its Hugging Face name."""
-    d, i = spec.hidden_size, spec.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, d),
-                                          "model.norm.weight": (d,)}
+class WeightUnit(NamedTuple):
+    """One unit of the pool: checkpoint tensors stacked along dim 0 (a tensor group)."""
+
+    shape: tuple[int, ...]
+    parts: tuple[str, ...]          # Hugging Face tensor names, in row order
+    rows: tuple[int, ...]           # rows of each part
+
+    def slices(self) -> list[tuple[str, int, int]]:
+        """(part, first row, rows) for each part."""
+        starts = [sum(self.rows[:i]) for i in range(len(self.rows))]
+        return list(zip(self.parts, starts, self.rows, strict=True))
+
+
+def weight_plan(spec: ModelSpec) -> dict[str, WeightUnit]:
+    """The units a model is made of. q/k/v and gate/up are fused: one matmul each."""
+    d, i, q, kv = spec.hidden_size, spec.intermediate_size, spec.q_size, spec.kv_size
+
+    def one(name: str, *shape: int) -> WeightUnit:
+        return WeightUnit(shape, (name,), (shape[0],))
+
+    def fused(prefix: str, suffix: str, parts: dict[str, int], *inner: int) -> WeightUnit:
+        names = tuple(f"{prefix}{part}{suffix}" for part in parts)
+        rows = tuple(parts.values())
+        return WeightUnit((sum(rows), *inner), names, rows)
+
+    plan = {"model.embed_tokens.weight": one("model.embed_tokens.weight", spec.vocab_size, d),
+            "model.norm.weight": one("model.norm.weight", d)}
     if not spec.tie_embeddings:
-        shapes["lm_head.weight"] = (spec.vocab_size, d)
+        plan["lm_head.weight"] = one("lm_head.weight", spec.vocab_size, d)
     for n in range(spec.num_layers):
         p = f"model.layers.{n}."
-        shapes |= {
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (spec.q_size, d),
-            p + "self_attn.k_proj.weight": (spec.kv_size, d),
-            p + "self_attn.v_proj.weight": (spec.kv_size, d),
-            p + "self_attn.o_proj.weight": (d, spec.q_size),
-            p + "mlp.gate_proj.weight": (i, d), p + "mlp.up_proj.weight": (i, d),
-            p + "mlp.down_proj.weight": (d, i)}
+        a, m = p + "self_attn.", p + "mlp."
+        plan |= {
+            p + "input_layernorm.weight": one(p + "input_layernorm.weight", d),
+            p + "post_attention_layernorm.weight": one(p + "post_attention_layernorm.weight", d),
+            a + "qkv_proj.weight": fused(a, "_proj.weight", {"q": q, "k": kv, "v": kv}, d),
+            a + "o_proj.weight": one(a + "o_proj.weight", d, q),
+            m + "gate_up_proj.weight": fused(m, "_proj.weight", {"gate": i, "up": i}, d),
+            m + "down_proj.weight": one(m + "down_proj.weight", d, i)}
         if spec.qkv_bias:
-            shapes |= {p + "self_attn.q_proj.bias": (spec.q_size,),
-                       p + "self_attn.k_proj.bias": (spec.kv_size,),
-                       p + "self_attn.v_proj.bias": (spec.kv_size,)}
+            plan[a + "qkv_proj.bias"] = fused(a, "_proj.bias", {"q": q, "k": kv, "v": kv})
         if spec.qk_norm:
-            shapes |= {p + "self_attn.q_norm.weight": (spec.head_dim,),
-                       p + "self_attn.k_norm.weight": (spec.head_dim,)}
+            plan |= {a + "q_norm.weight": one(a + "q_norm.weight", spec.head_dim),
+                     a + "k_norm.weight": one(a + "k_norm.weight", spec.head_dim)}
         if spec.mlp_bias:
-            shapes |= {p + "mlp.gate_proj.bias": (i,), p + "mlp.up_proj.bias": (i,),
-                       p + "mlp.down_proj.bias": (d,)}
-    return shapes
+            plan |= {m + "gate_up_proj.bias": fused(m, "_proj.bias", {"gate": i, "up": i}),
+                     m + "down_proj.bias": one(m + "down_proj.bias", d)}
+    return plan
 
 
 class Layer(NamedTuple):
     norm_in: torch.Tensor
     norm_post: torch.Tensor
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
+    qkv: torch.Tensor
     o: torch.Tensor
-    gate: torch.Tensor
-    up: torch.Tensor
+    gate_up: torch.Tensor
     down: torch.Tensor
-    q_bias: torch.Tensor | None
-    k_bias: torch.Tensor | None
-    v_bias: torch.Tensor | None
+    qkv_bias: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    gate_bias: torch.Tensor | None
-    up_bias: torch.Tensor | None
+    gate_up_bias: torch.Tensor | None
     down_bias: torch.Tensor | None
 
 
@@ -89,11 +103,10 @@ class DenseModel:
         a, m = p + "self_attn.", p + "mlp."
         return Layer(
             w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"],
-            w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"],
-            w[a + "o_proj.weight"], w[m + "gate_proj.weight"], w[m + "up_proj.weight"],
-            w[m + "down_proj.weight"], w.get(a + "q_proj.bias"), w.get(a + "k_proj.bias"),
-            w.get(a + "v_proj.bias"), w.get(a + "q_norm.weight"), w.get(a + "k_norm.weight"),
-            w.get(m + "gate_proj.bias"), w.get(m + "up_proj.bias"), w.get(m + "down_proj.bias"))
+            w[a + "qkv_proj.weight"], w[a + "o_proj.weight"], w[m + "gate_up_proj.weight"],
+            w[m + "down_proj.weight"], w.get(a + "qkv_proj.bias"), w.get(a + "q_norm.weight"),
+            w.get(a + "k_norm.weight"), w.get(m + "gate_up_proj.bias"),
+            w.get(m + "down_proj.bias"))
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -122,9 +135,11 @@ class DenseModel:
                    cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         b, s, _ = h.shape
-        q = F.linear(h, w.q, w.q_bias).view(b, s, spec.num_heads, spec.head_dim)
-        k = F.linear(h, w.k, w.k_bias).view(b, s, spec.num_kv_heads, spec.head_dim)
-        v = F.linear(h, w.v, w.v_bias).view(b, s, spec.num_kv_heads, spec.head_dim)
+        q, k, v = F.linear(h, w.qkv, w.qkv_bias).split(
+            (spec.q_size, spec.kv_size, spec.kv_size), dim=-1)
+        q = q.view(b, s, spec.num_heads, spec.head_dim)
+        k = k.view(b, s, spec.num_kv_heads, spec.head_dim)
+        v = v.view(b, s, spec.num_kv_heads, spec.head_dim)
         if w.q_norm is not None and w.k_norm is not None:
             q = rms_norm(q, w.q_norm, spec.rms_norm_eps)
             k = rms_norm(k, w.k_norm, spec.rms_norm_eps)
@@ -146,8 +161,8 @@ class DenseModel:
         return F.linear(out.transpose(1, 2).reshape(b, s, spec.q_size), w.o)
 
     def _mlp(self, h: torch.Tensor, w: Layer) -> torch.Tensor:
-        gate = F.silu(F.linear(h, w.gate, w.gate_bias))
-        return F.linear(gate * F.linear(h, w.up, w.up_bias), w.down, w.down_bias)
+        gate, up = F.linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w.down, w.down_bias)
 
     @staticmethod
     def _mask(batch: StepBatch, window: int | None) -> torch.Tensor:
