@@ -27,6 +27,10 @@ class StepBatch:
     last: torch.Tensor         # (B,) index in S of each sequence's last new token
     fresh: bool                # every sequence starts at 0: attend to the new keys only
     padded: bool               # some rows are shorter than S
+    width: int                 # S
+    max_kv: int                # the most tokens any sequence has in the cache after this step
+    uniform: bool              # every sequence has max_kv tokens
+
 
     @property
     def size(self) -> int:
@@ -61,4 +65,5 @@ def build_batch(chunks: Sequence[tuple[Sequence[int], int, Sequence[Unit]]],
     return StepBatch(t(tokens), t(positions), t(valid, torch.bool), t(kv_lens), t(page_table),
                      t(slot_page), t(slot_offset), t(last),
                      fresh=all(start == 0 for _, start, _ in chunks),
-                     padded=any(len(ids) < width for ids, _, _ in chunks))
+                     padded=any(len(ids) < width for ids, _, _ in chunks), width=width,
+                     max_kv=max(kv_lens), uniform=min(kv_lens) == max(kv_lens))

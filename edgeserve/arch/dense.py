@@ -80,7 +80,17 @@ class Layer(NamedTuple):
     down_bias: torch.Tensor | None
 
 
+class Visibility(NamedTuple):
+    """Which keys each query sees: an explicit mask, or plain causal, or everything."""
+
+    mask: torch.Tensor | None      # (B, 1, S, T) bool
+    causal: bool
+    keys: int                      # T
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:    # one fused op; the same result in float32
+        return F.rms_norm(x, weight.shape, weight, eps)
     # As Hugging Face does it: normalise in float32, scale in the input dtype.
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -118,13 +128,13 @@ class DenseModel:
         spec = self.spec
         x = F.embedding(batch.tokens, self.embed)                       # (B, S, D)
         cos, sin = rope.cos_sin(self.inv_freq, batch.positions, x.dtype)
-        masks: dict[int | None, torch.Tensor] = {}
+        seen: dict[int | None, Visibility] = {}
         for n, layer in enumerate(self.layers):
             window = spec.sliding_windows[n]
-            if window not in masks:
-                masks[window] = self._mask(batch, window)
+            if window not in seen:
+                seen[window] = visibility(batch, window)
             h = rms_norm(x, layer.norm_in, spec.rms_norm_eps)
-            x = x + self._attention(h, layer, batch, kv[:, n], cos, sin, masks[window])
+            x = x + self._attention(h, layer, batch, kv[:, n], cos, sin, seen[window])
             h = rms_norm(x, layer.norm_post, spec.rms_norm_eps)
             x = x + self._mlp(h, layer)
         x = rms_norm(x if all_logits else x[torch.arange(batch.size), batch.last],
@@ -132,18 +142,16 @@ class DenseModel:
         return F.linear(x, self.lm_head).float()
 
     def _attention(self, h: torch.Tensor, w: Layer, batch: StepBatch, kv: torch.Tensor,
-                   cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                   cos: torch.Tensor, sin: torch.Tensor, seen: Visibility) -> torch.Tensor:
         spec = self.spec
         b, s, _ = h.shape
-        q, k, v = F.linear(h, w.qkv, w.qkv_bias).split(
-            (spec.q_size, spec.kv_size, spec.kv_size), dim=-1)
-        q = q.view(b, s, spec.num_heads, spec.head_dim)
-        k = k.view(b, s, spec.num_kv_heads, spec.head_dim)
-        v = v.view(b, s, spec.num_kv_heads, spec.head_dim)
+        heads, kv_heads = spec.num_heads, spec.num_kv_heads
+        qkv = F.linear(h, w.qkv, w.qkv_bias).view(b, s, heads + 2 * kv_heads, spec.head_dim)
+        qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
         if w.q_norm is not None and w.k_norm is not None:
-            q = rms_norm(q, w.q_norm, spec.rms_norm_eps)
-            k = rms_norm(k, w.k_norm, spec.rms_norm_eps)
-        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+            qk = torch.cat((rms_norm(qk[:, :, :heads], w.q_norm, spec.rms_norm_eps),
+                            rms_norm(qk[:, :, heads:], w.k_norm, spec.rms_norm_eps)), 2)
+        q, k = rope.apply(qk, cos, sin).split((heads, kv_heads), 2)   # q and k rotated at once
         # kv here is one layer: (pages, P, 2, KVH, hd). Store the new tokens' keys/values.
         new = torch.stack((k, v), 2)                                    # (B, S, 2, KVH, hd)
         kv[batch.slot_page, batch.slot_offset] = new[batch.valid] if batch.padded else \
@@ -151,12 +159,13 @@ class DenseModel:
         if batch.fresh:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)         # (B, KVH, S, hd)
         else:
-            t = mask.shape[-1]
+            t = seen.keys
             # index_select copies whole pages, much faster than advanced indexing here.
             pages = torch.index_select(kv, 0, batch.page_table.flatten())
             tokens = pages.view(b, -1, 2, spec.num_kv_heads, spec.head_dim)[:, :t]
             keys, values = tokens[:, :, 0].transpose(1, 2), tokens[:, :, 1].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
+                                             attn_mask=seen.mask, is_causal=seen.causal,
                                              enable_gqa=True)         # (B, H, S, hd)
         return F.linear(out.transpose(1, 2).reshape(b, s, spec.q_size), w.o)
 
@@ -164,17 +173,21 @@ class DenseModel:
         gate, up = F.linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, w.down, w.down_bias)
 
-    @staticmethod
-    def _mask(batch: StepBatch, window: int | None) -> torch.Tensor:
-        """(B, 1, S, T) bool: key j is visible to query i (causal, in range, in window)."""
-        q_pos = batch.positions[:, :, None]                            # (B, S, 1)
-        if batch.fresh:
-            k_pos = batch.positions[:, None, :]                        # (B, 1, S)
-            visible = batch.valid[:, None, :] & (k_pos <= q_pos)
-        else:
-            t = int(batch.kv_lens.max())
-            k_pos = torch.arange(t, device=q_pos.device)[None, None, :]
-            visible = (k_pos < batch.kv_lens[:, None, None]) & (k_pos <= q_pos)
-        if window is not None:
-            visible = visible & (q_pos - k_pos < window)
-        return visible[:, None]
+
+def visibility(batch: StepBatch, window: int | None) -> Visibility:
+    """The cheapest correct way to say which keys each query of the batch sees."""
+    in_window = window is None or batch.max_kv <= window
+    if batch.fresh and not batch.padded and in_window:
+        return Visibility(None, True, batch.width)         # plain causal prefill
+    if not batch.fresh and batch.width == 1 and batch.uniform and in_window:
+        return Visibility(None, False, batch.max_kv)       # decode: every cached key
+    q_pos = batch.positions[:, :, None]                            # (B, S, 1)
+    if batch.fresh:
+        k_pos = batch.positions[:, None, :]                        # (B, 1, S)
+        visible = batch.valid[:, None, :] & (k_pos <= q_pos)
+    else:
+        k_pos = torch.arange(batch.max_kv, device=q_pos.device)[None, None, :]
+        visible = (k_pos < batch.kv_lens[:, None, None]) & (k_pos <= q_pos)
+    if window is not None:
+        visible = visible & (q_pos - k_pos < window)
+    return Visibility(visible[:, None], False, int(visible.shape[-1]))
