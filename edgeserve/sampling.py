@@ -139,8 +139,10 @@ def sample(
             f"got {len(params)} and {len(generators)}"
         )
     device = logits.device
-    out = torch.empty(logits.shape[0], dtype=torch.int64, device=device)
     greedy = [i for i, p in enumerate(params) if p.greedy]
+    if len(greedy) == len(params):
+        return logits.argmax(dim=-1)
+    out = torch.empty(logits.shape[0], dtype=torch.int64, device=device)
     # A row's path depends only on its own params, so its draws do not depend on the batch.
     plain = [i for i, p in enumerate(params) if not p.greedy and not _filters(p)]
     filtered = [i for i, p in enumerate(params) if not p.greedy and _filters(p)]
