@@ -20,7 +20,14 @@ from edgeserve.engine import Engine
 from edgeserve.loader import LoadReport, parse_dtype
 from edgeserve.model import ResidentModel
 from edgeserve.pool import BlockPool
-from edgeserve.results import Completion, Delta, GenerationError, InvalidRequest, Usage
+from edgeserve.results import (
+    Completion,
+    Delta,
+    GenerationError,
+    InvalidRequest,
+    TokenLogprob,
+    Usage,
+)
 from edgeserve.sampling import SamplingParams
 from edgeserve.sequence import Event, Status
 from edgeserve.sequence import Sequence as Seq
@@ -213,7 +220,8 @@ class EdgeServer:
                     raise GenerationError(str(event.error)) from event.error
                 usage = (Usage(event.prompt_tokens, event.completion_tokens)
                          if event.finish_reason else None)
-                yield Delta(event.text, event.token_ids, event.finish_reason, usage)
+                yield Delta(event.text, event.token_ids, event.finish_reason, usage,
+                            event.logprobs)
                 if event.finish_reason:
                     return
         finally:
@@ -223,11 +231,15 @@ class EdgeServer:
     @staticmethod
     async def _collect(stream: AsyncIterator[Delta]) -> Completion:
         text, ids = [], []
+        logprobs: list[TokenLogprob] | None = None
         async for delta in stream:
             text.append(delta.text)
             ids.extend(delta.token_ids)
+            if delta.logprobs is not None:
+                logprobs = (logprobs or []) + delta.logprobs
             if delta.finish_reason and delta.usage:
-                return Completion("".join(text), ids, delta.finish_reason, delta.usage)
+                return Completion("".join(text), ids, delta.finish_reason, delta.usage,
+                                  logprobs)
         raise GenerationError("the stream ended without a finish reason")
 
     # ---- introspection -----------------------------------------------------------------

@@ -23,7 +23,8 @@ from edgeserve.batch import build_batch
 from edgeserve.config import EngineConfig
 from edgeserve.model import ResidentModel
 from edgeserve.pool import PoolFull
-from edgeserve.sampling import sample
+from edgeserve.results import TokenLogprob
+from edgeserve.sampling import sample, token_logprobs
 from edgeserve.sequence import Event, Sequence, Status
 
 log = logging.getLogger("edgeserve.engine")
@@ -206,12 +207,13 @@ class Engine:
             seq.cached += len(ids)
         if not done:
             return
-        tokens = sample(logits[done], [seqs[i].params for i in done],
-                        [seqs[i].generator for i in done]).tolist()
+        logits = logits[done]
+        picked = sample(logits, [seqs[i].params for i in done], [seqs[i].generator for i in done])
+        logprobs = _logprobs(logits, picked, [seqs[i].params.logprobs for i in done])
         eos = model.eos_token_ids
-        for i, token in zip(done, tokens, strict=True):
+        for j, (i, token) in enumerate(zip(done, picked.tolist(), strict=True)):
             seq = seqs[i]
-            event = seq.accept(token, eos)
+            event = seq.accept(token, eos, logprobs.get(j))
             if seq.status is Status.FINISHED:
                 self._retire(seq)
             seq.sink(event)
@@ -250,6 +252,19 @@ class Engine:
             self._inbox.clear()
         for seq in [*self._running, *self._waiting]:
             self._fail(seq, RuntimeError("the engine stopped"))
+
+
+def _logprobs(logits: torch.Tensor, picked: torch.Tensor,
+              wanted: list[int | None]) -> dict[int, TokenLogprob]:
+    """Row -> log-probability of its token, for the rows that asked for them."""
+    rows = [j for j, n in enumerate(wanted) if n is not None]
+    if not rows:
+        return {}
+    top = max(wanted[j] or 0 for j in rows)
+    index = torch.tensor(rows, device=logits.device)
+    chosen, tops = token_logprobs(logits[index], picked[index], top)
+    return {j: TokenLogprob(int(picked[j]), chosen[k], tops[k][:wanted[j] or 0])
+            for k, j in enumerate(rows)}
 
 
 def _prefill_groups(seqs: list[Sequence], budget: int) -> list[list[Sequence]]:

@@ -28,11 +28,21 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability, and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str          # "stop" | "length"
     usage: Usage
+    logprobs: list[TokenLogprob] | None = None   # when asked for, one per token id
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +53,7 @@ class Delta:
     token_ids: list[int]
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] | None = None
 
     def __str__(self) -> str:
         return self.text

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20
 
 
 class SamplingError(ValueError):
@@ -53,6 +54,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; n: the chosen token's and the n most likely
 
     def validate(self) -> None:
         """Raise SamplingError naming the first invalid parameter."""
@@ -74,6 +76,10 @@ class SamplingParams:
             _check_int("stop_token_ids", token_id, minimum=0)
         if not isinstance(self.ignore_eos, bool):
             raise SamplingError("ignore_eos", f"must be a bool, got {self.ignore_eos!r}")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, minimum=0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise SamplingError("logprobs", f"must be at most {MAX_LOGPROBS}")
 
     @property
     def greedy(self) -> bool:
@@ -272,3 +278,18 @@ class StopMatcher:
     def _first_stop(self, text: str) -> int | None:
         hits = [i for s in self._stops if (i := text.find(s)) >= 0]
         return min(hits, default=None)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                   top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Log-probabilities of the chosen tokens under the model, and the `top` most likely.
+
+    logits (R, V), tokens (R,) -> ([R], [R][top] of (token id, logprob)).
+    """
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
+    if top == 0:
+        return chosen, [[] for _ in chosen]
+    values, ids = logp.topk(top, dim=-1)
+    return chosen, [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(),
+                                                                  strict=True)]

@@ -11,6 +11,7 @@ import torch
 
 from edgeserve.model import ResidentModel
 from edgeserve.pool import Unit
+from edgeserve.results import TokenLogprob
 from edgeserve.sampling import SamplingParams, StopMatcher, make_generator
 from edgeserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -31,6 +32,7 @@ class Event:
     error: BaseException | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None    # one per token id, when asked for
 
 
 @dataclass(eq=False)
@@ -71,8 +73,15 @@ class Sequence:
             return self.output[start - n_prompt:start - n_prompt + limit]
         return (self.prompt + self.output)[start:start + limit]
 
-    def accept(self, token: int, eos: frozenset[int]) -> Event:
+    def accept(self, token: int, eos: frozenset[int],
+               logprob: TokenLogprob | None = None) -> Event:
         """Take a sampled token; decide whether the sequence ends here."""
+        event = self._accept(token, eos)
+        if self.params.logprobs is not None:
+            event.logprobs = [logprob] if event.token_ids and logprob is not None else []
+        return event
+
+    def _accept(self, token: int, eos: frozenset[int]) -> Event:
         self.sampled += 1
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()

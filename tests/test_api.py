@@ -214,3 +214,22 @@ async def test_a_broken_model_does_not_stop_the_others(tiny_store, tmp_path):
             await es.load("bad")
         assert (await running).usage.completion_tokens == 40
         es.pools["cpu"].check_integrity()
+
+
+async def test_logprobs_match_transformers(tiny_store):
+    async with server(tiny_store) as es:
+        p = prompts(320, (7,))[0]
+        out = await es.complete("qwen3", p, max_tokens=6, temperature=0, ignore_eos=True,
+                                logprobs=3)
+        assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids) == 6
+        with torch.no_grad():
+            ids = torch.tensor([p + out.token_ids])
+            logp = reference(tiny_store / "qwen3")(ids).logits[0].log_softmax(-1)
+        for i, lp in enumerate(out.logprobs):
+            expected = logp[len(p) - 1 + i]
+            assert lp.token_id == out.token_ids[i]
+            assert abs(lp.logprob - float(expected[lp.token_id])) < 1e-4
+            assert [t for t, _ in lp.top] == expected.topk(3).indices.tolist()
+            assert lp.top[0][0] == lp.token_id            # greedy picks the most likely
+        plain = await es.complete("qwen3", p, max_tokens=6, temperature=0, ignore_eos=True)
+        assert plain.logprobs is None and plain.token_ids == out.token_ids
