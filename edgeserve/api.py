@@ -18,8 +18,9 @@ from edgeserve.config import Config, PoolConfig, from_env, parse_size
 from edgeserve.device import DeviceInfo, discover
 from edgeserve.engine import Engine
 from edgeserve.loader import LoadReport, parse_dtype
+from edgeserve.metrics import Metrics, live_gauges
 from edgeserve.model import ResidentModel
-from edgeserve.pool import BlockPool
+from edgeserve.pool import BlockPool, Unit
 from edgeserve.results import (
     Completion,
     Delta,
@@ -73,6 +74,9 @@ class EdgeServer:
         self._tokenizers: dict[str, Tokenizer | None] = {}
         self._loading: dict[str, asyncio.Task[LoadReport]] = {}
         self._ids = itertools.count(1)
+        self.metrics = Metrics()
+        self.metrics.watch(lambda: live_gauges(
+            self.stats(), self.engine.counts_by_model() if self.engine else {}))
 
     # ---- life cycle --------------------------------------------------------------------
     async def start(self) -> EdgeServer:
@@ -80,12 +84,16 @@ class EdgeServer:
             return self
         for device in discover(self.config.device):
             size, block = _pool_sizes(device, self.config.pool)
-            self.pools[device.name] = BlockPool(device.name, size, block)
+            pool = self.pools[device.name] = BlockPool(device.name, size, block)
+            pool.on_evict.append(self._count_eviction)
             log.info("pool on %s (%s): %d blocks of %d bytes", device.name, device.description,
                      size // block, block)
         self.engine = Engine(self.config.engine)
         self.engine.start()
         return self
+
+    def _count_eviction(self, unit: Unit) -> None:
+        self.metrics.evictions.labels(unit.owner or "", unit.kind.value).inc()
 
     async def close(self) -> None:
         if self.engine is None:
@@ -145,6 +153,11 @@ class EdgeServer:
             model.eos_token_ids = tokenizer.eos_token_ids
         self._tokenizers[model_id] = tokenizer
         self.models[model_id] = model
+        self.metrics.loads.labels(model_id, pool.device).inc()
+        tiers = {"device": report.bytes_from_device, "host": report.bytes_from_host,
+                 "disk": report.bytes_from_disk}
+        self.metrics.load_seconds.labels(model_id, max(tiers, key=tiers.__getitem__)).observe(
+            report.seconds)
         log.info("loaded %s on %s: %.1f MB in %.2f s", model_id, pool.device,
                  report.bytes_total / 1e6, report.seconds)
         return report
@@ -213,13 +226,17 @@ class EdgeServer:
         seq = Seq(next(self._ids), model, prompt, params, sink,
                   tokenizer=self._tokenizers.get(model_id))
         self._engine.submit(seq)
+        timer = _RequestTimer(self.metrics, model_id, seq)
         try:
             while True:
                 event = await queue.get()
                 if event.error is not None:
                     raise GenerationError(str(event.error)) from event.error
+                timer.tokens(len(event.token_ids))
                 usage = (Usage(event.prompt_tokens, event.completion_tokens)
                          if event.finish_reason else None)
+                if event.finish_reason:
+                    timer.finish(event)
                 yield Delta(event.text, event.token_ids, event.finish_reason, usage,
                             event.logprobs)
                 if event.finish_reason:
@@ -251,6 +268,7 @@ class EdgeServer:
                 "total_bytes": pool.total_bytes, "free_bytes": pool.free_bytes,
                 "block_size": pool.block_size, "bytes_by_kind": pool.bytes_by_kind(),
                 "peak_bytes_by_kind": pool.peak_by_kind(),
+                "bytes_by_model": pool.bytes_by_owner(),
                 "resident_models": {m.id: m.resident_bytes for m in self.models.values()
                                     if m.pool is pool}}
         engine = self.engine
@@ -270,3 +288,30 @@ def _check_prompt(model: ResidentModel, prompt: list[int]) -> None:
     if len(prompt) >= model.spec.max_positions:
         raise InvalidRequest(f"the prompt has {len(prompt)} tokens; model '{model.id}' "
                              f"accepts fewer than {model.spec.max_positions}", "prompt")
+
+
+class _RequestTimer:
+    """Records one request's latencies in the metrics as its events arrive."""
+
+    def __init__(self, metrics: Metrics, model_id: str, seq: Seq) -> None:
+        self.metrics, self.model, self.seq = metrics, model_id, seq
+        self.last: float | None = None
+
+    def tokens(self, n: int) -> None:
+        now = time.monotonic()
+        if n == 0:
+            return
+        if self.last is None:
+            self.metrics.ttft.labels(self.model).observe(now - self.seq.arrival)
+        else:
+            self.metrics.itl.labels(self.model).observe((now - self.last) / n)
+        self.last = now
+
+    def finish(self, event: Event) -> None:
+        m, seq = self.metrics, self.seq
+        m.e2e.labels(self.model).observe(time.monotonic() - seq.arrival)
+        if seq.started_at is not None:
+            m.queue.labels(self.model).observe(seq.started_at - seq.arrival)
+        m.prompt_tokens.labels(self.model).inc(event.prompt_tokens)
+        m.generation_tokens.labels(self.model).inc(event.completion_tokens)
+        m.requests.labels(self.model, event.finish_reason or "").inc()

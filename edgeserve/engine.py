@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -184,6 +185,8 @@ class Engine:
                     continue
                 break   # first come, first served: later ones wait too
             model.kv.grow(seq.pages, first)
+            if seq.started_at is None:
+                seq.started_at = time.monotonic()
             self._waiting.remove(seq)
             seq.status = Status.RUNNING
             self._running.append(seq)

@@ -297,6 +297,17 @@ class BlockPool:
         with self._lock:
             return {k.value: v for k, v in self._peak_by_kind.items()}
 
+    def bytes_by_owner(self) -> dict[str, dict[str, int]]:
+        """owner -> kind -> bytes (whole blocks); units without an owner are left out."""
+        out: dict[str, dict[str, int]] = {}
+        with self._lock:
+            for unit in self.units.values():
+                if unit.owner is not None:
+                    kinds = out.setdefault(unit.owner, {})
+                    kinds[unit.kind.value] = (kinds.get(unit.kind.value, 0)
+                                              + unit.nblocks * self.block_size)
+        return out
+
     def reset_peak(self) -> None:
         with self._lock:
             self._peak_by_kind = dict(self._bytes_by_kind)

@@ -51,6 +51,7 @@ class Sequence:
     finish_reason: str | None = None
     cancelled: bool = False
     arrival: float = field(default_factory=time.monotonic)
+    started_at: float | None = None      # first admitted to run
     first_token_at: float | None = None
     generator: torch.Generator | None = None
     detok: IncrementalDetokenizer | None = None
