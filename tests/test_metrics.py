@@ -30,7 +30,8 @@ async def test_request_and_pool_metrics(tiny_store):
         assert got[("vllm:inter_token_latency_seconds_count", model)] == 6
         assert got[("vllm:request_success_total",
                     (("finished_reason", "length"), ("model_name", "llama")))] == 2
-        assert got[("edgeserve:model_loads_total", (("device", "cpu"), ("model_name", "llama")))] == 1
+        loads = ("edgeserve:model_loads_total", (("device", "cpu"), ("model_name", "llama")))
+        assert got[loads] == 1
         weights = es.pools["cpu"].bytes_by_kind()["weight"]
         assert got[("edgeserve:model_pool_bytes",
                     (("device", "cpu"), ("kind", "weight"), ("model_name", "llama")))] == weights
