@@ -26,10 +26,12 @@ from edgeserve.results import (
     Delta,
     GenerationError,
     InvalidRequest,
+    ServerClosing,
     TokenLogprob,
     Usage,
 )
 from edgeserve.sampling import SamplingParams
+from edgeserve.scheduler import Scheduler
 from edgeserve.sequence import Event, Status
 from edgeserve.sequence import Sequence as Seq
 from edgeserve.store import ModelStore
@@ -69,10 +71,9 @@ class EdgeServer:
         self.config = cfg
         self.store = ModelStore(cfg.models)
         self.pools: dict[str, BlockPool] = {}
-        self.models: dict[str, ResidentModel] = {}
         self.engine: Engine | None = None
-        self._tokenizers: dict[str, Tokenizer | None] = {}
-        self._loading: dict[str, asyncio.Task[LoadReport]] = {}
+        self._scheduler: Scheduler | None = None
+        self._closing = False
         self._ids = itertools.count(1)
         self.metrics = Metrics()
         self.metrics.watch(lambda: live_gauges(
@@ -90,21 +91,32 @@ class EdgeServer:
                      size // block, block)
         self.engine = Engine(self.config.engine)
         self.engine.start()
+        self._scheduler = Scheduler(self.store, self.pools, self.engine, self.metrics,
+                                    self.dtype_for)
         return self
 
     def _count_eviction(self, unit: Unit) -> None:
         self.metrics.evictions.labels(unit.owner or "", unit.kind.value).inc()
 
     async def close(self) -> None:
+        """Stop at once: running requests end with an error; all memory goes back."""
         if self.engine is None:
             return
-        for task in self._loading.values():
-            task.cancel()
+        self._closing = True
         engine, self.engine = self.engine, None
-        await engine.close()
-        for model in self.models.values():
-            model.release()
-        self.models.clear()
+        await engine.close()                # aborts what still runs, on the step thread
+        if self._scheduler is not None:
+            self._scheduler.release_all()     # the step thread is gone: nothing reads them
+
+    async def shutdown(self, deadline: float = 10.0) -> None:
+        """Refuse new requests, let running ones finish for up to `deadline` s, then close."""
+        self._closing = True
+        engine = self.engine
+        end = time.monotonic() + deadline
+        while engine is not None and engine.num_running + engine.num_waiting and \
+                time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        await self.close()
 
     async def __aenter__(self) -> EdgeServer:
         return await self.start()
@@ -124,56 +136,35 @@ class EdgeServer:
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
     # ---- models ------------------------------------------------------------------------
-    async def load(self, model_id: str) -> LoadReport:
-        """Make model_id resident (loads run one at a time, concurrent calls share one)."""
-        engine = self._engine
-        if model_id in self.models:
-            model = self.models[model_id]
-            return LoadReport(model_id, model.pool.device, 0.0, model.weight_bytes,
-                              bytes_from_device=model.weight_bytes)
-        task = self._loading.get(model_id)
-        if task is None:
-            task = asyncio.create_task(self._load(engine, model_id))
-            self._loading[model_id] = task
-            task.add_done_callback(lambda _: self._loading.pop(model_id, None))
-        return await asyncio.shield(task)
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            raise RuntimeError("EdgeServer is not started: use 'async with' or await start()")
+        return self._scheduler
 
-    async def _load(self, engine: Engine, model_id: str) -> LoadReport:
-        path = self.store.path(model_id)
-        start = time.perf_counter()
-        tokenizer = None
-        if (path / "tokenizer.json").is_file():
-            tokenizer = await asyncio.to_thread(Tokenizer.from_dir, path)
-        pool = max(self.pools.values(), key=lambda p: p.free_bytes)
-        report = LoadReport(model_id, pool.device)
-        model = await engine.run(ResidentModel.load, model_id, path, pool,
-                                 self.dtype_for(pool.device), report)
-        report.seconds = time.perf_counter() - start
-        if not model.eos_token_ids and tokenizer is not None:
-            model.eos_token_ids = tokenizer.eos_token_ids
-        self._tokenizers[model_id] = tokenizer
-        self.models[model_id] = model
-        self.metrics.loads.labels(model_id, pool.device).inc()
-        tiers = {"device": report.bytes_from_device, "host": report.bytes_from_host,
-                 "disk": report.bytes_from_disk}
-        self.metrics.load_seconds.labels(model_id, max(tiers, key=tiers.__getitem__)).observe(
-            report.seconds)
-        log.info("loaded %s on %s: %.1f MB in %.2f s", model_id, pool.device,
-                 report.bytes_total / 1e6, report.seconds)
-        return report
+    @property
+    def models(self) -> dict[str, ResidentModel]:
+        """The resident models by id."""
+        return self._scheduler.models if self._scheduler else {}
+
+    async def load(self, model_id: str) -> LoadReport:
+        """Make model_id resident (concurrent calls for one model share one load)."""
+        return await self.scheduler.load(model_id)
 
     async def unload(self, model_id: str) -> None:
         """Stop serving model_id once its running requests end; its memory goes back."""
-        model = self.models.pop(model_id, None)
-        if model is None:
-            self.store.path(model_id)           # UnknownModel for an id not in the store
-            return
-        while self._engine.has_sequences(model):
-            await asyncio.sleep(0.01)
-        await self._engine.run(model.release)
+        await self.scheduler.unload(model_id)
+
+    def pin(self, model_id: str, pinned: bool = True) -> None:
+        """Keep model_id resident: never unloaded by keep-alive, never evicted."""
+        self.scheduler.pin(model_id, pinned)
+
+    def keep_alive(self, model_id: str, seconds: float | None) -> None:
+        """Unload model_id this long after its last request; None or negative: keep."""
+        self.scheduler.keep_alive(model_id, seconds)
 
     def tokenizer(self, model_id: str) -> Tokenizer | None:
-        return self._tokenizers.get(model_id)
+        return self._scheduler.tokenizers.get(model_id) if self._scheduler else None
 
     # ---- generation --------------------------------------------------------------------
     async def chat(self, model: str, messages: list[dict[str, Any]], **sampling: Any
@@ -205,7 +196,7 @@ class EdgeServer:
             yield delta
 
     def _require_tokenizer(self, model: str) -> Tokenizer:
-        tokenizer = self._tokenizers.get(model)
+        tokenizer = self.tokenizer(model)
         if tokenizer is None:
             raise InvalidRequest(f"model '{model}' has no tokenizer.json: send token ids",
                                  "prompt")
@@ -213,6 +204,8 @@ class EdgeServer:
 
     async def _stream(self, model_id: str, prompt: list[int], params: SamplingParams
                       ) -> AsyncIterator[Delta]:
+        if self._closing:
+            raise ServerClosing("the server is shutting down")
         if model_id not in self.models:
             await self.load(model_id)
         model = self.models[model_id]
@@ -224,7 +217,7 @@ class EdgeServer:
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
         seq = Seq(next(self._ids), model, prompt, params, sink,
-                  tokenizer=self._tokenizers.get(model_id))
+                  tokenizer=self.tokenizer(model_id))
         self._engine.submit(seq)
         timer = _RequestTimer(self.metrics, model_id, seq)
         try:
@@ -244,6 +237,8 @@ class EdgeServer:
         finally:
             if seq.status is not Status.FINISHED and self.engine is not None:
                 self.engine.cancel(seq)
+            if self._scheduler is not None:
+                self._scheduler.request_ended(model_id)
 
     @staticmethod
     async def _collect(stream: AsyncIterator[Delta]) -> Completion:

@@ -13,6 +13,10 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
+class ServerClosing(RuntimeError):
+    """The server is shutting down and takes no new requests."""
+
+
 class GenerationError(RuntimeError):
     """A request that failed while running (its error is the __cause__)."""
 

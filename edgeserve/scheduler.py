@@ -1,0 +1,148 @@
+"""Which models are resident, on which device, and for how long.
+
+The scheduler decides; the engine's step thread executes (loads and releases run there,
+between steps). Loads of one model are single-flight: concurrent callers share one.
+A model stays resident until unloaded, until its keep-alive runs out with no request
+running, or (later) until pool pressure evicts it; a pinned model never leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from edgeserve.engine import Engine
+from edgeserve.loader import LoadReport
+from edgeserve.metrics import Metrics
+from edgeserve.model import ResidentModel
+from edgeserve.pool import BlockPool
+from edgeserve.store import ModelStore
+from edgeserve.tokenizer import Tokenizer
+
+log = logging.getLogger("edgeserve.scheduler")
+
+
+@dataclass(slots=True)
+class Residency:
+    """How long a model stays: None = until unloaded or evicted."""
+
+    pinned: bool = False
+    keep_alive: float | None = None
+    timer: asyncio.TimerHandle | None = None
+
+
+class Scheduler:
+    def __init__(self, store: ModelStore, pools: dict[str, BlockPool], engine: Engine,
+                 metrics: Metrics, dtype_for: Callable[[str], torch.dtype]) -> None:
+        self.store, self.pools, self.engine, self.metrics = store, pools, engine, metrics
+        self.dtype_for = dtype_for
+        self.models: dict[str, ResidentModel] = {}
+        self.tokenizers: dict[str, Tokenizer | None] = {}
+        self.residency: dict[str, Residency] = {}
+        self._loading: dict[str, asyncio.Task[LoadReport]] = {}
+
+    # ---- loading -----------------------------------------------------------------------
+    async def load(self, model_id: str) -> LoadReport:
+        """Make model_id resident; concurrent calls for one model share one load."""
+        if model_id in self.models:
+            model = self.models[model_id]
+            return LoadReport(model_id, model.pool.device, 0.0, model.weight_bytes,
+                              bytes_from_device=model.weight_bytes)
+        task = self._loading.get(model_id)
+        if task is None:
+            task = asyncio.create_task(self._load(model_id))
+            self._loading[model_id] = task
+            task.add_done_callback(lambda _: self._loading.pop(model_id, None))
+        return await asyncio.shield(task)
+
+    def choose_pool(self) -> BlockPool:
+        return max(self.pools.values(), key=lambda p: p.free_bytes)
+
+    async def _load(self, model_id: str) -> LoadReport:
+        path = self.store.path(model_id)
+        start = time.perf_counter()
+        tokenizer = None
+        if (path / "tokenizer.json").is_file():
+            tokenizer = await asyncio.to_thread(Tokenizer.from_dir, path)
+        pool = self.choose_pool()
+        report = LoadReport(model_id, pool.device)
+        model = await self.engine.run(ResidentModel.load, model_id, path, pool,
+                                      self.dtype_for(pool.device), report)
+        report.seconds = time.perf_counter() - start
+        if not model.eos_token_ids and tokenizer is not None:
+            model.eos_token_ids = tokenizer.eos_token_ids
+        self.tokenizers[model_id] = tokenizer
+        self.models[model_id] = model
+        self.residency.setdefault(model_id, Residency())
+        self._record(report)
+        log.info("loaded %s on %s: %.1f MB in %.2f s", model_id, pool.device,
+                 report.bytes_total / 1e6, report.seconds)
+        return report
+
+    def _record(self, report: LoadReport) -> None:
+        self.metrics.loads.labels(report.model, report.device).inc()
+        tiers = {"device": report.bytes_from_device, "host": report.bytes_from_host,
+                 "disk": report.bytes_from_disk}
+        tier = max(tiers, key=tiers.__getitem__)
+        self.metrics.load_seconds.labels(report.model, tier).observe(report.seconds)
+
+    async def unload(self, model_id: str) -> None:
+        """Stop serving model_id once its running requests end; its memory goes back."""
+        model = self.models.pop(model_id, None)
+        state = self.residency.pop(model_id, None)
+        if state is not None and state.timer is not None:
+            state.timer.cancel()
+        if model is None:
+            self.store.path(model_id)           # UnknownModel for an id not in the store
+            return
+        while self.engine.has_sequences(model):
+            await asyncio.sleep(0.01)
+        await self.engine.run(model.release)
+        log.info("unloaded %s", model_id)
+
+    def release_all(self) -> None:
+        """Free every model; only once the engine has stopped."""
+        for task in self._loading.values():
+            task.cancel()
+        for state in self.residency.values():
+            if state.timer is not None:
+                state.timer.cancel()
+        for model in self.models.values():
+            model.release()
+        self.models.clear()
+
+    # ---- residency ---------------------------------------------------------------------
+    def pin(self, model_id: str, pinned: bool = True) -> None:
+        """A pinned model is never unloaded by keep-alive or evicted."""
+        if model_id not in self.models:
+            self.store.path(model_id)
+        self.residency.setdefault(model_id, Residency()).pinned = pinned
+
+    def keep_alive(self, model_id: str, seconds: float | None) -> None:
+        """Unload model_id `seconds` after its last request ends; None or < 0: keep."""
+        state = self.residency.setdefault(model_id, Residency())
+        state.keep_alive = None if seconds is None or seconds < 0 else seconds
+        self.request_ended(model_id)
+
+    def request_ended(self, model_id: str) -> None:
+        state = self.residency.get(model_id)
+        if state is None or state.keep_alive is None or state.pinned:
+            return
+        if state.timer is not None:
+            state.timer.cancel()
+        state.timer = asyncio.get_running_loop().call_later(
+            state.keep_alive, lambda: asyncio.ensure_future(self._expire(model_id)))
+
+    async def _expire(self, model_id: str) -> None:
+        state, model = self.residency.get(model_id), self.models.get(model_id)
+        if state is None or model is None or state.pinned or state.keep_alive is None:
+            return
+        if self.engine.has_sequences(model):
+            return                              # the running request re-arms the timer
+        log.info("keep-alive of %s ran out", model_id)
+        await self.unload(model_id)
