@@ -1,0 +1,301 @@
+"""The command line: edgeserve serve | demo | chat.
+
+Every flag defaults to its EDGESERVE_* environment variable (edgeserve.config.from_env),
+then to the built-in default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
+
+from edgeserve import __version__
+from edgeserve.api import EdgeServer
+from edgeserve.config import Config, from_env, parse_size
+from edgeserve.loader import parse_dtype
+from edgeserve.results import GenerationError
+
+log = logging.getLogger("edgeserve.cli")
+T = TypeVar("T")
+# One assistant reply: the conversation so far -> the reply's text, piece by piece.
+Replier = Callable[[list[dict[str, str]]], AsyncIterator[str]]
+
+_DEVICE_RE = re.compile(r"^\s*(auto|cpu|cuda|cuda:\d+(\s*,\s*cuda:\d+)*)\s*$", re.IGNORECASE)
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+# ---- argument types --------------------------------------------------------------------
+def _size(value: str) -> str:
+    try:
+        parse_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _device(value: str) -> str:
+    if not _DEVICE_RE.match(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not auto, cpu, cuda, cuda:N or a list like cuda:0,cuda:1")
+    return value.strip().lower()
+
+
+def _dtype(value: str) -> str:
+    try:
+        parse_dtype(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or not 0 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0-65535)")
+    return int(value)
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return int(value)
+
+
+def _temperature(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a temperature (a number >= 0)")
+    return number
+
+
+# ---- the parser ------------------------------------------------------------------------
+def _engine_args(p: argparse.ArgumentParser, cfg: Config) -> None:
+    p.add_argument("--models", default=str(cfg.models), metavar="DIR",
+                   help="the model store (default: %(default)s)")
+    p.add_argument("--device", type=_device, default=cfg.device,
+                   help="auto | cpu | cuda | cuda:0,cuda:1 (default: %(default)s)")
+    p.add_argument("--pool-size", type=_size, default=cfg.pool.pool_size, metavar="SIZE",
+                   help="block pool size per device, e.g. 2GiB (default: from the device)")
+    p.add_argument("--block-size", type=_size, default=cfg.pool.block_size, metavar="SIZE",
+                   help="pool block size, e.g. 2MiB (default: 2MiB on CUDA, 256KiB on CPU)")
+    p.add_argument("--dtype", type=_dtype, default=cfg.dtype,
+                   help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+
+
+def _log_arg(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--log-level", choices=_LOG_LEVELS, default=default,
+                   help="(default: %(default)s)")
+
+
+def build_parser(cfg: Config) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeserve", description="Serve many LLMs from one block-granular memory pool.")
+    parser.add_argument("--version", action="version", version=f"edgeserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the HTTP server (OpenAI-compatible API)")
+    _engine_args(serve, cfg)
+    serve.add_argument("--host", default=cfg.host, help="(default: %(default)s)")
+    serve.add_argument("--port", type=_port, default=cfg.port, help="(default: %(default)s)")
+    serve.add_argument("--api-key", default=cfg.api_key, metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' (default: no key)")
+    _log_arg(serve, "info")
+    serve.set_defaults(func=_serve)
+
+    demo = sub.add_parser("demo", help="build the demo model into the store")
+    demo.add_argument("--models", default=str(cfg.models), metavar="DIR",
+                      help="the model store (default: %(default)s)")
+    demo.add_argument("--force", action="store_true", help="rebuild it if it exists")
+    _log_arg(demo, "info")
+    demo.set_defaults(func=_demo)
+
+    chat = sub.add_parser("chat", help="chat with a model in the terminal")
+    chat.add_argument("model", help="a model id of the store")
+    _engine_args(chat, cfg)
+    chat.add_argument("--max-tokens", type=_positive, default=512, metavar="N",
+                      help="per reply (default: %(default)s)")
+    chat.add_argument("--temperature", type=_temperature, default=None, metavar="T",
+                      help="0 is greedy (default: the model's)")
+    chat.add_argument("--system", default=None, metavar="TEXT", help="a system message")
+    chat.add_argument("--url", default=None,
+                      help="talk to a running server, e.g. http://127.0.0.1:8000")
+    chat.add_argument("--api-key", default=cfg.api_key, metavar="KEY",
+                      help="the server's key, with --url")
+    _log_arg(chat, "warning")
+    chat.set_defaults(func=_chat)
+    return parser
+
+
+# ---- commands ----------------------------------------------------------------------------
+def run_async(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run on a uvloop event loop, or asyncio's where uvloop is missing."""
+    try:
+        import uvloop
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())
+
+
+def _edge_server(args: argparse.Namespace) -> EdgeServer:
+    return EdgeServer(args.models, args.device, args.pool_size, block_size=args.block_size,
+                      dtype=args.dtype)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from edgeserve.server import create_app, serve
+
+    app = create_app(_edge_server(args), api_key=args.api_key)
+    run_async(lambda: serve(app, args.host, args.port))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from edgeserve.demo import build_demo
+
+    print(build_demo(args.models, force=args.force))
+    return 0
+
+
+# ---- chat --------------------------------------------------------------------------------
+class ChatFailed(Exception):
+    """A turn that failed; the conversation goes on."""
+
+
+@contextlib.asynccontextmanager
+async def _local_replies(args: argparse.Namespace, sampling: dict[str, Any]
+                         ) -> AsyncIterator[Replier]:
+    async with _edge_server(args) as server:
+        await server.load(args.model)       # fail now, not at the first message
+
+        async def reply(messages: list[dict[str, str]]) -> AsyncIterator[str]:
+            try:
+                async for delta in server.stream_chat(args.model, messages, **sampling):
+                    yield delta.text
+            except (ValueError, GenerationError) as e:
+                raise ChatFailed(str(e)) from e
+
+        yield reply
+
+
+@contextlib.asynccontextmanager
+async def _remote_replies(args: argparse.Namespace, sampling: dict[str, Any]
+                          ) -> AsyncIterator[Replier]:
+    import aiohttp
+
+    url = args.url.rstrip("/")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        async with session.get(f"{url}/v1/models/{args.model}") as resp:
+            if resp.status != 200:      # fail now, not at the first message
+                raise LookupError(f"{url}: {await _error_text(resp)}")
+
+        async def reply(messages: list[dict[str, str]]) -> AsyncIterator[str]:
+            body = {"model": args.model, "messages": messages, "stream": True, **sampling}
+            try:
+                async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+                    if resp.status != 200:
+                        raise ChatFailed(await _error_text(resp))
+                    async for line in resp.content:
+                        if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                            continue
+                        event = json.loads(line[5:])
+                        if "error" in event:
+                            raise ChatFailed(event["error"].get("message", "error"))
+                        for choice in event.get("choices", []):
+                            yield choice.get("delta", {}).get("content") or ""
+            except aiohttp.ClientError as e:
+                raise ChatFailed(f"{url}: {e}") from e
+
+        yield reply
+
+
+async def _error_text(resp: Any) -> str:
+    try:
+        return str((await resp.json())["error"]["message"])
+    except Exception:       # not our error shape: say what came back
+        return f"HTTP {resp.status} {resp.reason}"
+
+
+async def _read_line(prompt: str) -> str | None:
+    """One line of stdin (None at EOF), read on a daemon thread so Ctrl-C never waits."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str | None] = loop.create_future()
+
+    def settle(line: str | None) -> None:
+        if not future.done():
+            future.set_result(line)
+
+    def read() -> None:
+        try:
+            line: str | None = input(prompt)
+        except EOFError:
+            line = None
+        with contextlib.suppress(RuntimeError):     # the loop may be gone
+            loop.call_soon_threadsafe(settle, line)
+
+    threading.Thread(target=read, daemon=True, name="edgeserve-stdin").start()
+    return await future
+
+
+async def _chat_session(args: argparse.Namespace) -> int:
+    sampling = {k: v for k, v in (("max_tokens", args.max_tokens),
+                                  ("temperature", args.temperature)) if v is not None}
+    replies = _remote_replies if args.url else _local_replies
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    prompt = ">>> " if sys.stdin.isatty() else ""
+    async with replies(args, sampling) as reply:
+        while (line := await _read_line(prompt)) is not None and line.strip() != "/exit":
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            pieces: list[str] = []
+            try:
+                async for text in reply(history):
+                    print(text, end="", flush=True)
+                    pieces.append(text)
+            except ChatFailed as e:
+                print(f"\nerror: {e}", file=sys.stderr)
+                history.pop()
+                continue
+            print(flush=True)
+            history.append({"role": "assistant", "content": "".join(pieces)})
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    return run_async(lambda: _chat_session(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = from_env()
+    except ValueError as e:
+        print(f"edgeserve: error: environment: {e}", file=sys.stderr)
+        return 2
+    args = build_parser(cfg).parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, RuntimeError, OSError, LookupError, MemoryError) as e:
+        log.debug("failed", exc_info=e)
+        print(f"edgeserve: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
