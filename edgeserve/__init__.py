@@ -6,9 +6,10 @@
 """
 
 from edgeserve.api import EdgeServer
+from edgeserve.blocking import BlockingEdgeServer
 from edgeserve.loader import LoadReport
 from edgeserve.results import Completion, Delta, GenerationError, InvalidRequest, Usage
 
-__all__ = ["Completion", "Delta", "EdgeServer", "GenerationError", "InvalidRequest",
-           "LoadReport", "Usage"]
+__all__ = ["BlockingEdgeServer", "Completion", "Delta", "EdgeServer", "GenerationError",
+           "InvalidRequest", "LoadReport", "Usage"]
 __version__ = "0.1.0"

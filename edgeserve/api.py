@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -176,20 +176,21 @@ class EdgeServer:
         return await self._collect(self.stream_complete(model, prompt, **sampling))
 
     async def stream_chat(self, model: str, messages: list[dict[str, Any]], **sampling: Any
-                          ) -> AsyncIterator[Delta]:
+                          ) -> AsyncGenerator[Delta, None]:
         params = SamplingParams.from_options(**sampling)
         await self.load(model)
         tokenizer = self._require_tokenizer(model)
-        prompt = tokenizer.encode_chat(messages)
+        # Rendering and tokenizing a long chat takes a while: keep it off the event loop.
+        prompt = await asyncio.to_thread(tokenizer.encode_chat, messages)
         async for delta in self._stream(model, prompt, params):
             yield delta
 
     async def stream_complete(self, model: str, prompt: str | Sequence[int], **sampling: Any
-                              ) -> AsyncIterator[Delta]:
+                              ) -> AsyncGenerator[Delta, None]:
         params = SamplingParams.from_options(**sampling)
         await self.load(model)
         if isinstance(prompt, str):
-            ids = self._require_tokenizer(model).encode(prompt)
+            ids = await asyncio.to_thread(self._require_tokenizer(model).encode, prompt)
         else:
             ids = [int(t) for t in prompt]
         async for delta in self._stream(model, ids, params):
@@ -203,7 +204,7 @@ class EdgeServer:
         return tokenizer
 
     async def _stream(self, model_id: str, prompt: list[int], params: SamplingParams
-                      ) -> AsyncIterator[Delta]:
+                      ) -> AsyncGenerator[Delta, None]:
         if self._closing:
             raise ServerClosing("the server is shutting down")
         if model_id not in self.models:

@@ -211,8 +211,15 @@ class Engine:
         if not done:
             return
         logits = logits[done]
-        picked = sample(logits, [seqs[i].params for i in done], [seqs[i].generator for i in done])
-        logprobs = _logprobs(logits, picked, [seqs[i].params.logprobs for i in done])
+        try:
+            picked = sample(logits, [seqs[i].params for i in done],
+                            [seqs[i].generator for i in done])
+            logprobs = _logprobs(logits, picked, [seqs[i].params.logprobs for i in done])
+        except Exception as e:          # fail these sequences, not the whole engine
+            log.exception("sampling for %s failed", model.id)
+            for i in done:
+                self._fail(seqs[i], e)
+            return
         eos = model.eos_token_ids
         for j, (i, token) in enumerate(zip(done, picked.tolist(), strict=True)):
             seq = seqs[i]

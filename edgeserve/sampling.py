@@ -10,6 +10,8 @@ from typing import Any
 import torch
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 512     # the matcher keeps every prefix of every stop string
+GREEDY_BELOW = 1e-5       # temperatures this small divide logits into inf: use argmax
 MAX_LOGPROBS = 20
 
 
@@ -70,6 +72,8 @@ class SamplingParams:
             raise SamplingError("stop", f"must be a tuple of at most {MAX_STOP_STRINGS} strings")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise SamplingError("stop", "stop strings must be non-empty strings")
+        if any(len(s) > MAX_STOP_LENGTH for s in self.stop):
+            raise SamplingError("stop", f"stop strings may be at most {MAX_STOP_LENGTH} long")
         if not isinstance(self.stop_token_ids, tuple):
             raise SamplingError("stop_token_ids", "must be a tuple of token ids")
         for token_id in self.stop_token_ids:
@@ -84,7 +88,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         """True when sampling reduces to argmax."""
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     @classmethod
     def from_options(cls, **options: Any) -> SamplingParams:
@@ -188,7 +192,7 @@ def _filtered_probs(
     device, vocab = x.device, x.shape[-1]
     # Stable, so tied logits keep the same order in any batch.
     x, order = x.sort(dim=-1, descending=True, stable=True)
-    top_k = torch.tensor([params[i].top_k or vocab for i in rows], device=device)
+    top_k = torch.tensor([min(params[i].top_k or vocab, vocab) for i in rows], device=device)
     top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32, device=device)
     position = torch.arange(vocab, device=device)
     x = x.masked_fill(position[None, :] >= top_k[:, None], -math.inf)
@@ -196,6 +200,7 @@ def _filtered_probs(
     mass_before = probs.cumsum(dim=-1) - probs  # 0 for the first token, so it always stays
     # top_p == 1 keeps everything; rounding in cumsum must not drop the tail.
     outside = (mass_before >= top_p[:, None]) & (top_p < 1)[:, None]
+    outside[:, 0] = False   # the most likely token always stays, however small top_p is
     return x.masked_fill(outside, -math.inf).softmax(dim=-1), order
 
 

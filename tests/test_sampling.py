@@ -312,3 +312,16 @@ def test_stop_reported_on_the_delta_that_completes_it() -> None:
     matcher = StopMatcher(["\n\n", "User:"])
     assert matcher.push("Hi there.\n") == ("Hi there.", False)
     assert matcher.push("\nUser: more") == ("", True)
+
+
+def test_extreme_values_do_not_break_sampling():
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=1e-300), SamplingParams(top_p=1e-300, temperature=1.0),
+              SamplingParams(top_k=2**62, temperature=1.0)]
+    for p in params:
+        p.validate()
+    out = sample(logits, params, [None, None, None])
+    assert out[0] == logits[0].argmax() and out[1] == logits[1].argmax()
+    assert 0 <= int(out[2]) < 50
+    with pytest.raises(SamplingError):
+        SamplingParams(stop=("x" * 10_000,)).validate()

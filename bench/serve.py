@@ -1,0 +1,176 @@
+"""HTTP overhead: N concurrent streaming chats over loopback against the same load in-process.
+
+The server runs as `edgeserve serve` in its own process; the in-process run drives
+EdgeServer.stream_chat directly. Both serve the demo model with the same requests for
+the same time. Prints one JSON line with requests/s, TTFT and inter-token latency p50/p95,
+errors, and the HTTP/in-process ratio of p50 TTFT (target: at most 1.10 at 32 streams).
+
+    .venv/bin/python bench/serve.py [--streams 32] [--seconds 20] [--max-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from edgeserve import EdgeServer
+from edgeserve.demo import build_demo
+
+OUT = Path(__file__).parent / "out" / "serve-store"
+MODEL = "demo-llama"
+
+
+@dataclass
+class Tally:
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    requests: int = 0
+    errors: int = 0
+
+    def summary(self, seconds: float) -> dict[str, float]:
+        def pct(xs: list[float], q: float) -> float:
+            return round(1000 * statistics.quantiles(xs, n=100)[int(q) - 1], 2) if len(xs) > 1 \
+                else float("nan")
+
+        return {"requests_per_s": round(self.requests / seconds, 2), "errors": self.errors,
+                "ttft_p50_ms": pct(self.ttft, 50), "ttft_p95_ms": pct(self.ttft, 95),
+                "itl_p50_ms": pct(self.itl, 50), "itl_p95_ms": pct(self.itl, 95)}
+
+
+def messages(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Request {i}: tell me about memory pools."}]
+
+
+async def timed(stream: AsyncIterator[str], tally: Tally, start: float) -> None:
+    last = None
+    async for _ in stream:
+        now = time.perf_counter()
+        if last is None:
+            tally.ttft.append(now - start)
+        else:
+            tally.itl.append(now - last)
+        last = now
+    tally.requests += 1
+
+
+async def http_stream(session: aiohttp.ClientSession, url: str, i: int,
+                      max_tokens: int) -> AsyncIterator[str]:
+    body = {"model": MODEL, "messages": messages(i), "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.content:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            content = chunk["choices"][0]["delta"].get("content")
+            if content:
+                yield content
+
+
+async def local_stream(es: EdgeServer, i: int, max_tokens: int) -> AsyncIterator[str]:
+    async for delta in es.stream_chat(MODEL, messages(i), max_tokens=max_tokens,
+                                      temperature=0, ignore_eos=True):
+        if delta.text:
+            yield delta.text
+
+
+async def load(make: Callable[[int], AsyncIterator[str]], streams: int,
+               seconds: float) -> Tally:
+    tally = Tally()
+    end = time.perf_counter() + seconds
+    counter = iter(range(1 << 30))
+
+    async def client() -> None:
+        while time.perf_counter() < end:
+            start = time.perf_counter()
+            try:
+                await timed(make(next(counter)), tally, start)
+            except Exception:
+                tally.errors += 1
+
+    await asyncio.gather(*[client() for _ in range(streams)])
+    return tally
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def server_process(port: int, pool_size: str):  # type: ignore[no-untyped-def]
+    exe = Path(sys.executable).parent / "edgeserve"
+    proc = subprocess.Popen([str(exe), "serve", "--models", str(OUT), "--port", str(port),
+                             "--device", "cpu", "--pool-size", pool_size],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+async def wait_ready(url: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(600):
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{url}/health") as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+    raise RuntimeError("the server did not start")
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    build_demo(OUT)
+    async with EdgeServer(models=OUT, device="cpu", pool_size=args.pool_size) as es:
+        await es.load(MODEL)
+        await load(lambda i: local_stream(es, i, 4), args.streams, 1.0)          # warm-up
+        local = await load(lambda i: local_stream(es, i, args.max_tokens), args.streams,
+                           args.seconds)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with server_process(port, args.pool_size):
+        await wait_ready(url)
+        limits = aiohttp.TCPConnector(limit=args.streams)
+        timeout = aiohttp.ClientTimeout(total=300)
+        async with aiohttp.ClientSession(connector=limits, timeout=timeout) as session:
+            await load(lambda i: http_stream(session, url, i, 4), args.streams, 1.0)
+            remote = await load(lambda i: http_stream(session, url, i, args.max_tokens),
+                                args.streams, args.seconds)
+    http, inproc = remote.summary(args.seconds), local.summary(args.seconds)
+    return {"bench": "serve", "streams": args.streams, "seconds": args.seconds,
+            "max_tokens": args.max_tokens, "http": http, "in_process": inproc,
+            "ttft_p50_ratio": round(http["ttft_p50_ms"] / inproc["ttft_p50_ms"], 3),
+            "itl_p50_ratio": round(http["itl_p50_ms"] / inproc["itl_p50_ms"], 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--pool-size", default="1GiB")
+    print(json.dumps(asyncio.run(run(parser.parse_args()))))
+
+
+if __name__ == "__main__":
+    main()
