@@ -180,7 +180,8 @@ def create_app(server: EdgeServer, *, api_key: str | None = None,
                ) -> web.Application:
     """The HTTP app; it starts `server` on start-up, and on shutdown lets running
     requests finish for up to `shutdown_deadline` seconds before closing it."""
-    from edgeserve.server import openai  # the route modules import SERVER from here
+    # the route modules import SERVER from here
+    from edgeserve.server import admin, ollama, openai
 
     middlewares: list[Middleware] = [error_middleware]
     if api_key:
@@ -192,6 +193,8 @@ def create_app(server: EdgeServer, *, api_key: str | None = None,
     app.on_shutdown.append(_drain)
     app.router.add_get("/health", health)
     openai.add_routes(app)
+    ollama.add_routes(app)
+    admin.add_routes(app)
     return app
 
 

@@ -1,0 +1,9 @@
+"""Admin routes: load, unload, pin, pool state, metrics."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+def add_routes(app: web.Application) -> None:
+    """Register this module's routes on app."""
