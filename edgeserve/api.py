@@ -15,12 +15,12 @@ from typing import Any
 import torch
 
 from edgeserve.config import Config, PoolConfig, from_env, parse_size
-from edgeserve.device import DeviceInfo, discover
+from edgeserve.device import DeviceInfo, cpu_info, discover
 from edgeserve.engine import Engine
 from edgeserve.loader import LoadReport, parse_dtype
 from edgeserve.metrics import Metrics, live_gauges
 from edgeserve.model import ResidentModel
-from edgeserve.pool import BlockPool, Unit
+from edgeserve.pool import BlockPool, Unit, UnitKind
 from edgeserve.results import (
     Completion,
     Delta,
@@ -35,6 +35,7 @@ from edgeserve.scheduler import Scheduler
 from edgeserve.sequence import Event, Status
 from edgeserve.sequence import Sequence as Seq
 from edgeserve.store import ModelStore
+from edgeserve.tiers import HostTier
 from edgeserve.tokenizer import Tokenizer
 
 log = logging.getLogger("edgeserve")
@@ -74,6 +75,7 @@ class EdgeServer:
         self.engine: Engine | None = None
         self._scheduler: Scheduler | None = None
         self._closing = False
+        self.host: HostTier | None = None
         self._ids = itertools.count(1)
         self.metrics = Metrics()
         self.metrics.watch(lambda: live_gauges(
@@ -91,8 +93,12 @@ class EdgeServer:
                      size // block, block)
         self.engine = Engine(self.config.engine)
         self.engine.start()
+        tiers = self.config.tiers
+        host_size = tiers.host_size if tiers.host_size is not None else \
+            min(8 << 30, cpu_info().total_bytes // 4)
+        self.host = HostTier(host_size, pinned=any(d.startswith("cuda") for d in self.pools))
         self._scheduler = Scheduler(self.store, self.pools, self.engine, self.metrics,
-                                    self.dtype_for)
+                                    self.dtype_for, tiers, self.host)
         return self
 
     def _count_eviction(self, unit: Unit) -> None:
@@ -207,6 +213,7 @@ class EdgeServer:
                       ) -> AsyncGenerator[Delta, None]:
         if self._closing:
             raise ServerClosing("the server is shutting down")
+        self.scheduler.request_started(model_id)
         if model_id not in self.models:
             await self.load(model_id)
         model = self.models[model_id]
@@ -257,20 +264,36 @@ class EdgeServer:
 
     # ---- introspection -----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Per device: total/free bytes, bytes by unit kind, resident models."""
-        devices = {}
-        for name, pool in self.pools.items():
-            devices[name] = {
-                "total_bytes": pool.total_bytes, "free_bytes": pool.free_bytes,
-                "block_size": pool.block_size, "bytes_by_kind": pool.bytes_by_kind(),
-                "peak_bytes_by_kind": pool.peak_by_kind(),
-                "bytes_by_model": pool.bytes_by_owner(),
-                "resident_models": {m.id: m.resident_bytes for m in self.models.values()
-                                    if m.pool is pool}}
+        """Per device: sizes, bytes by unit kind and by model (shared bytes counted once),
+        resident models; the host tier; request counts."""
+        devices = {name: _pool_stats(pool, [m for m in self.models.values() if m.pool is pool])
+                   for name, pool in self.pools.items()}
         engine = self.engine
         return {"devices": devices,
+                "host": self.host.stats() if self.host is not None else None,
+                "policy": self._scheduler.policy.name if self._scheduler else None,
                 "requests": {"running": engine.num_running if engine else 0,
                              "waiting": engine.num_waiting if engine else 0}}
+
+
+def _pool_stats(pool: BlockPool, models: list[ResidentModel]) -> dict[str, Any]:
+    users: dict[int, int] = {}
+    for model in models:
+        for unit in model.distinct_units:
+            users[unit.id] = users.get(unit.id, 0) + 1
+    block = pool.block_size
+    weights = [u for u in pool.units.values() if u.kind is UnitKind.WEIGHT]
+    return {
+        "total_bytes": pool.total_bytes, "free_bytes": pool.free_bytes, "block_size": block,
+        "bytes_by_kind": pool.bytes_by_kind(), "peak_bytes_by_kind": pool.peak_by_kind(),
+        "bytes_by_model": pool.bytes_by_owner(),
+        "resident_models": {m.id: m.resident_bytes for m in models},
+        "models": {m.id: {"bytes": m.resident_bytes,
+                          "shared_bytes": sum(u.nblocks * block for u in m.distinct_units
+                                              if users[u.id] > 1)} for m in models},
+        "weight_bytes_unique": sum(u.nblocks * block for u in weights),
+        "retained_bytes": sum(u.nblocks * block for u in weights if u.pins == 0),
+        "evictions": pool.evictions}
 
 
 def _check_prompt(model: ResidentModel, prompt: list[int]) -> None:

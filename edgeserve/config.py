@@ -49,6 +49,16 @@ class PoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TierConfig:
+    """The host tier below the pools, the disk pipeline, and the eviction policy."""
+
+    host_size: int | None = None   # None: a quarter of RAM, capped at 8 GiB
+    readers: int = 4               # disk reader threads
+    read_chunk: int = 32 << 20     # bytes per sequential read
+    policy: str = "edgeserve"      # see edgeserve.eviction.POLICIES
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     max_batch: int = 64            # sequences decoded together in one step, per model
     max_queue: int = 1024          # waiting sequences before new requests are refused
@@ -62,6 +72,7 @@ class Config:
     dtype: str | None = None       # compute dtype; None: bf16 on CUDA, fp32 on CPU
     pool: PoolConfig = field(default_factory=PoolConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    tiers: TierConfig = field(default_factory=TierConfig)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -78,7 +89,11 @@ def from_env(**overrides: object) -> Config:
         block_size=(parse_size(env["EDGESERVE_BLOCK_SIZE"])
                     if "EDGESERVE_BLOCK_SIZE" in env else None),
     )
+    tiers = TierConfig(
+        host_size=parse_size(env["EDGESERVE_HOST_SIZE"]) if "EDGESERVE_HOST_SIZE" in env else None,
+        policy=env.get("EDGESERVE_POLICY", "edgeserve"))
     cfg = Config(
+        tiers=tiers,
         models=Path(env.get("EDGESERVE_MODELS", "models")),
         device=env.get("EDGESERVE_DEVICE", "auto"),
         dtype=env.get("EDGESERVE_DTYPE") or None,

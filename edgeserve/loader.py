@@ -1,12 +1,19 @@
-"""A Hugging Face model folder becomes weight units in a pool.
+"""A Hugging Face model folder becomes content-addressed weight units in a pool.
 
-Tensors are read one at a time from the safetensors files (memory-mapped by the
-safetensors library), converted to the compute dtype and copied straight into their
-unit: the checkpoint is never held whole in Python memory.
+A load has two phases. `prepare` (on the engine's step thread, where the pool may
+change) pins every unit already resident with the same content key and allocates the
+rest. `fill` (on a loader thread, while other models keep running) copies each new unit
+from the fastest tier that holds it: the host tier, else disk through the pipeline of
+tiers.DiskLoader. The checkpoint is never held whole in Python memory.
+
+A unit's key is a hash of the compute dtype, its shape and the content hashes of the
+checkpoint tensors it is made of (cached per file in the store), so a fine-tune shares
+every unit whose bytes equal its base's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -14,11 +21,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from edgeserve.arch import dense
 from edgeserve.arch.spec import ModelFormatError, ModelSpec, load_spec
+from edgeserve.checkpoint import HashCache, TensorInfo, read_header
 from edgeserve.pool import BlockPool, Unit, UnitKind
+from edgeserve.tiers import DiskJob, DiskLoader, HostTier
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -45,97 +53,138 @@ class LoadReport:
     bytes_from_disk: int = 0
 
 
-@dataclass(slots=True)
-class Checkpoint:
-    """Which safetensors file holds each tensor of a model folder."""
-
-    files: dict[str, Path] = field(default_factory=dict)   # tensor name -> file
-
-    @classmethod
-    def scan(cls, model_dir: Path) -> Checkpoint:
-        index = model_dir / "model.safetensors.index.json"
-        single = model_dir / "model.safetensors"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ModelFormatError(f"{index}: no valid 'weight_map' ({e})") from e
-            files = {name: model_dir / str(file) for name, file in weight_map.items()}
-            for path in set(files.values()):
-                if not path.is_file():
-                    raise ModelFormatError(f"{index}: shard {path.name} not found")
-            return cls(files)
-        if single.is_file():
-            with _open(single) as f:
-                return cls(dict.fromkeys(f.keys(), single))
+def scan_checkpoint(model_dir: Path) -> dict[str, TensorInfo]:
+    """Every tensor of a model folder (single file or sharded), checked against file sizes."""
+    index = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {model_dir / str(f) for f in weight_map.values()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ModelFormatError(f"{index}: no valid 'weight_map' ({e})") from e
+        for path in files:
+            if not path.is_file():
+                raise ModelFormatError(f"{index}: shard {path.name} not found")
+    elif single.is_file():
+        files = {single}
+    else:
         raise ModelFormatError(f"{model_dir}: no model.safetensors nor "
                                "model.safetensors.index.json")
+    return {t.name: t for path in sorted(files) for t in read_header(path)}
 
 
-def _open(path: Path):
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from e
+@dataclass
+class LoadContext:
+    """What a load needs besides the model: where units go and where they may come from."""
+
+    pool: BlockPool
+    dtype: torch.dtype
+    hashes: HashCache
+    host: HostTier | None = None
+    disk: DiskLoader = field(default_factory=DiskLoader)
+    share: bool = True               # False: keys include the model id (no sharing)
 
 
-def load_weights(model_dir: Path, spec: ModelSpec, pool: BlockPool, dtype: torch.dtype,
-                 owner: str, report: LoadReport,
-                 progress: Callable[[int], None] | None = None) -> dict[str, Unit]:
-    """Read every tensor the architecture needs into pinned weight units of `pool`.
+@dataclass
+class Prepared:
+    units: dict[str, Unit]                                  # unit name -> pinned unit
+    fresh: list[Unit] = field(default_factory=list)         # allocated by this load
+    from_host: list[tuple[torch.Tensor, Unit]] = field(default_factory=list)
+    from_disk: list[DiskJob] = field(default_factory=list)
 
-    Units are taken first (a load that cannot fit fails before reading anything), then
-    each file is read in order, every tensor copied into its rows of its unit. On any
-    error the units taken so far are released before the error propagates.
-    """
+
+def unit_keys(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
+              tensors: dict[str, TensorInfo]) -> dict[str, str]:
+    """Content key of every unit the model is made of."""
     plan = dense.weight_plan(spec)
-    checkpoint = Checkpoint.scan(model_dir)
-    # checkpoint tensor -> (unit name, first row, shape)
-    slots: dict[str, tuple[str, int, tuple[int, ...]]] = {}
-    for unit_name, unit in plan.items():
-        for part, first, rows in unit.slices():
-            slots[part] = (unit_name, first, (rows, *unit.shape[1:]))
-    missing = [name for name in slots if name not in checkpoint.files]
-    if missing:
-        raise ModelFormatError(f"{model_dir}: checkpoint lacks tensor '{missing[0]}'"
-                               + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    units: dict[str, Unit] = {}
+    hashes: dict[str, str] = {}
+    for path in {t.path for t in tensors.values()}:
+        hashes |= ctx.hashes.get(path)
+    keys = {}
+    for name, unit in plan.items():
+        h = hashlib.blake2b(f"{ctx.dtype}|{unit.shape}|".encode(), digest_size=16)
+        for part in unit.parts:
+            h.update(hashes[part].encode())
+        if not ctx.share:
+            h.update(f"|{owner}".encode())
+        keys[name] = h.hexdigest()
+    return keys
+
+
+def _check(model_dir: Path, spec: ModelSpec, tensors: dict[str, TensorInfo]) -> None:
+    for unit in dense.weight_plan(spec).values():
+        for part, _, rows in unit.slices():
+            t = tensors.get(part)
+            if t is None:
+                raise ModelFormatError(f"{model_dir}: checkpoint lacks tensor '{part}'")
+            if t.shape != (rows, *unit.shape[1:]):
+                raise ModelFormatError(f"{t.path}: tensor '{part}' has shape {t.shape}, "
+                                       f"config.json implies {(rows, *unit.shape[1:])}")
+
+
+def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
+            report: LoadReport) -> Prepared:
+    """Pin the resident units, allocate the missing ones (engine thread)."""
+    tensors = scan_checkpoint(model_dir)
+    _check(model_dir, spec, tensors)
+    keys = unit_keys(model_dir, spec, ctx, owner, tensors)
+    plan, pool = dense.weight_plan(spec), ctx.pool
+    out = Prepared({})
     try:
+        for name, key in keys.items():        # pin first: this load never evicts its own
+            unit = pool.lookup(key)
+            if unit is not None:
+                pool.pin(unit)
+                out.units[name] = unit
+                report.bytes_from_device += unit.nbytes
         for name, planned in plan.items():
-            units[name] = pool.allocate(UnitKind.WEIGHT,
-                                        math.prod(planned.shape) * dtype.itemsize, owner=owner)
-        views = {name: pool.view(units[name], dtype, plan[name].shape) for name in plan}
-        by_file: dict[Path, list[str]] = {}
-        for name in slots:
-            by_file.setdefault(checkpoint.files[name], []).append(name)
-        for path, names in by_file.items():
-            with _open(path) as f:
-                for name in names:
-                    unit_name, row, shape = slots[name]
-                    tensor = _read_tensor(f, path, name, shape)
-                    views[unit_name][row:row + shape[0]].copy_(tensor)
-                    report.bytes_from_disk += tensor.numel() * dtype.itemsize
-                    if progress is not None:
-                        progress(tensor.numel() * dtype.itemsize)
+            if name in out.units:
+                continue
+            same = pool.lookup(keys[name])        # equal bytes twice in one model: one unit
+            if same is not None:
+                pool.pin(same)
+                out.units[name] = same
+                continue
+            nbytes = math.prod(planned.shape) * ctx.dtype.itemsize
+            unit = pool.allocate(UnitKind.WEIGHT, nbytes, key=keys[name], owner=owner)
+            out.units[name] = unit
+            out.fresh.append(unit)
+            cached = ctx.host.get(keys[name]) if ctx.host is not None else None
+            if cached is not None:
+                out.from_host.append((cached, unit))
+                report.bytes_from_host += nbytes
+                continue
+            view = pool.view(unit, ctx.dtype, planned.shape)
+            for part, first, rows in planned.slices():
+                out.from_disk.append(DiskJob(tensors[part], view[first:first + rows]))
+            report.bytes_from_disk += nbytes
     except BaseException:
-        for taken in units.values():
-            pool.release(taken)
+        abort(out, pool)
         raise
-    report.bytes_total = sum(u.nbytes for u in units.values())
-    return units
+    report.bytes_total = sum(u.nbytes for u in {id(u): u for u in out.units.values()}.values())
+    return out
 
 
-def _read_tensor(f, path: Path, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    try:
-        tensor = f.get_tensor(name)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ModelFormatError(f"{path}: cannot read tensor '{name}' ({e})") from e
-    if tuple(tensor.shape) != shape:
-        raise ModelFormatError(f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, "
-                               f"config.json implies {shape}")
-    if not tensor.dtype.is_floating_point:
-        raise ModelFormatError(f"{path}: tensor '{name}' has dtype {tensor.dtype}")
-    return tensor
+def fill(prepared: Prepared, ctx: LoadContext,
+         progress: Callable[[int], None] | None = None) -> None:
+    """Copy the new units' bytes in (any thread; the pool must not compact meanwhile)."""
+    for data, unit in prepared.from_host:
+        ctx.pool.raw(unit).copy_(data)
+        if progress is not None:
+            progress(unit.nbytes)
+    ctx.disk.load(prepared.from_disk, progress)
+
+
+def abort(prepared: Prepared, pool: BlockPool) -> None:
+    """Undo a prepare: free what it allocated, unpin what it reused."""
+    fresh = {id(u) for u in prepared.fresh}
+    for unit in prepared.units.values():
+        if id(unit) in fresh:
+            pool.release(unit)
+        elif unit.alive:
+            pool.unpin(unit)
+    prepared.units.clear()
 
 
 def weight_views(pool: BlockPool, units: dict[str, Unit], spec: ModelSpec,

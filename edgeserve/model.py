@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from edgeserve.arch.dense import DenseModel
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.batch import StepBatch
 from edgeserve.kv import KVCache, KVLayout
-from edgeserve.loader import LoadReport, load_weights, read_spec, weight_views
+from edgeserve.loader import LoadContext, LoadReport, abort, fill, prepare, read_spec, weight_views
 from edgeserve.pool import BlockPool, Unit
 
 
@@ -29,11 +30,26 @@ class ResidentModel:
     _epoch: int = -1
 
     @classmethod
-    def load(cls, model_id: str, path: Path, pool: BlockPool, dtype: torch.dtype,
-             report: LoadReport | None = None, spec: ModelSpec | None = None) -> ResidentModel:
+    def load(cls, model_id: str, path: Path, ctx: LoadContext, report: LoadReport | None = None,
+             spec: ModelSpec | None = None,
+             progress: Callable[[int], None] | None = None) -> ResidentModel:
+        """Load in one go on this thread (the scheduler splits prepare and fill instead)."""
         spec = spec or read_spec(path)
-        report = report or LoadReport(model_id, pool.device)
-        units = load_weights(path, spec, pool, dtype, model_id, report)
+        report = report or LoadReport(model_id, ctx.pool.device)
+        prepared = prepare(path, spec, ctx, model_id, report)
+        ctx.pool.freeze()
+        try:
+            fill(prepared, ctx, progress)
+        except BaseException:
+            abort(prepared, ctx.pool)
+            raise
+        finally:
+            ctx.pool.thaw()
+        return cls.from_units(model_id, path, spec, ctx.pool, ctx.dtype, prepared.units)
+
+    @classmethod
+    def from_units(cls, model_id: str, path: Path, spec: ModelSpec, pool: BlockPool,
+                   dtype: torch.dtype, units: dict[str, Unit]) -> ResidentModel:
         kv = KVCache(pool, KVLayout.for_model(spec, dtype, pool.block_size), model_id)
         return cls(model_id, path, spec, pool, dtype, units, kv, frozenset(spec.eos_token_ids))
 
@@ -52,16 +68,25 @@ class ResidentModel:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(u.nbytes for u in self.units.values())
+        return sum(u.nbytes for u in self.distinct_units)
 
     @property
     def resident_bytes(self) -> int:
         """Weight bytes held in the pool, whole blocks counted."""
-        return sum(u.nblocks for u in self.units.values()) * self.pool.block_size
+        return sum(u.nblocks for u in self.distinct_units) * self.pool.block_size
 
-    def release(self) -> None:
-        """Give the weights back to the pool (KV pages belong to sequences)."""
+    @property
+    def distinct_units(self) -> list[Unit]:
+        return list({id(u): u for u in self.units.values()}.values())
+
+    def release(self, retain: bool = True) -> None:
+        """Stop using the weights. Retained units stay resident (and shared) until evicted;
+        otherwise a unit no other model uses goes back to the pool at once."""
         for unit in self.units.values():
-            self.pool.release(unit)
+            if not unit.alive:
+                continue
+            self.pool.unpin(unit)
+            if not retain and unit.pins == 0:
+                self.pool.release(unit)
         self.units.clear()
         self._runner = None

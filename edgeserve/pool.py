@@ -54,9 +54,9 @@ class Unit:
 class PoolFull(MemoryError):
     """Not enough free blocks, even after evicting every unpinned unit."""
 
-    def __init__(self, device: str, needed: int, available: int) -> None:
+    def __init__(self, device: str, needed: int, available: int, reason: str = "") -> None:
         self.needed, self.available = needed, available
-        super().__init__(
+        super().__init__((reason and f"{device}: {reason}") or
             f"{device}: pool needs {format_size(needed)} more but only {format_size(available)} "
             f"can be freed (missing {format_size(needed - available)})")
 
@@ -140,7 +140,9 @@ class BlockPool:
         self.units: dict[int, Unit] = {}
         self.by_key: dict[str, Unit] = {}
         self.epoch = 0                  # bumped whenever units move; cached views go stale
+        self.before_evict: list[Callable[[Unit], None]] = []   # the unit's bytes still readable
         self.on_evict: list[Callable[[Unit], None]] = []
+        self._frozen = 0                # > 0: a loader copies into units; nothing may move
         self.evictions = 0
         self._blocks = _Blocks(self.num_blocks)
         self._ids = itertools.count(1)
@@ -229,6 +231,8 @@ class BlockPool:
             if blocks_needed <= 0:
                 break
             blocks_needed -= unit.nblocks
+            for hook in self.before_evict:
+                hook(unit)
             self.release(unit)
             self.evictions += 1
             for callback in self.on_evict:
@@ -241,6 +245,9 @@ class BlockPool:
         engine allocates only on its worker thread, between steps).
         """
         with self._lock:
+            if self._frozen:
+                raise PoolFull(self.device, 0, 0, "the pool is fragmented and a load is "
+                               "copying into it; retry once the load is done")
             moved, cursor = 0, 0
             for unit in sorted(self.units.values(), key=lambda u: u.start):
                 if unit.start != cursor:
@@ -262,7 +269,22 @@ class BlockPool:
         self._blocks.take(dst, n, unit.id)
         unit.start = dst
 
+    def freeze(self) -> None:
+        """Forbid compaction (units keep their addresses) until thaw()."""
+        with self._lock:
+            self._frozen += 1
+
+    def thaw(self) -> None:
+        with self._lock:
+            self._frozen -= 1
+
     # ---- views -------------------------------------------------------------------------
+    def raw(self, unit: Unit) -> torch.Tensor:
+        """The unit's bytes as uint8 (readable in before_evict hooks too)."""
+        assert self.slab is not None
+        begin = unit.start * self.block_size
+        return self.slab[begin:begin + unit.nbytes]
+
     def view(self, unit: Unit, dtype: torch.dtype, shape: Iterable[int]) -> torch.Tensor:
         """A tensor over the unit's bytes; stale after compact() (check self.epoch)."""
         assert self.slab is not None and unit.alive

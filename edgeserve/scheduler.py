@@ -9,19 +9,26 @@ running, or (later) until pool pressure evicts it; a pinned model never leaves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
+from edgeserve.arch.spec import ModelSpec
+from edgeserve.checkpoint import HashCache
+from edgeserve.config import TierConfig
 from edgeserve.engine import Engine
-from edgeserve.loader import LoadReport
+from edgeserve.eviction import Demand, PolicyContext, create_policy
+from edgeserve.loader import LoadContext, LoadReport, Prepared, abort, fill, prepare, read_spec
 from edgeserve.metrics import Metrics
 from edgeserve.model import ResidentModel
-from edgeserve.pool import BlockPool
+from edgeserve.pool import BlockPool, PoolFull, Unit, UnitKind
 from edgeserve.store import ModelStore
+from edgeserve.tiers import DiskLoader, HostTier
 from edgeserve.tokenizer import Tokenizer
 
 log = logging.getLogger("edgeserve.scheduler")
@@ -38,13 +45,25 @@ class Residency:
 
 class Scheduler:
     def __init__(self, store: ModelStore, pools: dict[str, BlockPool], engine: Engine,
-                 metrics: Metrics, dtype_for: Callable[[str], torch.dtype]) -> None:
+                 metrics: Metrics, dtype_for: Callable[[str], torch.dtype],
+                 tiers: TierConfig | None = None, host: HostTier | None = None) -> None:
         self.store, self.pools, self.engine, self.metrics = store, pools, engine, metrics
         self.dtype_for = dtype_for
+        tiers = tiers or TierConfig()
+        self.policy = create_policy(tiers.policy)
+        self.host = host if self.policy.host_tier else None
+        self.ctx = PolicyContext(Demand(), host=self.host)
+        self.hashes = HashCache(store.root)
+        self.disk = DiskLoader(tiers.readers, tiers.read_chunk,
+                               pinned=any(p.device.startswith("cuda") for p in pools.values()))
+        for pool in pools.values():
+            pool.policy = lambda units: self.policy.unit_order(units, self.ctx)
+            pool.before_evict.append(self._demote)
         self.models: dict[str, ResidentModel] = {}
         self.tokenizers: dict[str, Tokenizer | None] = {}
         self.residency: dict[str, Residency] = {}
         self._loading: dict[str, asyncio.Task[LoadReport]] = {}
+        self._load_lock = asyncio.Lock()    # one load copies at a time: nothing moves meanwhile
 
     # ---- loading -----------------------------------------------------------------------
     async def load(self, model_id: str) -> LoadReport:
@@ -63,16 +82,35 @@ class Scheduler:
     def choose_pool(self) -> BlockPool:
         return max(self.pools.values(), key=lambda p: p.free_bytes)
 
+    def context(self, pool: BlockPool) -> LoadContext:
+        return LoadContext(pool, self.dtype_for(pool.device), self.hashes, self.host, self.disk,
+                           share=self.policy.share)
+
     async def _load(self, model_id: str) -> LoadReport:
         path = self.store.path(model_id)
         start = time.perf_counter()
+        spec = await asyncio.to_thread(read_spec, path)
         tokenizer = None
         if (path / "tokenizer.json").is_file():
             tokenizer = await asyncio.to_thread(Tokenizer.from_dir, path)
-        pool = self.choose_pool()
-        report = LoadReport(model_id, pool.device)
-        model = await self.engine.run(ResidentModel.load, model_id, path, pool,
-                                      self.dtype_for(pool.device), report)
+        async with self._load_lock:
+            pool = self.choose_pool()
+            ctx = self.context(pool)
+            report = LoadReport(model_id, pool.device)
+            prepared = await self._prepare(model_id, path, spec, ctx, report)
+            pool.freeze()
+            try:
+                with _progress(model_id, report.bytes_from_disk + report.bytes_from_host) as bar:
+                    await asyncio.to_thread(fill, prepared, ctx, bar)
+            except BaseException:
+                await self.engine.run(abort, prepared, pool)
+                raise
+            finally:
+                pool.thaw()
+            model = ResidentModel.from_units(model_id, path, spec, pool, ctx.dtype,
+                                             prepared.units)
+            for unit in model.distinct_units:
+                self.ctx.users.setdefault(unit.key or "", set()).add(model_id)
         report.seconds = time.perf_counter() - start
         if not model.eos_token_ids and tokenizer is not None:
             model.eos_token_ids = tokenizer.eos_token_ids
@@ -83,6 +121,43 @@ class Scheduler:
         log.info("loaded %s on %s: %.1f MB in %.2f s", model_id, pool.device,
                  report.bytes_total / 1e6, report.seconds)
         return report
+
+    async def _prepare(self, model_id: str, path: Path, spec: ModelSpec, ctx: LoadContext,
+                       report: LoadReport) -> Prepared:
+        """Pin and allocate the model's units, unloading idle models while memory is short."""
+        while True:
+            attempt = replace(report)
+            try:
+                prepared = await self.engine.run(prepare, path, spec, ctx, model_id, attempt)
+            except PoolFull:
+                victim = self._idle_victim(ctx.pool, model_id)
+                if victim is None:
+                    raise
+                log.info("unloading %s to make room for %s", victim, model_id)
+                await self.unload(victim)
+                continue
+            for name in ("bytes_total", "bytes_from_device", "bytes_from_host",
+                         "bytes_from_disk"):
+                setattr(report, name, getattr(attempt, name))
+            return prepared
+
+    def _idle_victim(self, pool: BlockPool, loading: str) -> str | None:
+        idle = [m for m, model in self.models.items()
+                if model.pool is pool and m != loading and not self.engine.has_sequences(model)
+                and not self.residency.get(m, Residency()).pinned]
+        order = self.policy.model_order(idle, self.ctx)
+        return order[0] if order else None
+
+    def _demote(self, unit: Unit) -> None:
+        """Before an evicted weight unit's blocks go back: keep its bytes in the host tier."""
+        if self.host is not None and unit.key is not None and unit.kind is UnitKind.WEIGHT:
+            for pool in self.pools.values():
+                if pool.units.get(unit.id) is unit:
+                    self.host.put(unit.key, pool.raw(unit))
+                    return
+
+    def request_started(self, model_id: str) -> None:
+        self.ctx.demand.record(model_id)
 
     def _record(self, report: LoadReport) -> None:
         self.metrics.loads.labels(report.model, report.device).inc()
@@ -102,7 +177,7 @@ class Scheduler:
             return
         while self.engine.has_sequences(model):
             await asyncio.sleep(0.01)
-        await self.engine.run(model.release)
+        await self.engine.run(model.release, self.policy.retain)
         log.info("unloaded %s", model_id)
 
     def release_all(self) -> None:
@@ -113,7 +188,7 @@ class Scheduler:
             if state.timer is not None:
                 state.timer.cancel()
         for model in self.models.values():
-            model.release()
+            model.release(retain=False)
         self.models.clear()
 
     # ---- residency ---------------------------------------------------------------------
@@ -146,3 +221,13 @@ class Scheduler:
             return                              # the running request re-arms the timer
         log.info("keep-alive of %s ran out", model_id)
         await self.unload(model_id)
+
+
+@contextlib.contextmanager
+def _progress(model_id: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr, shown only if the load takes over a second."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {model_id}", delay=1.0,
+              leave=False) as bar:
+        yield bar.update

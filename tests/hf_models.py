@@ -53,6 +53,15 @@ def make_model(arch: str, path: Path, seed: int = 0, dtype: torch.dtype = torch.
     return path
 
 
+def load_resident(model_id: str, path: Path, pool, dtype: torch.dtype = torch.float32):  # type: ignore[no-untyped-def]
+    """A ResidentModel loaded straight into pool (no server), hashes cached beside it."""
+    from edgeserve.checkpoint import HashCache
+    from edgeserve.loader import LoadContext
+    from edgeserve.model import ResidentModel
+
+    return ResidentModel.load(model_id, path, LoadContext(pool, dtype, HashCache(path.parent)))
+
+
 def reference(path: Path, dtype: torch.dtype = torch.float32):  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM
 

@@ -166,7 +166,7 @@ async def test_chat_text_and_stop_strings(demo_store):
         assert "".join(d.text for d in streamed) == full.text
 
 
-async def test_concurrent_loads_share_one_copy_and_unload_frees(tiny_store):
+async def test_concurrent_loads_share_one_copy_and_unload_retains(tiny_store):
     async with server(tiny_store) as es:
         reports = await asyncio.gather(*[es.load("qwen2") for _ in range(5)])
         pool = es.pools["cpu"]
@@ -175,7 +175,10 @@ async def test_concurrent_loads_share_one_copy_and_unload_frees(tiny_store):
         assert (await es.load("qwen2")).bytes_from_device == reports[0].bytes_total
         assert es.stats()["devices"]["cpu"]["resident_models"] == {"qwen2": weights}
         await es.unload("qwen2")
-        assert pool.bytes_by_kind()["weight"] == 0
+        stats = es.stats()["devices"]["cpu"]
+        assert stats["resident_models"] == {} and stats["retained_bytes"] == weights
+        again = await es.load("qwen2")
+        assert again.bytes_from_disk == 0 and again.bytes_from_device == again.bytes_total
         pool.check_integrity()
 
 

@@ -12,8 +12,15 @@ from safetensors.torch import load_file
 
 from edgeserve.arch.dense import weight_plan
 from edgeserve.arch.spec import ModelFormatError
-from edgeserve.loader import LoadReport, load_weights, read_spec, weight_views
+from edgeserve.checkpoint import HashCache
+from edgeserve.loader import LoadContext, LoadReport, read_spec, weight_views
+from edgeserve.model import ResidentModel
 from edgeserve.pool import BlockPool
+
+
+def load_into(pool, path, dtype=torch.float32, report=None):
+    ctx = LoadContext(pool, dtype, HashCache(path.parent))
+    return ResidentModel.load("m", path, ctx, report or LoadReport("m", "cpu"))
 
 
 def load(path, dtype=torch.float32):
@@ -21,8 +28,8 @@ def load(path, dtype=torch.float32):
     pool = BlockPool("cpu", 32 << 20, 4096)
     spec = read_spec(path)
     report = LoadReport("m", "cpu")
-    units = load_weights(path, spec, pool, dtype, "m", report)
-    views = weight_views(pool, units, spec, dtype)
+    model = load_into(pool, path, dtype, report)
+    views = weight_views(pool, model.units, spec, dtype)
     parts = {}
     for name, unit in weight_plan(spec).items():
         for part, first, rows in unit.slices():
@@ -95,7 +102,7 @@ def test_truncated_file_fails_cleanly_and_frees_memory(tmp_path):
     file.write_bytes(data[: len(data) // 2])
     pool = BlockPool("cpu", 32 << 20, 4096)
     with pytest.raises(ModelFormatError, match=r"model\.safetensors"):
-        load_weights(path, read_spec(path), pool, torch.float32, "m", LoadReport("m", "cpu"))
+        load_into(pool, path)
     assert pool.free_bytes == pool.total_bytes
     pool.check_integrity()
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import ARCHS, reference
+from hf_models import ARCHS, load_resident, reference
 
 from edgeserve.batch import build_batch
-from edgeserve.model import ResidentModel
 from edgeserve.pool import BlockPool
 
 CPU = torch.device("cpu")
@@ -24,7 +23,7 @@ def pool() -> BlockPool:
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_prefill_and_decode_logits_match(arch, tiny_store, pool):
-    model = ResidentModel.load(arch, tiny_store / arch, pool, torch.float32)
+    model = load_resident(arch, tiny_store / arch, pool)
     ref = reference(tiny_store / arch)
     ids = torch.randint(0, model.spec.vocab_size, (23,), generator=torch.Generator().manual_seed(1))
     ids = ids.tolist()
@@ -45,7 +44,7 @@ def test_prefill_and_decode_logits_match(arch, tiny_store, pool):
         assert rel_err(logits[0], expected) < 1e-4
     assert len(pages) > 2                              # the sequence really spans pages
     model.kv.release(pages)
-    model.release()
+    model.release(retain=False)
     pool.check_integrity()
     assert pool.free_bytes == pool.total_bytes
 

@@ -1,0 +1,138 @@
+"""The tiers below the device pool: host memory, then disk; and the loading pipeline.
+
+    device pool  <- host tier (pinned on CUDA, LRU within a byte budget)  <- disk
+Evicted units are demoted to the host tier when it has room; a load takes each unit from
+the fastest tier that holds it. Disk reads are large, sequential and overlapped: reader
+threads fill staging buffers (pinned on CUDA) ahead of the copies into the pool; where
+the bytes need no conversion and the pool is host memory, they are read straight into
+their unit with no staging at all.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from edgeserve.checkpoint import TensorInfo, chunks, read_into
+
+
+class HostTier:
+    """Unit bytes kept in host memory by content key, least recently used dropped first."""
+
+    def __init__(self, capacity: int, pinned: bool = False) -> None:
+        self.capacity, self.pinned = capacity, pinned
+        self.used = 0
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def fits(self, nbytes: int) -> bool:
+        return nbytes <= self.capacity
+
+    def put(self, key: str, data: torch.Tensor) -> bool:
+        """Keep a copy of data (any device, viewed as bytes); False if it cannot fit."""
+        nbytes = data.numel() * data.element_size()
+        if not self.fits(nbytes):
+            return False
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return True
+            while self.used + nbytes > self.capacity:
+                _, old = self._entries.popitem(last=False)
+                self.used -= old.numel()
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+            buf.copy_(data.reshape(-1).view(torch.uint8))
+            self._entries[key] = buf
+            self.used += nbytes
+            return True
+
+    def get(self, key: str) -> torch.Tensor | None:
+        with self._lock:
+            buf = self._entries.get(key)
+            if buf is not None:
+                self._entries.move_to_end(key)
+            return buf
+
+    def stats(self) -> dict[str, int]:
+        return {"capacity_bytes": self.capacity, "used_bytes": self.used,
+                "units": len(self._entries)}
+
+
+@dataclass(frozen=True, slots=True)
+class DiskJob:
+    tensor: TensorInfo
+    dest: torch.Tensor       # where its values go (rows of a unit), any dtype and device
+
+
+class DiskLoader:
+    """Copies checkpoint tensors into their destinations with overlapped large reads."""
+
+    def __init__(self, readers: int = 4, chunk: int = 32 << 20, pinned: bool = False) -> None:
+        self.readers, self.chunk, self.pinned = readers, chunk, pinned
+
+    def load(self, jobs: list[DiskJob], progress: Callable[[int], None] | None = None) -> None:
+        direct = [j for j in jobs if _direct(j)]
+        staged = [j for j in jobs if not _direct(j)]
+        with ThreadPoolExecutor(self.readers, thread_name_prefix="edgeserve-read") as pool:
+            pending = [pool.submit(self._read_direct, j, progress) for j in direct]
+            self._staged(pool, staged, progress)
+            for f in pending:
+                f.result()
+
+    def _read_direct(self, job: DiskJob, progress: Callable[[int], None] | None) -> None:
+        t = job.tensor
+        view = job.dest.view(torch.uint8).reshape(-1).numpy().data
+        for offset in range(0, t.nbytes, self.chunk):
+            n = min(self.chunk, t.nbytes - offset)
+            read_into(t.path, t.start + offset, view[offset:offset + n])
+            if progress is not None:
+                progress(n)
+
+    def _staged(self, pool: ThreadPoolExecutor, jobs: list[DiskJob],
+                progress: Callable[[int], None] | None) -> None:
+        by_tensor = {id(j.tensor): j for j in jobs}
+        ordered = sorted((j.tensor for j in jobs), key=lambda t: (str(t.path), t.start))
+        runs = list(chunks(ordered, self.chunk))
+        window: list[tuple[list[TensorInfo], Future[torch.Tensor]]] = []
+        ahead = self.readers + 1                 # staging buffers in flight at most
+        for i, run in enumerate(runs):
+            window.append((run, pool.submit(self._read_run, run)))
+            if len(window) < ahead and i + 1 < len(runs):
+                continue
+            self._copy(window.pop(0), by_tensor, progress)
+        while window:
+            self._copy(window.pop(0), by_tensor, progress)
+
+    def _read_run(self, run: list[TensorInfo]) -> torch.Tensor:
+        start, end = run[0].start, run[-1].end
+        buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=self.pinned)
+        read_into(run[0].path, start, buf.numpy().data)
+        return buf
+
+    @staticmethod
+    def _copy(item: tuple[list[TensorInfo], Future[torch.Tensor]], by_tensor: dict[int, DiskJob],
+              progress: Callable[[int], None] | None) -> None:
+        run, future = item
+        buf = future.result()
+        base = run[0].start
+        for t in run:
+            src = buf[t.start - base:t.end - base].view(t.dtype).view(t.shape)
+            by_tensor[id(t)].dest.copy_(src)
+            if progress is not None:
+                progress(t.nbytes)
+
+
+def _direct(job: DiskJob) -> bool:
+    d = job.dest
+    return d.device.type == "cpu" and d.dtype == job.tensor.dtype and d.is_contiguous()
