@@ -132,12 +132,15 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
     plan, pool = dense.weight_plan(spec), ctx.pool
     out = Prepared({})
     try:
+        counted: set[int] = set()
         for name, key in keys.items():        # pin first: this load never evicts its own
             unit = pool.lookup(key)
             if unit is not None:
                 pool.pin(unit)
                 out.units[name] = unit
-                report.bytes_from_device += unit.nbytes
+                if unit.id not in counted:        # equal bytes twice in one model: once
+                    counted.add(unit.id)
+                    report.bytes_from_device += unit.nbytes
         for name, planned in plan.items():
             if name in out.units:
                 continue

@@ -222,6 +222,17 @@ class BlockPool:
             return self.by_key.get(key)
 
     # ---- eviction and compaction -----------------------------------------------------------
+    def evict(self, nbytes: int | None = None) -> int:
+        """Evict unpinned units (in policy order) until nbytes are free, or all of them;
+        returns the number of units evicted."""
+        with self._lock:
+            before = self.evictions
+            need = (self.num_blocks if nbytes is None
+                    else self.blocks_for(nbytes) - self._blocks.free)
+            if need > 0:
+                self._evict(need)
+            return self.evictions - before
+
     def _evictable_blocks(self) -> int:
         return sum(u.nblocks for u in self.units.values() if u.pins == 0)
 
