@@ -272,6 +272,7 @@ class EdgeServer:
         return {"devices": devices,
                 "host": self.host.stats() if self.host is not None else None,
                 "policy": self._scheduler.policy.name if self._scheduler else None,
+                "loads": dict(self._scheduler.totals) if self._scheduler else {},
                 "requests": {"running": engine.num_running if engine else 0,
                              "waiting": engine.num_waiting if engine else 0}}
 

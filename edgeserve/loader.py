@@ -25,7 +25,7 @@ import torch
 from edgeserve.arch import dense
 from edgeserve.arch.spec import ModelFormatError, ModelSpec, load_spec
 from edgeserve.checkpoint import HashCache, TensorInfo, read_header
-from edgeserve.pool import BlockPool, Unit, UnitKind
+from edgeserve.pool import BlockPool, PoolFull, Unit, UnitKind
 from edgeserve.tiers import DiskJob, DiskLoader, HostTier
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -123,12 +123,26 @@ def _check(model_dir: Path, spec: ModelSpec, tensors: dict[str, TensorInfo]) -> 
                                        f"config.json implies {(rows, *unit.shape[1:])}")
 
 
+@dataclass(frozen=True)
+class Sources:
+    """Where a model's units come from: its checkpoint tensors and their content keys."""
+
+    tensors: dict[str, TensorInfo]
+    keys: dict[str, str]             # unit name -> content key
+
+    @classmethod
+    def scan(cls, model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str) -> Sources:
+        tensors = scan_checkpoint(model_dir)
+        _check(model_dir, spec, tensors)
+        return cls(tensors, unit_keys(model_dir, spec, ctx, owner, tensors))
+
+
 def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
-            report: LoadReport) -> Prepared:
-    """Pin the resident units, allocate the missing ones (engine thread)."""
-    tensors = scan_checkpoint(model_dir)
-    _check(model_dir, spec, tensors)
-    keys = unit_keys(model_dir, spec, ctx, owner, tensors)
+            report: LoadReport, sources: Sources | None = None) -> Prepared:
+    """Pin the resident units, allocate the missing ones (engine thread). Raises PoolFull
+    before allocating anything when the missing units cannot fit even after eviction."""
+    sources = sources or Sources.scan(model_dir, spec, ctx, owner)
+    tensors, keys = sources.tensors, sources.keys
     plan, pool = dense.weight_plan(spec), ctx.pool
     out = Prepared({})
     try:
@@ -141,6 +155,7 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
                 if unit.id not in counted:        # equal bytes twice in one model: once
                     counted.add(unit.id)
                     report.bytes_from_device += unit.nbytes
+        _check_room(plan, out.units, keys, ctx)
         for name, planned in plan.items():
             if name in out.units:
                 continue
@@ -167,6 +182,17 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
         raise
     report.bytes_total = sum(u.nbytes for u in {id(u): u for u in out.units.values()}.values())
     return out
+
+
+def _check_room(plan: dict[str, dense.WeightUnit], have: dict[str, Unit], keys: dict[str, str],
+                ctx: LoadContext) -> None:
+    missing = {keys[n]: math.prod(u.shape) * ctx.dtype.itemsize
+               for n, u in plan.items() if n not in have}
+    blocks = sum(ctx.pool.blocks_for(b) for b in missing.values())
+    spare = ctx.pool.spare_blocks()
+    if blocks > spare:
+        raise PoolFull(ctx.pool.device, blocks * ctx.pool.block_size,
+                       spare * ctx.pool.block_size)
 
 
 def fill(prepared: Prepared, ctx: LoadContext,

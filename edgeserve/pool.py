@@ -163,6 +163,11 @@ class BlockPool:
         return max(1, -(-nbytes // self.block_size))
 
     # ---- allocate / release --------------------------------------------------------------
+    def spare_blocks(self) -> int:
+        """Blocks free now or after evicting every unpinned unit."""
+        with self._lock:
+            return self._blocks.free + self._evictable_blocks()
+
     def can_allocate(self, nbytes: int, evict: bool = True) -> bool:
         need = self.blocks_for(nbytes)
         with self._lock:

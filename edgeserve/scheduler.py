@@ -23,7 +23,16 @@ from edgeserve.checkpoint import HashCache
 from edgeserve.config import TierConfig
 from edgeserve.engine import Engine
 from edgeserve.eviction import Demand, PolicyContext, create_policy
-from edgeserve.loader import LoadContext, LoadReport, Prepared, abort, fill, prepare, read_spec
+from edgeserve.loader import (
+    LoadContext,
+    LoadReport,
+    Prepared,
+    Sources,
+    abort,
+    fill,
+    prepare,
+    read_spec,
+)
 from edgeserve.metrics import Metrics
 from edgeserve.model import ResidentModel
 from edgeserve.pool import BlockPool, PoolFull, Unit, UnitKind
@@ -32,6 +41,7 @@ from edgeserve.tiers import DiskLoader, HostTier
 from edgeserve.tokenizer import Tokenizer
 
 log = logging.getLogger("edgeserve.scheduler")
+BUSY_WAIT = 120.0     # seconds a load waits for busy models to make room
 
 
 @dataclass(slots=True)
@@ -64,6 +74,8 @@ class Scheduler:
         self.residency: dict[str, Residency] = {}
         self._loading: dict[str, asyncio.Task[LoadReport]] = {}
         self._load_lock = asyncio.Lock()    # one load copies at a time: nothing moves meanwhile
+        self.totals = dict.fromkeys(("loads", "seconds", "bytes_from_device",
+                                     "bytes_from_host", "bytes_from_disk"), 0.0)
 
     # ---- loading -----------------------------------------------------------------------
     async def load(self, model_id: str) -> LoadReport:
@@ -124,22 +136,42 @@ class Scheduler:
 
     async def _prepare(self, model_id: str, path: Path, spec: ModelSpec, ctx: LoadContext,
                        report: LoadReport) -> Prepared:
-        """Pin and allocate the model's units, unloading idle models while memory is short."""
+        """Pin and allocate the model's units, unloading idle models while memory is short
+        (and waiting for busy ones to go idle, up to BUSY_WAIT seconds)."""
+        deadline = time.monotonic() + BUSY_WAIT
+        sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id)
         while True:
             attempt = replace(report)
             try:
-                prepared = await self.engine.run(prepare, path, spec, ctx, model_id, attempt)
-            except PoolFull:
-                victim = self._idle_victim(ctx.pool, model_id)
-                if victim is None:
-                    raise
-                log.info("unloading %s to make room for %s", victim, model_id)
-                await self.unload(victim)
+                prepared = await self.engine.run(prepare, path, spec, ctx, model_id, attempt,
+                                                 sources)
+            except PoolFull as e:
+                await self._make_room(ctx.pool, model_id, deadline, e)
                 continue
             for name in ("bytes_total", "bytes_from_device", "bytes_from_host",
                          "bytes_from_disk"):
                 setattr(report, name, getattr(attempt, name))
             return prepared
+
+    async def _make_room(self, pool: BlockPool, loading: str, deadline: float,
+                         error: PoolFull) -> None:
+        """Unload one idle model, waiting for a busy one to go idle if need be; re-raises
+        PoolFull when nothing could make room."""
+        while True:
+            victim = self._idle_victim(pool, loading)
+            if victim is not None:
+                log.info("unloading %s to make room for %s", victim, loading)
+                await self.unload(victim)
+                return
+            if not self._busy(pool, loading) or time.monotonic() > deadline:
+                raise error
+            await asyncio.sleep(0.005)      # their requests end soon: then unload
+
+    def _busy(self, pool: BlockPool, loading: str) -> bool:
+        """Models that could make room once their running requests end."""
+        return any(model.pool is pool and m != loading
+                   and not self.residency.get(m, Residency()).pinned
+                   for m, model in self.models.items())
 
     def _idle_victim(self, pool: BlockPool, loading: str) -> str | None:
         idle = [m for m, model in self.models.items()
@@ -160,6 +192,9 @@ class Scheduler:
         self.ctx.demand.record(model_id)
 
     def _record(self, report: LoadReport) -> None:
+        self.totals["loads"] += 1
+        for name in ("seconds", "bytes_from_device", "bytes_from_host", "bytes_from_disk"):
+            self.totals[name] += getattr(report, name)
         self.metrics.loads.labels(report.model, report.device).inc()
         tiers = {"device": report.bytes_from_device, "host": report.bytes_from_host,
                  "disk": report.bytes_from_disk}
