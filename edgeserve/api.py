@@ -61,8 +61,14 @@ class EdgeServer:
 
     def __init__(self, models: str | Path | None = None, device: str | None = None,
                  pool_size: str | int | None = None, *, block_size: str | int | None = None,
-                 dtype: str | None = None, config: Config | None = None) -> None:
+                 dtype: str | None = None, host_size: str | int | None = None,
+                 policy: str | None = None, config: Config | None = None) -> None:
         cfg = config or from_env(models=models, device=device, dtype=dtype)
+        if host_size is not None or policy is not None:
+            cfg = replace(cfg, tiers=replace(
+                cfg.tiers,
+                host_size=parse_size(host_size) if host_size is not None else cfg.tiers.host_size,
+                policy=policy or cfg.tiers.policy))
         if pool_size is not None or block_size is not None:
             cfg = replace(cfg, pool=replace(
                 cfg.pool,

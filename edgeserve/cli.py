@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from edgeserve import __version__
 from edgeserve.api import EdgeServer
 from edgeserve.config import Config, from_env, parse_size
+from edgeserve.eviction import POLICIES
 from edgeserve.loader import parse_dtype
 from edgeserve.results import GenerationError
 
@@ -90,6 +91,11 @@ def _engine_args(p: argparse.ArgumentParser, cfg: Config) -> None:
                    help="pool block size, e.g. 2MiB (default: 2MiB on CUDA, 256KiB on CPU)")
     p.add_argument("--dtype", type=_dtype, default=cfg.dtype,
                    help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--host-size", type=_size, default=cfg.tiers.host_size, metavar="SIZE",
+                   help="host-memory tier below the pools (default: a quarter of RAM, "
+                        "at most 8GiB)")
+    p.add_argument("--policy", choices=sorted(POLICIES), default=cfg.tiers.policy,
+                   help="eviction policy (default: %(default)s)")
 
 
 def _log_arg(p: argparse.ArgumentParser, default: str) -> None:
@@ -150,7 +156,7 @@ def run_async(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 def _edge_server(args: argparse.Namespace) -> EdgeServer:
     return EdgeServer(args.models, args.device, args.pool_size, block_size=args.block_size,
-                      dtype=args.dtype)
+                      dtype=args.dtype, host_size=args.host_size, policy=args.policy)
 
 
 def _serve(args: argparse.Namespace) -> int:
