@@ -1,9 +1,64 @@
-"""Admin routes: load, unload, pin, pool state, metrics."""
+"""Admin routes: load, unload, pin, pool state, metrics.
+
+Errors take the OpenAI shape of the app's error middleware (an unknown id is a 404).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import msgspec
 from aiohttp import web
+
+from edgeserve.metrics import CONTENT_TYPE
+from edgeserve.server.app import SERVER
 
 
 def add_routes(app: web.Application) -> None:
-    """Register this module's routes on app."""
+    app.router.add_post("/admin/models/{id}/load", load)
+    app.router.add_post("/admin/models/{id}/unload", unload)
+    app.router.add_post("/admin/models/{id}/pin", pin)
+    app.router.add_post("/admin/models/{id}/unpin", unpin)
+    app.router.add_get("/admin/pool", pool)
+    app.router.add_get("/metrics", metrics)
+
+
+def _json(obj: Any) -> web.Response:
+    return web.Response(body=msgspec.json.encode(obj), content_type="application/json")
+
+
+async def load(request: web.Request) -> web.Response:
+    """Make the model resident; the LoadReport says where its bytes came from."""
+    report = await request.app[SERVER].load(request.match_info["id"])
+    return _json(report)
+
+
+async def unload(request: web.Request) -> web.Response:
+    """Stop serving the model once its running requests end (its units may stay cached)."""
+    model = request.match_info["id"]
+    await request.app[SERVER].unload(model)
+    return _json({"model": model, "resident": False})
+
+
+async def pin(request: web.Request) -> web.Response:
+    """Keep the model resident: keep-alive never unloads it, pool pressure never evicts it."""
+    return _set_pin(request, True)
+
+
+async def unpin(request: web.Request) -> web.Response:
+    return _set_pin(request, False)
+
+
+def _set_pin(request: web.Request, pinned: bool) -> web.Response:
+    es, model = request.app[SERVER], request.match_info["id"]
+    es.pin(model, pinned)
+    return _json({"model": model, "pinned": pinned, "resident": model in es.models})
+
+
+async def pool(request: web.Request) -> web.Response:
+    return _json(request.app[SERVER].stats())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[SERVER].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
