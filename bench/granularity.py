@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgeserve.arch.dense import weight_plan
+from edgeserve.arch import weight_plan
 from edgeserve.checkpoint import hash_file, read_header
 from edgeserve.loader import read_spec
 

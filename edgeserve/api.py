@@ -84,8 +84,7 @@ class EdgeServer:
         self.host: HostTier | None = None
         self._ids = itertools.count(1)
         self.metrics = Metrics()
-        self.metrics.watch(lambda: live_gauges(
-            self.stats(), self.engine.counts_by_model() if self.engine else {}))
+        self.metrics.watch(lambda: live_gauges(self.stats(), self._queues()))
 
     # ---- life cycle --------------------------------------------------------------------
     async def start(self) -> EdgeServer:
@@ -106,6 +105,11 @@ class EdgeServer:
         self._scheduler = Scheduler(self.store, self.pools, self.engine, self.metrics,
                                     self.dtype_for, tiers, self.host)
         return self
+
+    def _queues(self) -> dict[str, tuple[int, int]]:
+        """(running, waiting) per model: every resident model, and any with requests."""
+        counts = dict.fromkeys(self.models, (0, 0))
+        return counts | (self.engine.counts_by_model() if self.engine else {})
 
     def _count_eviction(self, unit: Unit) -> None:
         self.metrics.evictions.labels(unit.owner or "", unit.kind.value).inc()

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from edgeserve.arch import dense
+from edgeserve.arch import WeightUnit, weight_plan
 from edgeserve.arch.spec import ModelFormatError, ModelSpec, load_spec
 from edgeserve.checkpoint import HashCache, TensorInfo, read_header
-from edgeserve.pool import BlockPool, PoolFull, Unit, UnitKind
+from edgeserve.pool import BlockPool, PoolFull, Unit
 from edgeserve.tiers import DiskJob, DiskLoader, HostTier
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -97,7 +97,7 @@ class Prepared:
 def unit_keys(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
               tensors: dict[str, TensorInfo]) -> dict[str, str]:
     """Content key of every unit the model is made of."""
-    plan = dense.weight_plan(spec)
+    plan = weight_plan(spec)
     hashes: dict[str, str] = {}
     for path in {t.path for t in tensors.values()}:
         hashes |= ctx.hashes.get(path)
@@ -113,7 +113,7 @@ def unit_keys(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
 
 
 def _check(model_dir: Path, spec: ModelSpec, tensors: dict[str, TensorInfo]) -> None:
-    for unit in dense.weight_plan(spec).values():
+    for unit in weight_plan(spec).values():
         for part, _, rows in unit.slices():
             t = tensors.get(part)
             if t is None:
@@ -143,7 +143,7 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
     before allocating anything when the missing units cannot fit even after eviction."""
     sources = sources or Sources.scan(model_dir, spec, ctx, owner)
     tensors, keys = sources.tensors, sources.keys
-    plan, pool = dense.weight_plan(spec), ctx.pool
+    plan, pool = weight_plan(spec), ctx.pool
     out = Prepared({})
     try:
         counted: set[int] = set()
@@ -165,7 +165,7 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
                 out.units[name] = same
                 continue
             nbytes = math.prod(planned.shape) * ctx.dtype.itemsize
-            unit = pool.allocate(UnitKind.WEIGHT, nbytes, key=keys[name], owner=owner)
+            unit = pool.allocate(planned.kind, nbytes, key=keys[name], owner=owner)
             out.units[name] = unit
             out.fresh.append(unit)
             cached = ctx.host.get(keys[name]) if ctx.host is not None else None
@@ -184,7 +184,7 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
     return out
 
 
-def _check_room(plan: dict[str, dense.WeightUnit], have: dict[str, Unit], keys: dict[str, str],
+def _check_room(plan: dict[str, WeightUnit], have: dict[str, Unit], keys: dict[str, str],
                 ctx: LoadContext) -> None:
     missing = {keys[n]: math.prod(u.shape) * ctx.dtype.itemsize
                for n, u in plan.items() if n not in have}
@@ -218,7 +218,7 @@ def abort(prepared: Prepared, pool: BlockPool) -> None:
 
 def weight_views(pool: BlockPool, units: dict[str, Unit], spec: ModelSpec,
                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    plan = dense.weight_plan(spec)
+    plan = weight_plan(spec)
     return {name: pool.view(unit, dtype, plan[name].shape) for name, unit in units.items()}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from edgeserve.arch.dense import DenseModel
+from edgeserve.arch import Model, build_model
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.batch import StepBatch
 from edgeserve.kv import KVCache, KVLayout
@@ -26,7 +26,7 @@ class ResidentModel:
     units: dict[str, Unit]
     kv: KVCache
     eos_token_ids: frozenset[int] = frozenset()
-    _runner: DenseModel | None = field(default=None, repr=False)
+    _runner: Model | None = field(default=None, repr=False)
     _epoch: int = -1
 
     @classmethod
@@ -54,11 +54,11 @@ class ResidentModel:
         return cls(model_id, path, spec, pool, dtype, units, kv, frozenset(spec.eos_token_ids))
 
     @property
-    def runner(self) -> DenseModel:
+    def runner(self) -> Model:
         # Views go stale when the pool compacts; rebuild them then (cheap: no copies).
         if self._runner is None or self._epoch != self.pool.epoch:
             self._epoch = self.pool.epoch
-            self._runner = DenseModel(self.spec, weight_views(self.pool, self.units, self.spec,
+            self._runner = build_model(self.spec, weight_views(self.pool, self.units, self.spec,
                                                               self.dtype))
         return self._runner
 

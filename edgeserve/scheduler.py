@@ -232,6 +232,8 @@ class Scheduler:
         if model_id not in self.models:
             self.store.path(model_id)
         self.residency.setdefault(model_id, Residency()).pinned = pinned
+        if not pinned:
+            self.request_ended(model_id)      # its keep-alive runs again from now
 
     def keep_alive(self, model_id: str, seconds: float | None) -> None:
         """Unload model_id `seconds` after its last request ends; None or < 0: keep."""

@@ -10,7 +10,7 @@ import torch
 from hf_models import make_model
 from safetensors.torch import load_file
 
-from edgeserve.arch.dense import weight_plan
+from edgeserve.arch import weight_plan
 from edgeserve.arch.spec import ModelFormatError
 from edgeserve.checkpoint import HashCache
 from edgeserve.loader import LoadContext, LoadReport, read_spec, weight_views

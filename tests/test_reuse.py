@@ -12,7 +12,7 @@ from hf_models import reference
 from safetensors.torch import load_file, save_file
 
 from edgeserve import EdgeServer
-from edgeserve.arch.dense import weight_plan
+from edgeserve.arch import weight_plan
 from edgeserve.config import Config, PoolConfig, TierConfig
 from edgeserve.loader import read_spec, weight_views
 from edgeserve.pool import PoolFull

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from edgeserve.arch import rope
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.batch import StepBatch
+from edgeserve.pool import UnitKind
 
 
 class WeightUnit(NamedTuple):
@@ -22,6 +23,7 @@ class WeightUnit(NamedTuple):
     shape: tuple[int, ...]
     parts: tuple[str, ...]          # Hugging Face tensor names, in row order
     rows: tuple[int, ...]           # rows of each part
+    kind: UnitKind = UnitKind.WEIGHT
 
     def slices(self) -> list[tuple[str, int, int]]:
         """(part, first row, rows) for each part."""
@@ -191,3 +193,7 @@ def visibility(batch: StepBatch, window: int | None) -> Visibility:
     if window is not None:
         visible = visible & (q_pos - k_pos < window)
     return Visibility(visible[:, None], False, int(visible.shape[-1]))
+
+
+def build(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> DenseModel:
+    return DenseModel(spec, weights)
