@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -193,16 +194,22 @@ def _check_room(plan: dict[str, WeightUnit], have: dict[str, Unit], keys: dict[s
     if blocks > spare:
         raise PoolFull(ctx.pool.device, blocks * ctx.pool.block_size,
                        spare * ctx.pool.block_size)
+    # One eviction pass for the whole load, not one per unit allocated.
+    ctx.pool.evict(blocks * ctx.pool.block_size)
 
 
 def fill(prepared: Prepared, ctx: LoadContext,
-         progress: Callable[[int], None] | None = None) -> None:
-    """Copy the new units' bytes in (any thread; the pool must not compact meanwhile)."""
+         progress: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Copy the new units' bytes in (any thread; the pool must not compact meanwhile).
+    Returns the seconds spent on each source tier."""
+    start = time.perf_counter()
     for data, unit in prepared.from_host:
         ctx.pool.raw(unit).copy_(data)
         if progress is not None:
             progress(unit.nbytes)
+    middle = time.perf_counter()
     ctx.disk.load(prepared.from_disk, progress)
+    return {"host": middle - start, "disk": time.perf_counter() - middle}
 
 
 def abort(prepared: Prepared, pool: BlockPool) -> None:

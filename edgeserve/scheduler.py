@@ -42,6 +42,8 @@ from edgeserve.tokenizer import Tokenizer
 
 log = logging.getLogger("edgeserve.scheduler")
 BUSY_WAIT = 120.0     # seconds a load waits for busy models to make room
+MEASURE_MIN = 8 << 20  # bytes a load must move from a tier to measure its bandwidth
+DEMOTE_GAIN = 1.5      # demote to the host tier only if it is this much faster than disk
 
 
 @dataclass(slots=True)
@@ -113,7 +115,8 @@ class Scheduler:
             pool.freeze()
             try:
                 with _progress(model_id, report.bytes_from_disk + report.bytes_from_host) as bar:
-                    await asyncio.to_thread(fill, prepared, ctx, bar)
+                    seconds = await asyncio.to_thread(fill, prepared, ctx, bar)
+                self._measure(report, seconds)
             except BaseException:
                 await self.engine.run(abort, prepared, pool)
                 raise
@@ -180,8 +183,20 @@ class Scheduler:
         order = self.policy.model_order(idle, self.ctx)
         return order[0] if order else None
 
+    def _measure(self, report: LoadReport, seconds: dict[str, float]) -> None:
+        """Learn each tier's bandwidth from real loads (moving average)."""
+        for tier, nbytes in (("host", report.bytes_from_host), ("disk", report.bytes_from_disk)):
+            if nbytes >= MEASURE_MIN and seconds[tier] > 0:
+                old = self.ctx.bandwidth[tier]
+                self.ctx.bandwidth[tier] = 0.7 * old + 0.3 * nbytes / seconds[tier]
+
     def _demote(self, unit: Unit) -> None:
-        """Before an evicted weight unit's blocks go back: keep its bytes in the host tier."""
+        """Before an evicted weight unit's blocks go back: keep its bytes in the host tier,
+        when coming back from there beats coming back from disk (else the copy is waste:
+        a disk served from the page cache is as fast as the host tier)."""
+        bandwidth = self.ctx.bandwidth
+        if bandwidth["host"] < DEMOTE_GAIN * bandwidth["disk"]:
+            return
         if self.host is not None and unit.key is not None and unit.kind is UnitKind.WEIGHT:
             for pool in self.pools.values():
                 if pool.units.get(unit.id) is unit:
