@@ -1,0 +1,36 @@
+"""Per-expert routing statistics: gate-weight mass and frequency, decayed over time.
+
+Legend: N = tokens, A = active experts per token, L = layers, E = experts per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ExpertImportance:
+    def __init__(self, layers: int, experts: int, decay: float = 0.98,
+                 mass_weight: float = 0.5) -> None:
+        self.decay, self.mass_weight = decay, mass_weight
+        self.mass = torch.zeros(layers, experts, dtype=torch.float64)    # (L, E)
+        self.count = torch.zeros(layers, experts, dtype=torch.float64)   # (L, E)
+
+    def observe(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """One routing decision of a layer: ids (N, A) experts, weights (N, A) gate weights."""
+        experts = self.mass.shape[1]
+        flat = ids.reshape(-1).to("cpu", torch.int64)
+        self.mass[layer] *= self.decay
+        self.count[layer] *= self.decay
+        self.mass[layer] += torch.bincount(flat, weights.reshape(-1).to("cpu", torch.float64),
+                                           minlength=experts)
+        self.count[layer] += torch.bincount(flat, minlength=experts).to(torch.float64)
+
+    def scores(self, layer: int) -> torch.Tensor:
+        """(E,) importance: a blend of the layer's normalised gate mass and frequency."""
+        mass, count = self.mass[layer], self.count[layer]
+        mass = mass / mass.sum() if mass.sum() > 0 else mass
+        count = count / count.sum() if count.sum() > 0 else count
+        return self.mass_weight * mass + (1 - self.mass_weight) * count
+
+    def score(self, layer: int, expert: int) -> float:
+        return float(self.scores(layer)[expert])
