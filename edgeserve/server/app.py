@@ -207,7 +207,8 @@ def url_of(address: Any) -> str:
 async def serve(app: web.Application, host: str, port: int) -> None:
     """Serve app on host:port (0: any free port) until SIGINT or SIGTERM."""
     # aiohttp waits for the handlers a little past the deadline: they end the streams.
-    runner = web.AppRunner(app, handle_signals=False,
+    # A client that disconnects cancels its handler, and so its sequences.
+    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
                            shutdown_timeout=app[SHUTDOWN_DEADLINE] + 5)
     await runner.setup()            # starts the EdgeServer (cleanup_ctx)
     try:

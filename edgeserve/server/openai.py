@@ -1,22 +1,25 @@
-"""OpenAI-compatible routes: GET /v1/models, GET /v1/models/{model}, POST /v1/chat/completions."""
+"""OpenAI-compatible routes: GET /v1/models, GET /v1/models/{model}, POST /v1/chat/completions
+(POST /v1/completions lives in completions.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator
-from typing import Any, cast
+from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from edgeserve.api import EdgeServer
-from edgeserve.results import Delta, InvalidRequest
+from edgeserve.results import Delta, TokenLogprob
 from edgeserve.results import Usage as ResultUsage
 from edgeserve.sampling import SamplingError, SamplingParams
-from edgeserve.server.app import SERVER, api_error, invalid
+from edgeserve.server import sse
+from edgeserve.server.app import SERVER, invalid
+from edgeserve.server.choices import Choices
+from edgeserve.server.logprobs import TokenText, chat_logprobs
 from edgeserve.server.wire import (
     AssistantMessage,
     ChatCompletion,
@@ -25,6 +28,7 @@ from edgeserve.server.wire import (
     Choice,
     ChunkChoice,
     DeltaMessage,
+    GenerationRequest,
     ModelCard,
     ModelList,
     Usage,
@@ -32,18 +36,22 @@ from edgeserve.server.wire import (
 )
 from edgeserve.store import StoredModel, UnknownModel
 
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-               "X-Accel-Buffering": "no"}     # tells proxies not to buffer the stream
-
 
 def add_routes(app: web.Application) -> None:
+    from edgeserve.server import completions  # it imports the helpers below
+
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions.completions)
 
 
-def _json(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(body=encode(obj), status=status, content_type="application/json")
+def json_response(obj: Any) -> web.Response:
+    return web.Response(body=encode(obj), content_type="application/json")
+
+
+def usage(u: ResultUsage) -> Usage:
+    return Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
 
 
 # ---- models ----------------------------------------------------------------------------
@@ -54,7 +62,7 @@ def _card(model: StoredModel) -> ModelCard:
 async def list_models(request: web.Request) -> web.Response:
     store = request.app[SERVER].store
     models = await asyncio.to_thread(store.list)      # walks the disk
-    return _json(ModelList([_card(m) for m in models]))
+    return json_response(ModelList([_card(m) for m in models]))
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -62,118 +70,112 @@ async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model"]
     for model in await asyncio.to_thread(store.list):
         if model.id == model_id:
-            return _json(_card(model))
+            return json_response(_card(model))
     raise UnknownModel(model_id, store.root)
+
+
+# ---- shared by chat and completions --------------------------------------------------------
+def checked_sampling(req: GenerationRequest, max_tokens: int | None, logprobs: int | None,
+                     renamed: dict[str, str]) -> dict[str, Any]:
+    """The request's sampling options, validated; errors name the request's fields."""
+    sampling = req.sampling(max_tokens, logprobs)
+    try:
+        SamplingParams.from_options(**sampling)
+    except SamplingError as e:
+        raise invalid(str(e), renamed.get(e.param, e.param)) from e
+    return sampling
+
+
+def seeded(sampling: dict[str, Any], choice: int) -> dict[str, Any]:
+    """Choice i of a seeded request draws with seed + i: n different answers, reproducible."""
+    seed = sampling["seed"]
+    return sampling if seed is None or choice == 0 else {**sampling, "seed": seed + choice}
+
+
+def check_model(server: EdgeServer, model: str) -> bool:
+    """404 before any work for a model not in the store; True when it must load first."""
+    server.store.path(model)
+    return model not in server.models
 
 
 # ---- chat ------------------------------------------------------------------------------
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = msgspec.json.decode(await request.read(), type=ChatRequest)
     server = request.app[SERVER]
-    sampling = _checked_sampling(req)
-    server.store.path(req.model)    # 404 before any work for a model not in the store
+    sampling = _chat_sampling(req)
+    loading = check_model(server, req.model)
     messages = [m.to_dict() for m in req.messages]
+    streams: list[AsyncIterator[Delta]] = [
+        server.stream_chat(req.model, messages, **seeded(sampling, i))
+        for i in range(req.choices)]
+    choices = Choices(streams, [0] * req.choices, renamed={"prompt": "messages"})
+    chunks = _ChatChunks(req.model, TokenText(server, req.model))
+    if req.stream:
+        return await sse.stream(request, choices, chunks, loading=loading,
+                                include_usage=req.include_usage)
     try:
-        if req.stream:
-            return await _stream_chat(request, server, req, messages, sampling)
-        out = await server.chat(req.model, messages, **sampling)
-    except InvalidRequest as e:
-        if e.param == "prompt":     # the prompt of a chat is its messages
-            raise invalid(str(e), "messages") from e
-        raise
-    choice = Choice(0, AssistantMessage("assistant", out.text), out.finish_reason)
-    return _json(ChatCompletion(_completion_id(), "chat.completion", int(time.time()),
-                                req.model, [choice], _usage(out.usage)))
+        return json_response(await _collect(choices, chunks))
+    finally:
+        await choices.aclose()
 
 
-def _checked_sampling(req: ChatRequest) -> dict[str, Any]:
-    if req.n != 1:
-        raise invalid(f"n must be 1 (one choice per request), got {req.n}", "n")
-    if req.logprobs:
-        raise invalid("logprobs are not supported", "logprobs")
-    sampling = req.sampling()
-    try:
-        SamplingParams.from_options(**sampling)
-    except SamplingError as e:
-        # Name the field the client sent: max_completion_tokens sets max_tokens.
-        param = e.param
-        if param == "max_tokens" and req.max_completion_tokens is not None:
-            param = "max_completion_tokens"
-        raise invalid(str(e), param) from e
-    return sampling
+def _chat_sampling(req: ChatRequest) -> dict[str, Any]:
+    if not req.messages:
+        raise invalid("messages must hold at least one message", "messages")
+    if req.top_logprobs and not req.logprobs:
+        raise invalid("top_logprobs needs logprobs set to true", "top_logprobs")
+    max_tokens = (req.max_completion_tokens if req.max_completion_tokens is not None
+                  else req.max_tokens)
+    renamed = {"logprobs": "top_logprobs"}
+    if req.max_completion_tokens is not None:
+        renamed["max_tokens"] = "max_completion_tokens"
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return checked_sampling(req, max_tokens, logprobs, renamed)
 
 
-def _completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+async def _collect(choices: Choices, chunks: _ChatChunks) -> ChatCompletion:
+    texts: list[list[str]] = [[] for _ in range(choices.n)]
+    logprobs: list[list[TokenLogprob] | None] = [None] * choices.n
+    reasons: list[str | None] = [None] * choices.n
+    async for i, delta in choices:
+        texts[i].append(delta.text)
+        if delta.logprobs is not None:
+            logprobs[i] = (logprobs[i] or []) + delta.logprobs
+        reasons[i] = delta.finish_reason
+    out = [Choice(i, AssistantMessage("assistant", "".join(texts[i])), reasons[i],
+                  None if logprobs[i] is None else chat_logprobs(logprobs[i] or [], chunks.text))
+           for i in range(choices.n)]
+    return ChatCompletion(chunks.id, "chat.completion", chunks.created, chunks.model, out,
+                          usage(choices.usage()))
 
 
-def _usage(usage: ResultUsage) -> Usage:
-    return Usage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+class _ChatChunks:
+    """The `chat.completion.chunk` events of one stream: one id and one `created` for all."""
 
-
-class _Chunks:
-    """The SSE events of one streamed completion: one id and one `created` for all."""
-
-    def __init__(self, model: str) -> None:
-        self.id, self.created, self.model = _completion_id(), int(time.time()), model
+    def __init__(self, model: str, text: TokenText) -> None:
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self.model, self.text = model, text
 
     def _event(self, choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
         chunk = ChatCompletionChunk(self.id, "chat.completion.chunk", self.created, self.model,
                                     choices, usage)
-        return b"data: " + encode(chunk) + b"\n\n"
+        return sse.event(encode(chunk))
 
-    def role(self) -> bytes:
-        return self._event([ChunkChoice(0, DeltaMessage(role="assistant", content=""))])
+    def start(self, n: int) -> bytes:
+        return b"".join(self._event([ChunkChoice(i, DeltaMessage(role="assistant", content=""))])
+                        for i in range(n))
 
-    def content(self, text: str) -> bytes:
-        return self._event([ChunkChoice(0, DeltaMessage(content=text))])
-
-    def finish(self, reason: str) -> bytes:
-        return self._event([ChunkChoice(0, DeltaMessage(), reason)])
-
-    def usage(self, usage: ResultUsage) -> bytes:
-        return self._event([], _usage(usage))
-
-
-async def _stream_chat(request: web.Request, server: EdgeServer, req: ChatRequest,
-                       messages: list[dict[str, Any]], sampling: dict[str, Any]
-                       ) -> web.StreamResponse:
-    deltas = cast(AsyncGenerator[Delta, None],
-                  server.stream_chat(req.model, messages, **sampling))
-    try:
-        # Wait for the first piece before the headers, so that a request the server
-        # refuses (bad prompt, no memory, busy) still gets its own HTTP status.
-        first = await anext(deltas)
-        resp = web.StreamResponse(headers=SSE_HEADERS)
-        await resp.prepare(request)
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
-        try:
-            await _relay(resp, _Chunks(req.model), first, deltas, include_usage)
-        except ConnectionError:
-            pass        # the client left; closing `deltas` below cancels the sequence
-        except Exception as e:
-            await _send_error(resp, e)
-        return resp
-    finally:
-        await deltas.aclose()
-
-
-async def _relay(resp: web.StreamResponse, chunks: _Chunks, delta: Delta,
-                 rest: AsyncGenerator[Delta, None], include_usage: bool) -> None:
-    await resp.write(chunks.role())
-    while True:
-        if delta.text:
-            await resp.write(chunks.content(delta.text))
+    def delta(self, index: int, delta: Delta) -> bytes:
+        out = b""
+        # Tokens whose text is held back (a partial character, a possible stop string)
+        # still bring their log-probabilities.
+        if delta.text or delta.logprobs:
+            logprobs = chat_logprobs(delta.logprobs, self.text) if delta.logprobs else None
+            out = self._event([ChunkChoice(index, DeltaMessage(content=delta.text), None,
+                                           logprobs)])
         if delta.finish_reason:
-            await resp.write(chunks.finish(delta.finish_reason))
-            if include_usage and delta.usage is not None:
-                await resp.write(chunks.usage(delta.usage))
-            await resp.write(b"data: [DONE]\n\n")
-            return
-        delta = await anext(rest)
+            out += self._event([ChunkChoice(index, DeltaMessage(), delta.finish_reason)])
+        return out
 
-
-async def _send_error(resp: web.StreamResponse, e: Exception) -> None:
-    """The headers are gone: the error becomes the stream's last event."""
-    with contextlib.suppress(ConnectionError):
-        await resp.write(b"data: " + api_error(e).body() + b"\n\n")
+    def usage(self, u: ResultUsage) -> bytes:
+        return self._event([], usage(u))

@@ -68,7 +68,8 @@ async def test_chat_completion(client: Any) -> None:
     assert choice["message"]["content"] == expected.text != ""
     usage = expected.usage
     assert body["usage"] == {"prompt_tokens": usage.prompt_tokens, "completion_tokens": 5,
-                             "total_tokens": usage.prompt_tokens + 5}
+                             "total_tokens": usage.prompt_tokens + 5,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 async def test_chat_stream(client: Any) -> None:
@@ -105,7 +106,12 @@ async def test_chat_stream_usage(client: Any) -> None:
     (chat_body(stop=["x"] * 17), "stop"),
     (chat_body(top_k=10**20), "top_k"),
     (chat_body(stop="x" * 513), "stop"),
-    (chat_body(n=2), "n"),
+    (chat_body(n=0), "n"),
+    (chat_body(n=17), "n"),
+    (chat_body(top_k=-2), "top_k"),
+    (chat_body(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (chat_body(top_logprobs=2), "top_logprobs"),
+    (chat_body(ignore_eos="yes"), "ignore_eos"),
     ({"model": MODEL}, "messages"),
     (chat_body(messages=[]), "messages"),
     (chat_body(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role"),
@@ -148,16 +154,20 @@ async def test_http_errors_have_the_openai_shape(client: Any) -> None:
 
 async def test_server_faults(client: Any, edge: EdgeServer,
                              monkeypatch: pytest.MonkeyPatch) -> None:
-    async def busy(*args: Any, **kwargs: Any) -> None:
+    async def busy(*args: Any, **kwargs: Any) -> AsyncIterator[Delta]:
         raise QueueFull("1024 requests are already waiting")
+        yield
 
-    async def broken(*args: Any, **kwargs: Any) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> AsyncIterator[Delta]:
         raise KeyError("internal detail")
+        yield
 
-    monkeypatch.setattr(edge, "chat", busy)
-    resp = await client.post("/v1/chat/completions", json=chat_body())
-    assert resp.status == 503 and resp.headers["Retry-After"]
-    monkeypatch.setattr(edge, "chat", broken)
+    await edge.load(MODEL)      # resident: errors before the first token keep their status
+    monkeypatch.setattr(edge, "stream_chat", busy)
+    for stream in (False, True):
+        resp = await client.post("/v1/chat/completions", json=chat_body(stream=stream))
+        assert resp.status == 503 and resp.headers["Retry-After"]
+    monkeypatch.setattr(edge, "stream_chat", broken)
     resp = await client.post("/v1/chat/completions", json=chat_body())
     assert resp.status == 500
     assert (await resp.json())["error"]["message"] == "internal server error"
@@ -191,7 +201,7 @@ async def test_disconnect_cancels_the_sequence(client: Any, edge: EdgeServer) ->
 
 
 async def test_shutdown_lets_running_streams_finish(edge: EdgeServer) -> None:
-    runner = web.AppRunner(create_app(edge, shutdown_deadline=30))
+    runner = web.AppRunner(create_app(edge, shutdown_deadline=30), handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     url = url_of(runner.addresses[0])
@@ -263,3 +273,56 @@ async def test_openai_sdk_errors(live_url: str, serve_app: ServeApp,
     assert [m.id async for m in good.models.list()] == [MODEL]
     await client.close()
     await good.close()
+
+
+# ---- n and logprobs ------------------------------------------------------------------
+async def test_chat_n_choices(client: Any, edge: EdgeServer) -> None:
+    body = chat_body(n=3, seed=7, temperature=1, max_tokens=4)
+    resp = await client.post("/v1/chat/completions", json=body)
+    out = await resp.json()
+    # Choice i draws with seed + i: it is what a single request with that seed gets.
+    singles = [await edge.chat(MODEL, MESSAGES, max_tokens=4, temperature=1, seed=7 + i)
+               for i in range(3)]
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    assert [c["message"]["content"] for c in out["choices"]] == [s.text for s in singles]
+    prompt = singles[0].usage.prompt_tokens
+    assert out["usage"] == {"prompt_tokens": prompt, "completion_tokens": 12,
+                            "total_tokens": prompt + 12,
+                            "prompt_tokens_details": {"cached_tokens": 0}}
+    streamed = sse_events(await (await client.post("/v1/chat/completions", json={
+        **body, "stream": True, "stream_options": {"include_usage": True}})).text())
+    chunks = [json.loads(e) for e in streamed[:-1]]
+    texts, reasons = ["", "", ""], [None, None, None]
+    for chunk in chunks[:-1]:
+        (choice,) = chunk["choices"]
+        texts[choice["index"]] += choice["delta"].get("content", "")
+        reasons[choice["index"]] = reasons[choice["index"]] or choice["finish_reason"]
+    assert texts == [s.text for s in singles] and reasons == ["length"] * 3
+    assert chunks[-1]["usage"] == out["usage"]
+
+
+async def test_chat_logprobs_with_the_sdk(live_url: str, edge: EdgeServer) -> None:
+    async with openai.AsyncOpenAI(base_url=f"{live_url}/v1", api_key="none",
+                                  max_retries=0) as client:
+        out = await client.chat.completions.create(  # type: ignore[call-overload]
+            model=MODEL, messages=MESSAGES, logprobs=True, top_logprobs=2, n=2, **GREEDY)
+        stream = await client.chat.completions.create(  # type: ignore[call-overload]
+            model=MODEL, messages=MESSAGES, logprobs=True, stream=True, **GREEDY)
+        streamed = [t async for c in stream if c.choices and c.choices[0].logprobs
+                    for t in c.choices[0].logprobs.content or []]
+    expected = await edge.chat(MODEL, MESSAGES, logprobs=2, **GREEDY)
+    tokenizer = edge.tokenizer(MODEL)
+    assert tokenizer is not None and expected.logprobs is not None
+    names = [tokenizer.decode([t], skip_special_tokens=False) for t in expected.token_ids]
+    for choice in out.choices:
+        assert choice.logprobs is not None and choice.logprobs.content is not None
+        content = choice.logprobs.content
+        assert [t.token for t in content] == names
+        assert [t.bytes for t in content] == [list(n.encode()) for n in names]
+        for token, want in zip(content, expected.logprobs, strict=True):
+            assert token.logprob == pytest.approx(want.logprob)
+            # Greedy: the chosen token is the most likely one.
+            assert len(token.top_logprobs) == 2
+            assert token.top_logprobs[0].token == token.token
+    assert [t.token for t in streamed] == names
+    assert all(t.top_logprobs == [] for t in streamed)      # top_logprobs defaults to 0

@@ -1,0 +1,70 @@
+"""Several generations of one request, run at once and read as one stream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from edgeserve.results import Delta, InvalidRequest, Usage
+
+_Item = tuple[int, Delta | Exception]
+
+
+class Choices:
+    """The deltas of `streams` as (choice index, Delta), in the order they arrive.
+
+    Each stream runs in its own task, so that the sequences decode in the same engine
+    steps. Iteration ends once every choice has its finish delta; an error of any
+    choice is raised. aclose() cancels what still runs: the engine drops those
+    sequences at its next step. `prompt_of[i]` says which prompt choice i completes,
+    so that usage counts each prompt once. `renamed` maps the engine's parameter names
+    to the request's (the prompt of a chat is its messages).
+    """
+
+    def __init__(self, streams: list[AsyncIterator[Delta]], prompt_of: list[int],
+                 renamed: dict[str, str] | None = None) -> None:
+        self.n = len(streams)
+        self._prompt_of, self._renamed = prompt_of, renamed or {}
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._usage: dict[int, Usage] = {}
+        self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
+
+    async def _pump(self, index: int, stream: AsyncIterator[Delta]) -> None:
+        # A cancellation lands inside the stream, whose own clean-up cancels the sequence.
+        try:
+            async for delta in stream:
+                self._queue.put_nowait((index, delta))
+        except Exception as e:
+            self._queue.put_nowait((index, self._rename(e)))
+
+    def _rename(self, e: Exception) -> Exception:
+        if isinstance(e, InvalidRequest) and e.param in self._renamed:
+            renamed = InvalidRequest(str(e), self._renamed[e.param])
+            renamed.__cause__ = e
+            return renamed
+        return e
+
+    def __aiter__(self) -> Choices:
+        return self
+
+    async def __anext__(self) -> tuple[int, Delta]:
+        if len(self._usage) == self.n:
+            raise StopAsyncIteration
+        index, item = await self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        if item.finish_reason is not None and item.usage is not None:
+            self._usage[index] = item.usage
+        return index, item
+
+    def usage(self) -> Usage:
+        """The usage of the finished choices: each prompt once, every completion."""
+        prompts = {self._prompt_of[i]: u.prompt_tokens for i, u in self._usage.items()}
+        return Usage(sum(prompts.values()),
+                     sum(u.completion_tokens for u in self._usage.values()))
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        # Their cancellations come back as results; one of the caller's own still raises.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
