@@ -32,7 +32,7 @@ async def serve_app() -> AsyncIterator[ServeApp]:
     runners: list[web.AppRunner] = []
 
     async def start(app: web.Application) -> str:
-        runner = web.AppRunner(app)
+        runner = web.AppRunner(app, handler_cancellation=True)
         runners.append(runner)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
