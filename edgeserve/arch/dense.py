@@ -1,5 +1,7 @@
 """Dense decoder of the Llama family: Llama, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
 
+The plan pieces, the attention and the MLP are shared with the MoE family (moe.py).
+
 Legend: B = sequences, S = new tokens per sequence (padded), T = keys attended to,
 D = hidden, H = query heads, KVH = key/value heads, hd = head dim, V = vocabulary.
 """
@@ -31,55 +33,103 @@ class WeightUnit(NamedTuple):
         return list(zip(self.parts, starts, self.rows, strict=True))
 
 
-def weight_plan(spec: ModelSpec) -> dict[str, WeightUnit]:
-    """The units a model is made of. q/k/v and gate/up are fused: one matmul each."""
-    d, i, q, kv = spec.hidden_size, spec.intermediate_size, spec.q_size, spec.kv_size
+def one(name: str, *shape: int, kind: UnitKind = UnitKind.WEIGHT) -> WeightUnit:
+    """A unit holding one checkpoint tensor."""
+    return WeightUnit(shape, (name,), (shape[0],), kind)
 
-    def one(name: str, *shape: int) -> WeightUnit:
-        return WeightUnit(shape, (name,), (shape[0],))
 
-    def fused(prefix: str, suffix: str, parts: dict[str, int], *inner: int) -> WeightUnit:
-        names = tuple(f"{prefix}{part}{suffix}" for part in parts)
-        rows = tuple(parts.values())
-        return WeightUnit((sum(rows), *inner), names, rows)
+def fused(parts: dict[str, int], *inner: int, kind: UnitKind = UnitKind.WEIGHT) -> WeightUnit:
+    """A unit of checkpoint tensors (name -> rows) stacked along dim 0: one matmul for all."""
+    return WeightUnit((sum(parts.values()), *inner), tuple(parts), tuple(parts.values()), kind)
 
+
+def base_plan(spec: ModelSpec) -> dict[str, WeightUnit]:
+    """Embeddings, the final norm and the head."""
+    d = spec.hidden_size
     plan = {"model.embed_tokens.weight": one("model.embed_tokens.weight", spec.vocab_size, d),
             "model.norm.weight": one("model.norm.weight", d)}
     if not spec.tie_embeddings:
         plan["lm_head.weight"] = one("lm_head.weight", spec.vocab_size, d)
-    for n in range(spec.num_layers):
-        p = f"model.layers.{n}."
-        a, m = p + "self_attn.", p + "mlp."
-        plan |= {
-            p + "input_layernorm.weight": one(p + "input_layernorm.weight", d),
-            p + "post_attention_layernorm.weight": one(p + "post_attention_layernorm.weight", d),
-            a + "qkv_proj.weight": fused(a, "_proj.weight", {"q": q, "k": kv, "v": kv}, d),
-            a + "o_proj.weight": one(a + "o_proj.weight", d, q),
-            m + "gate_up_proj.weight": fused(m, "_proj.weight", {"gate": i, "up": i}, d),
-            m + "down_proj.weight": one(m + "down_proj.weight", d, i)}
-        if spec.qkv_bias:
-            plan[a + "qkv_proj.bias"] = fused(a, "_proj.bias", {"q": q, "k": kv, "v": kv})
-        if spec.qk_norm:
-            plan |= {a + "q_norm.weight": one(a + "q_norm.weight", spec.head_dim),
-                     a + "k_norm.weight": one(a + "k_norm.weight", spec.head_dim)}
-        if spec.mlp_bias:
-            plan |= {m + "gate_up_proj.bias": fused(m, "_proj.bias", {"gate": i, "up": i}),
-                     m + "down_proj.bias": one(m + "down_proj.bias", d)}
     return plan
+
+
+def attention_plan(spec: ModelSpec, n: int) -> dict[str, WeightUnit]:
+    """Layer n's two norms and its attention; q/k/v fused into one matmul."""
+    d, q, kv = spec.hidden_size, spec.q_size, spec.kv_size
+    p = f"model.layers.{n}."
+    a = p + "self_attn."
+    qkv = {a + "q_proj.": q, a + "k_proj.": kv, a + "v_proj.": kv}
+    plan = {p + "input_layernorm.weight": one(p + "input_layernorm.weight", d),
+            p + "post_attention_layernorm.weight": one(p + "post_attention_layernorm.weight", d),
+            a + "qkv_proj.weight": fused({k + "weight": r for k, r in qkv.items()}, d),
+            a + "o_proj.weight": one(a + "o_proj.weight", d, q)}
+    if spec.qkv_bias:
+        plan[a + "qkv_proj.bias"] = fused({k + "bias": r for k, r in qkv.items()})
+    if spec.o_bias:
+        plan[a + "o_proj.bias"] = one(a + "o_proj.bias", d)
+    if spec.qk_norm:
+        q_dim, k_dim = (spec.head_dim, spec.head_dim) if spec.qk_norm_per_head else (q, kv)
+        plan |= {a + "q_norm.weight": one(a + "q_norm.weight", q_dim),
+                 a + "k_norm.weight": one(a + "k_norm.weight", k_dim)}
+    return plan
+
+
+def mlp_plan(prefix: str, hidden: int, inner: int, bias: bool) -> dict[str, WeightUnit]:
+    """A SiLU-gated MLP at prefix (e.g. 'model.layers.0.mlp.'); gate and up fused."""
+    m = prefix
+    plan = {m + "gate_up_proj.weight": fused({m + "gate_proj.weight": inner,
+                                              m + "up_proj.weight": inner}, hidden),
+            m + "down_proj.weight": one(m + "down_proj.weight", hidden, inner)}
+    if bias:
+        plan |= {m + "gate_up_proj.bias": fused({m + "gate_proj.bias": inner,
+                                                 m + "up_proj.bias": inner}),
+                 m + "down_proj.bias": one(m + "down_proj.bias", hidden)}
+    return plan
+
+
+def weight_plan(spec: ModelSpec) -> dict[str, WeightUnit]:
+    """The units a model is made of."""
+    plan = base_plan(spec)
+    for n in range(spec.num_layers):
+        plan |= attention_plan(spec, n)
+        plan |= mlp_plan(f"model.layers.{n}.mlp.", spec.hidden_size, spec.intermediate_size,
+                         spec.mlp_bias)
+    return plan
+
+
+class Attention(NamedTuple):
+    qkv: torch.Tensor
+    o: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o_bias: torch.Tensor | None
+
+    @classmethod
+    def of(cls, w: dict[str, torch.Tensor], layer: str) -> Attention:
+        a = layer + "self_attn."
+        return cls(w[a + "qkv_proj.weight"], w[a + "o_proj.weight"], w.get(a + "qkv_proj.bias"),
+                   w.get(a + "q_norm.weight"), w.get(a + "k_norm.weight"),
+                   w.get(a + "o_proj.bias"))
+
+
+class Mlp(NamedTuple):
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, w: dict[str, torch.Tensor], prefix: str) -> Mlp:
+        return cls(w[prefix + "gate_up_proj.weight"], w[prefix + "down_proj.weight"],
+                   w.get(prefix + "gate_up_proj.bias"), w.get(prefix + "down_proj.bias"))
 
 
 class Layer(NamedTuple):
     norm_in: torch.Tensor
     norm_post: torch.Tensor
-    qkv: torch.Tensor
-    o: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    q_norm: torch.Tensor | None
-    k_norm: torch.Tensor | None
-    gate_up_bias: torch.Tensor | None
-    down_bias: torch.Tensor | None
+    attn: Attention
+    mlp: Mlp | None            # None: the family computes its own feed-forward (MoE)
 
 
 class Visibility(NamedTuple):
@@ -112,13 +162,9 @@ class DenseModel:
 
     @staticmethod
     def _layer(w: dict[str, torch.Tensor], p: str) -> Layer:
-        a, m = p + "self_attn.", p + "mlp."
-        return Layer(
-            w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"],
-            w[a + "qkv_proj.weight"], w[a + "o_proj.weight"], w[m + "gate_up_proj.weight"],
-            w[m + "down_proj.weight"], w.get(a + "qkv_proj.bias"), w.get(a + "q_norm.weight"),
-            w.get(a + "k_norm.weight"), w.get(m + "gate_up_proj.bias"),
-            w.get(m + "down_proj.bias"))
+        mlp = Mlp.of(w, p + "mlp.") if p + "mlp.gate_up_proj.weight" in w else None
+        return Layer(w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"],
+                     Attention.of(w, p), mlp)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -136,44 +182,70 @@ class DenseModel:
             if window not in seen:
                 seen[window] = visibility(batch, window)
             h = rms_norm(x, layer.norm_in, spec.rms_norm_eps)
-            x = x + self._attention(h, layer, batch, kv[:, n], cos, sin, seen[window])
+            x = x + attention(spec, h, layer.attn, batch, kv[:, n], cos, sin, seen[window])
             h = rms_norm(x, layer.norm_post, spec.rms_norm_eps)
-            x = x + self._mlp(h, layer)
+            x = x + self._feed_forward(n, h, batch)
         x = rms_norm(x if all_logits else x[torch.arange(batch.size), batch.last],
                      self.norm, spec.rms_norm_eps)
         return F.linear(x, self.lm_head).float()
 
-    def _attention(self, h: torch.Tensor, w: Layer, batch: StepBatch, kv: torch.Tensor,
-                   cos: torch.Tensor, sin: torch.Tensor, seen: Visibility) -> torch.Tensor:
-        spec = self.spec
-        b, s, _ = h.shape
-        heads, kv_heads = spec.num_heads, spec.num_kv_heads
-        qkv = F.linear(h, w.qkv, w.qkv_bias).view(b, s, heads + 2 * kv_heads, spec.head_dim)
-        qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
-        if w.q_norm is not None and w.k_norm is not None:
-            qk = torch.cat((rms_norm(qk[:, :, :heads], w.q_norm, spec.rms_norm_eps),
-                            rms_norm(qk[:, :, heads:], w.k_norm, spec.rms_norm_eps)), 2)
-        q, k = rope.apply(qk, cos, sin).split((heads, kv_heads), 2)   # q and k rotated at once
-        # kv here is one layer: (pages, P, 2, KVH, hd). Store the new tokens' keys/values.
-        new = torch.stack((k, v), 2)                                    # (B, S, 2, KVH, hd)
-        kv[batch.slot_page, batch.slot_offset] = new[batch.valid] if batch.padded else \
-            new.flatten(0, 1)
-        if batch.fresh:
-            keys, values = k.transpose(1, 2), v.transpose(1, 2)         # (B, KVH, S, hd)
-        else:
-            t = seen.keys
-            # index_select copies whole pages, much faster than advanced indexing here.
-            pages = torch.index_select(kv, 0, batch.page_table.flatten())
-            tokens = pages.view(b, -1, 2, spec.num_kv_heads, spec.head_dim)[:, :t]
-            keys, values = tokens[:, :, 0].transpose(1, 2), tokens[:, :, 1].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
-                                             attn_mask=seen.mask, is_causal=seen.causal,
-                                             enable_gqa=True)         # (B, H, S, hd)
-        return F.linear(out.transpose(1, 2).reshape(b, s, spec.q_size), w.o)
+    def _feed_forward(self, n: int, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """Layer n's feed-forward over h (B, S, D); another family may override it."""
+        w = self.layers[n].mlp
+        assert w is not None
+        return mlp(h, w)
 
-    def _mlp(self, h: torch.Tensor, w: Layer) -> torch.Tensor:
-        gate, up = F.linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, w.down, w.down_bias)
+
+def mlp(h: torch.Tensor, w: Mlp) -> torch.Tensor:
+    gate, up = F.linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w.down, w.down_bias)
+
+
+def attention(spec: ModelSpec, h: torch.Tensor, w: Attention, batch: StepBatch,
+              kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              seen: Visibility) -> torch.Tensor:
+    """Self-attention of one layer over h (B, S, D). kv is that layer's pages
+    (pages, P, 2, KVH, hd): the new tokens' keys and values are stored there."""
+    b, s, _ = h.shape
+    qk, v = _project(spec, h, w)
+    q, k = rope.apply(qk, cos, sin).split((spec.num_heads, spec.num_kv_heads), 2)
+    new = torch.stack((k, v), 2)                                    # (B, S, 2, KVH, hd)
+    kv[batch.slot_page, batch.slot_offset] = new[batch.valid] if batch.padded else \
+        new.flatten(0, 1)
+    if batch.fresh:
+        keys, values = k.transpose(1, 2), v.transpose(1, 2)         # (B, KVH, S, hd)
+    else:
+        t = seen.keys
+        # index_select copies whole pages, much faster than advanced indexing here.
+        pages = torch.index_select(kv, 0, batch.page_table.flatten())
+        tokens = pages.view(b, -1, 2, spec.num_kv_heads, spec.head_dim)[:, :t]
+        keys, values = tokens[:, :, 0].transpose(1, 2), tokens[:, :, 1].transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
+                                         attn_mask=seen.mask, is_causal=seen.causal,
+                                         enable_gqa=True)             # (B, H, S, hd)
+    return F.linear(out.transpose(1, 2).reshape(b, s, spec.q_size), w.o, w.o_bias)
+
+
+def _project(spec: ModelSpec, h: torch.Tensor,
+             w: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys (B, S, H + KVH, hd), values (B, S, KVH, hd): normed and clipped as
+    the architecture says, not yet rotated."""
+    b, s, _ = h.shape
+    heads, kv_heads, eps = spec.num_heads, spec.num_kv_heads, spec.rms_norm_eps
+    qkv = F.linear(h, w.qkv, w.qkv_bias)
+    q_norm, k_norm = w.q_norm, w.k_norm
+    if q_norm is not None and k_norm is not None and not spec.qk_norm_per_head:
+        # OLMoE: over each whole projection, before the split into heads
+        q, k, v = qkv.split((spec.q_size, spec.kv_size, spec.kv_size), -1)
+        qkv = torch.cat((rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps), v), -1)
+    if spec.clip_qkv is not None:
+        qkv = qkv.clamp(-spec.clip_qkv, spec.clip_qkv)
+    qkv = qkv.view(b, s, heads + 2 * kv_heads, spec.head_dim)
+    qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
+    if q_norm is not None and k_norm is not None and spec.qk_norm_per_head:   # Qwen3
+        qk = torch.cat((rms_norm(qk[:, :, :heads], q_norm, eps),
+                        rms_norm(qk[:, :, heads:], k_norm, eps)), 2)
+    return qk, v
 
 
 def visibility(batch: StepBatch, window: int | None) -> Visibility:

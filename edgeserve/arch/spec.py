@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,10 @@ ARCHITECTURES: dict[str, tuple[str, bool, bool]] = {
     "MistralForCausalLM": ("dense", False, False),
     "Qwen2ForCausalLM": ("dense", True, False),
     "Qwen3ForCausalLM": ("dense", False, True),
+    "MixtralForCausalLM": ("moe", False, False),
+    "Qwen2MoeForCausalLM": ("moe", True, False),
+    "OlmoeForCausalLM": ("moe", False, True),
+    "Qwen3MoeForCausalLM": ("moe", False, True),
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -54,6 +58,18 @@ class ModelSpec:
     checkpoint_dtype: str | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # Attention details beyond the dense family's (defaults: as the dense family computes).
+    qk_norm_per_head: bool = True              # False: over the whole q / k projection (OLMoE)
+    clip_qkv: float | None = None              # clamp q, k, v to [-clip, clip] (OLMoE)
+    o_bias: bool = False
+    # Mixture of experts (num_experts == 0: a dense model).
+    num_experts: int = 0                       # E
+    experts_per_token: int = 0                 # A
+    expert_intermediate_size: int = 0          # I of one expert
+    shared_expert_intermediate_size: int = 0   # 0: no shared expert
+    norm_topk_prob: bool = False               # rescale the A gate weights to sum to 1
+    sparse_layers: tuple[bool, ...] = ()       # per layer: a MoE block, else a dense MLP
+    expert_layout: str = "per_expert"          # how the checkpoint stores experts
 
     @property
     def q_size(self) -> int:
@@ -110,15 +126,62 @@ def _rope(f: _Fields) -> RopeSpec:
 
 
 def _sliding_windows(f: _Fields, num_layers: int, architecture: str) -> tuple[int | None, ...]:
+    if architecture == "OlmoeForCausalLM":       # OLMoE attends to everything
+        return (None,) * num_layers
     window = f.get("sliding_window", int, None)
     layer_types = f.data.get("layer_types")
     if isinstance(layer_types, list):
         if len(layer_types) != num_layers:
             raise ModelFormatError(f"{f.path}: field 'layer_types' must have {num_layers} entries")
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
-    if architecture == "Qwen2ForCausalLM" and not f.data.get("use_sliding_window", False):
+    qwen = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+    if architecture in qwen and not f.data.get("use_sliding_window", False):
         window = None
+    if architecture == "Qwen2MoeForCausalLM" and window is not None:
+        # transformers' default layer types for Qwen2-MoE: every other layer, the first ones
+        below = f.get("max_window_layers", int, 28)
+        return tuple(window if n % 2 == 0 and n < below else None for n in range(num_layers))
     return (window,) * num_layers
+
+
+def _sparse_layers(f: _Fields, num_layers: int) -> tuple[bool, ...]:
+    """Qwen-MoE: layers in mlp_only_layers, and those off the decoder_sparse_step, are dense."""
+    step = f.get("decoder_sparse_step", int, 1, positive=True)
+    dense = f.get("mlp_only_layers", list, None) or []
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in dense):
+        raise ModelFormatError(f"{f.path}: field 'mlp_only_layers' should hold layer numbers")
+    return tuple(n not in dense and (n + 1) % step == 0 for n in range(num_layers))
+
+
+def _moe(f: _Fields, architecture: str, num_layers: int) -> dict[str, Any]:
+    """The ModelSpec fields of a mixture-of-experts architecture."""
+    # transformers 5 writes num_local_experts for Mixtral and Qwen3-MoE, num_experts for the
+    # others; hub configs of Qwen3-MoE have num_experts.
+    experts_field = "num_local_experts" if "num_local_experts" in f.data or (
+        architecture == "MixtralForCausalLM" and "num_experts" not in f.data) else "num_experts"
+    experts = f.get(experts_field, int, positive=True)
+    top_k = f.get("num_experts_per_tok", int, positive=True)
+    if top_k > experts:
+        raise ModelFormatError(f"{f.path}: field 'num_experts_per_tok' ({top_k}) exceeds "
+                               f"'{experts_field}' ({experts})")
+    out: dict[str, Any] = dict(num_experts=experts, experts_per_token=top_k,
+                               sparse_layers=(True,) * num_layers)
+    if architecture == "MixtralForCausalLM":     # softmax over the selected experts only
+        return out | dict(norm_topk_prob=True,
+                          expert_intermediate_size=f.get("intermediate_size", int))
+    out["norm_topk_prob"] = f.get("norm_topk_prob", bool, False)
+    if architecture == "OlmoeForCausalLM":
+        return out | dict(expert_intermediate_size=f.get("intermediate_size", int),
+                          qk_norm_per_head=False,
+                          clip_qkv=f.get("clip_qkv", float, None, positive=True),
+                          o_bias=f.get("attention_bias", bool, False))
+    out |= dict(expert_intermediate_size=f.get("moe_intermediate_size", int, positive=True),
+                sparse_layers=_sparse_layers(f, num_layers))
+    if architecture == "Qwen2MoeForCausalLM":
+        return out | dict(qkv_bias=f.get("qkv_bias", bool, True),
+                          shared_expert_intermediate_size=f.get(
+                              "shared_expert_intermediate_size", int, 0))
+    return out | dict(o_bias=f.get("attention_bias", bool, False))
 
 
 def parse_config(path: Path, data: dict[str, Any]) -> ModelSpec:
@@ -141,7 +204,7 @@ def parse_config(path: Path, data: dict[str, Any]) -> ModelSpec:
     if act != "silu":
         raise ModelFormatError(f"{path}: field 'hidden_act' is '{act}', only 'silu' is supported")
     layers = f.get("num_hidden_layers", int, positive=True)
-    return ModelSpec(
+    spec = ModelSpec(
         architecture=arch, family=family,
         vocab_size=f.get("vocab_size", int, positive=True), hidden_size=hidden,
         intermediate_size=f.get("intermediate_size", int, positive=True), num_layers=layers,
@@ -155,6 +218,28 @@ def parse_config(path: Path, data: dict[str, Any]) -> ModelSpec:
         checkpoint_dtype=f.data.get("torch_dtype") or f.data.get("dtype"),
         bos_token_id=f.get("bos_token_id", int, None),
         eos_token_ids=_ids(data.get("eos_token_id")))
+    return replace(spec, **_moe(f, arch, layers)) if family == "moe" else spec
+
+
+def expert_layout(model_dir: Path) -> str:
+    """'stacked' when the checkpoint holds each layer's experts as (E, ...) tensors (as
+    save_pretrained(save_original_format=False) writes them), else 'per_expert' (what
+    save_pretrained writes by default, and hub checkpoints hold)."""
+    from edgeserve.checkpoint import read_header  # checkpoint imports this module
+
+    index = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
+    if index.is_file():
+        try:
+            names = list(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelFormatError(f"{index}: no valid 'weight_map' ({e})") from e
+    elif single.is_file():
+        names = [t.name for t in read_header(single)]
+    else:
+        return "per_expert"                           # the loader names what is missing
+    return "stacked" if any(n.endswith(".experts.gate_up_proj") for n in names) \
+        else "per_expert"
 
 
 def load_spec(model_dir: Path) -> ModelSpec:
@@ -167,4 +252,7 @@ def load_spec(model_dir: Path) -> ModelSpec:
         raise ModelFormatError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
         raise ModelFormatError(f"{path}: should hold a JSON object")
-    return parse_config(path, data)
+    spec = parse_config(path, data)
+    if spec.family == "moe":
+        spec = replace(spec, expert_layout=expert_layout(model_dir))
+    return spec
