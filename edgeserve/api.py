@@ -293,7 +293,7 @@ def _pool_stats(pool: BlockPool, models: list[ResidentModel]) -> dict[str, Any]:
         for unit in model.distinct_units:
             users[unit.id] = users.get(unit.id, 0) + 1
     block = pool.block_size
-    weights = [u for u in pool.units.values() if u.kind is UnitKind.WEIGHT]
+    weights = [u for u in pool.units.values() if u.kind in (UnitKind.WEIGHT, UnitKind.EXPERT)]
     return {
         "total_bytes": pool.total_bytes, "free_bytes": pool.free_bytes, "block_size": block,
         "bytes_by_kind": pool.bytes_by_kind(), "peak_bytes_by_kind": pool.peak_by_kind(),

@@ -41,6 +41,7 @@ from edgeserve.tiers import DiskLoader, HostTier
 from edgeserve.tokenizer import Tokenizer
 
 log = logging.getLogger("edgeserve.scheduler")
+WEIGHT_KINDS = (UnitKind.WEIGHT, UnitKind.EXPERT)   # immutable units worth keeping
 BUSY_WAIT = 120.0     # seconds a load waits for busy models to make room
 MEASURE_MIN = 8 << 20  # bytes a load must move from a tier to measure its bandwidth
 DEMOTE_GAIN = 1.5      # demote to the host tier only if it is this much faster than disk
@@ -197,7 +198,7 @@ class Scheduler:
         bandwidth = self.ctx.bandwidth
         if bandwidth["host"] < DEMOTE_GAIN * bandwidth["disk"]:
             return
-        if self.host is not None and unit.key is not None and unit.kind is UnitKind.WEIGHT:
+        if self.host is not None and unit.key is not None and unit.kind in WEIGHT_KINDS:
             for pool in self.pools.values():
                 if pool.units.get(unit.id) is unit:
                     self.host.put(unit.key, pool.raw(unit))

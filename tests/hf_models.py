@@ -16,6 +16,7 @@ ARCHS: dict[str, dict[str, Any]] = {
                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                       "original_max_position_embeddings": 32},
                         rope_theta=500000.0),
+    "llama-bias": dict(attention_bias=True),
     "mistral": dict(sliding_window=12),
     "qwen2": dict(tie_word_embeddings=True),
     "qwen3": dict(head_dim=24, tie_word_embeddings=True),

@@ -218,7 +218,11 @@ def parse_config(path: Path, data: dict[str, Any]) -> ModelSpec:
         checkpoint_dtype=f.data.get("torch_dtype") or f.data.get("dtype"),
         bos_token_id=f.get("bos_token_id", int, None),
         eos_token_ids=_ids(data.get("eos_token_id")))
-    return replace(spec, **_moe(f, arch, layers)) if family == "moe" else spec
+    if family == "moe":
+        return replace(spec, **_moe(f, arch, layers))
+    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):    # o_proj has a bias with q/k/v
+        return replace(spec, o_bias=spec.qkv_bias)
+    return spec
 
 
 def expert_layout(model_dir: Path) -> str:
