@@ -208,8 +208,11 @@ async def serve(app: web.Application, host: str, port: int) -> None:
     """Serve app on host:port (0: any free port) until SIGINT or SIGTERM."""
     # aiohttp waits for the handlers a little past the deadline: they end the streams.
     # A client that disconnects cancels its handler, and so its sequences.
+    # One access line per request costs the event loop time on a busy box: debug only.
+    access = logging.getLogger("aiohttp.access")
     runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
-                           shutdown_timeout=app[SHUTDOWN_DEADLINE] + 5)
+                           shutdown_timeout=app[SHUTDOWN_DEADLINE] + 5,
+                           access_log=access if access.isEnabledFor(logging.DEBUG) else None)
     await runner.setup()            # starts the EdgeServer (cleanup_ctx)
     try:
         site = web.TCPSite(runner, host, port)

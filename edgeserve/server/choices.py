@@ -27,7 +27,21 @@ class Choices:
         self._prompt_of, self._renamed = prompt_of, renamed or {}
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._usage: dict[int, Usage] = {}
-        self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
+        self._streams = streams
+        self._tasks: list[asyncio.Task[None]] = []
+        self._direct: AsyncIterator[Delta] | None = None
+
+    def read_directly(self) -> None:
+        """Read a single choice straight from its stream: no task and no second queue per
+        token. Only for callers that never cancel a pending read (a timeout on anext would
+        close the stream)."""
+        if self.n == 1 and not self._tasks:
+            self._direct = self._streams[0]
+
+    def _start(self) -> None:
+        if not self._tasks and self._direct is None:
+            self._tasks = [asyncio.create_task(self._pump(i, s))
+                           for i, s in enumerate(self._streams)]
 
     async def _pump(self, index: int, stream: AsyncIterator[Delta]) -> None:
         # A cancellation lands inside the stream, whose own clean-up cancels the sequence.
@@ -50,9 +64,19 @@ class Choices:
     async def __anext__(self) -> tuple[int, Delta]:
         if len(self._usage) == self.n:
             raise StopAsyncIteration
-        index, item = await self._queue.get()
-        if isinstance(item, Exception):
-            raise item
+        if self._direct is not None:
+            try:
+                index, item = 0, await anext(self._direct)
+            except StopAsyncIteration:
+                raise RuntimeError("the stream ended without a finish reason") from None
+            except Exception as e:
+                raise self._rename(e) from e
+        else:
+            self._start()
+            index, queued = await self._queue.get()
+            if isinstance(queued, Exception):
+                raise queued
+            item = queued
         if item.finish_reason is not None and item.usage is not None:
             self._usage[index] = item.usage
         return index, item
@@ -64,6 +88,15 @@ class Choices:
                      sum(u.completion_tokens for u in self._usage.values()))
 
     async def aclose(self) -> None:
+        if self._direct is not None:
+            close = getattr(self._direct, "aclose", None)
+            if close is not None:
+                await close()           # closing the stream cancels its sequence
+        elif not self._tasks:           # never read: close the streams themselves
+            for stream in self._streams:
+                close = getattr(stream, "aclose", None)
+                if close is not None:
+                    await close()
         for task in self._tasks:
             task.cancel()
         # Their cancellations come back as results; one of the caller's own still raises.

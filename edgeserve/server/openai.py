@@ -137,6 +137,7 @@ async def _collect(choices: Choices, chunks: _ChatChunks) -> ChatCompletion:
     texts: list[list[str]] = [[] for _ in range(choices.n)]
     logprobs: list[list[TokenLogprob] | None] = [None] * choices.n
     reasons: list[str | None] = [None] * choices.n
+    choices.read_directly()         # no timeout here: a single choice needs no task
     async for i, delta in choices:
         texts[i].append(delta.text)
         if delta.logprobs is not None:

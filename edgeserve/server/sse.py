@@ -45,6 +45,7 @@ async def stream(request: web.Request, choices: Choices, chunks: Chunks, *,
     try:
         first: tuple[int, Delta] | None
         if not loading:
+            choices.read_directly()     # nothing cancels a pending read on this path
             first = await anext(choices)
             resp = await _open(request)
         else:
