@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-from edgeserve.results import Delta, InvalidRequest, Usage
+from edgeserve.results import Delta, InvalidRequest, TokenLogprob, Usage
 
 _Item = tuple[int, Delta | Exception]
+
+
+@dataclass(frozen=True, slots=True)
+class Gathered:
+    """One whole choice, for answers that are not streamed."""
+
+    text: str
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
 
 
 class Choices:
@@ -80,6 +90,19 @@ class Choices:
         if item.finish_reason is not None and item.usage is not None:
             self._usage[index] = item.usage
         return index, item
+
+    async def gather(self) -> list[Gathered]:
+        """Every choice whole (a non-streamed answer); nothing here cancels a read."""
+        texts: list[list[str]] = [[] for _ in range(self.n)]
+        logprobs: list[list[TokenLogprob] | None] = [None] * self.n
+        reasons: list[str | None] = [None] * self.n
+        self.read_directly()
+        async for i, delta in self:
+            texts[i].append(delta.text)
+            if delta.logprobs is not None:
+                logprobs[i] = (logprobs[i] or []) + delta.logprobs
+            reasons[i] = delta.finish_reason
+        return [Gathered("".join(texts[i]), logprobs[i], reasons[i]) for i in range(self.n)]
 
     def usage(self) -> Usage:
         """The usage of the finished choices: each prompt once, every completion."""

@@ -84,17 +84,8 @@ def _refuse_unsupported(req: CompletionRequest) -> None:
 
 
 async def _collect(choices: Choices, chunks: _CompletionChunks) -> TextCompletion:
-    texts: list[list[str]] = [[] for _ in range(choices.n)]
-    logprobs: list[list[TokenLogprob] | None] = [None] * choices.n
-    reasons: list[str | None] = [None] * choices.n
-    choices.read_directly()         # no timeout here: a single choice needs no task
-    async for i, delta in choices:
-        texts[i].append(delta.text)
-        if delta.logprobs is not None:
-            logprobs[i] = (logprobs[i] or []) + delta.logprobs
-        reasons[i] = delta.finish_reason
-    out = [chunks.choice(i, "".join(texts[i]), logprobs[i], reasons[i])
-           for i in range(choices.n)]
+    out = [chunks.choice(i, c.text, c.logprobs, c.finish_reason)
+           for i, c in enumerate(await choices.gather())]
     return TextCompletion(chunks.id, "text_completion", chunks.created, chunks.model, out,
                           usage(choices.usage()))
 

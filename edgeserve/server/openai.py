@@ -13,7 +13,7 @@ import msgspec
 from aiohttp import web
 
 from edgeserve.api import EdgeServer
-from edgeserve.results import Delta, TokenLogprob
+from edgeserve.results import Delta
 from edgeserve.results import Usage as ResultUsage
 from edgeserve.sampling import SamplingError, SamplingParams
 from edgeserve.server import sse
@@ -134,18 +134,9 @@ def _chat_sampling(req: ChatRequest) -> dict[str, Any]:
 
 
 async def _collect(choices: Choices, chunks: _ChatChunks) -> ChatCompletion:
-    texts: list[list[str]] = [[] for _ in range(choices.n)]
-    logprobs: list[list[TokenLogprob] | None] = [None] * choices.n
-    reasons: list[str | None] = [None] * choices.n
-    choices.read_directly()         # no timeout here: a single choice needs no task
-    async for i, delta in choices:
-        texts[i].append(delta.text)
-        if delta.logprobs is not None:
-            logprobs[i] = (logprobs[i] or []) + delta.logprobs
-        reasons[i] = delta.finish_reason
-    out = [Choice(i, AssistantMessage("assistant", "".join(texts[i])), reasons[i],
-                  None if logprobs[i] is None else chat_logprobs(logprobs[i] or [], chunks.text))
-           for i in range(choices.n)]
+    out = [Choice(i, AssistantMessage("assistant", c.text), c.finish_reason,
+                  None if c.logprobs is None else chat_logprobs(c.logprobs, chunks.text))
+           for i, c in enumerate(await choices.gather())]
     return ChatCompletion(chunks.id, "chat.completion", chunks.created, chunks.model, out,
                           usage(choices.usage()))
 
