@@ -100,7 +100,7 @@ class EdgeServer:
         self.engine.start()
         tiers = self.config.tiers
         host_size = tiers.host_size if tiers.host_size is not None else \
-            min(8 << 30, cpu_info().total_bytes // 4)
+            min(8 << 30, cpu_info().total_bytes // 8)
         self.host = HostTier(host_size, pinned=any(d.startswith("cuda") for d in self.pools))
         self._scheduler = Scheduler(self.store, self.pools, self.engine, self.metrics,
                                     self.dtype_for, tiers, self.host)

@@ -92,7 +92,7 @@ def _engine_args(p: argparse.ArgumentParser, cfg: Config) -> None:
     p.add_argument("--dtype", type=_dtype, default=cfg.dtype,
                    help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--host-size", type=_size, default=cfg.tiers.host_size, metavar="SIZE",
-                   help="host-memory tier below the pools (default: a quarter of RAM, "
+                   help="host-memory tier below the pools (default: an eighth of RAM, "
                         "at most 8GiB)")
     p.add_argument("--policy", choices=sorted(POLICIES), default=cfg.tiers.policy,
                    help="eviction policy (default: %(default)s)")

@@ -39,9 +39,10 @@ class PoolConfig:
 
     pool_size: int | None = None
     block_size: int | None = None
-    # On the CPU the pool is a fixed budget: this share of physical memory, capped.
-    cpu_fraction: float = 0.25
-    cpu_cap: int = 8 << 30
+    # On the CPU the pool is a fixed budget: this share of physical memory, capped. Memory
+    # is only touched as units fill it, so a generous budget costs nothing unused.
+    cpu_fraction: float = 0.4
+    cpu_cap: int = 64 << 30
     # On CUDA: this share of the free memory at start-up.
     cuda_fraction: float = 0.85
     cpu_block_size: int = 256 << 10
@@ -52,7 +53,7 @@ class PoolConfig:
 class TierConfig:
     """The host tier below the pools, the disk pipeline, and the eviction policy."""
 
-    host_size: int | None = None   # None: a quarter of RAM, capped at 8 GiB
+    host_size: int | None = None   # None: an eighth of RAM, capped at 8 GiB
     readers: int = 4               # disk reader threads
     read_chunk: int = 32 << 20     # bytes per sequential read
     policy: str = "edgeserve"      # see edgeserve.eviction.POLICIES
