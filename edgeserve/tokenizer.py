@@ -8,6 +8,7 @@ chat template in the same sandbox with the same helpers transformers installs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from collections.abc import Sequence
@@ -59,6 +60,10 @@ class Tokenizer:
         bos = self.special_tokens.get("bos_token")
         self.bos_token_id: int | None = backend.token_to_id(bos) if bos is not None else None
         self.eos_token_ids: frozenset[int] = self._collect_eos(generation_config or {})
+        decoder = json.loads(backend.to_str()).get("decoder") or {}
+        self._byte_level = "ByteLevel" in json.dumps(decoder)
+        self._special_ids = {t.content for t in backend.get_added_tokens_decoder().values()
+                             if t.special}
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -96,6 +101,21 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         """Whether the model ships a chat template."""
         return bool(self.chat_templates)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for, also when it is part of a character (byte-level
+        BPE alphabet, `<0xNN>` byte fallback, SentencePiece's '\u2581' for a space)."""
+        piece = self._backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if piece in self._special_ids:
+            return piece.encode()
+        if self._byte_level and all(ch in _UNICODE_TO_BYTE for ch in piece):
+            return bytes(_UNICODE_TO_BYTE[ch] for ch in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            with contextlib.suppress(ValueError):
+                return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` applies the post-processor (e.g. bos)."""
@@ -318,3 +338,20 @@ def _compile(source: str) -> jinja2.Template:
         return _environment().from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise ChatTemplateError(f"invalid chat template (line {e.lineno}): {e.message}") from e
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE writes each byte as one printable character: printable Latin-1 bytes
+    stand for themselves, the others are shifted past 255. This is its inverse."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)}
+    out, shift = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[chr(b)] = b
+        else:
+            out[chr(256 + shift)] = b
+            shift += 1
+    return out
+
+
+_UNICODE_TO_BYTE = _byte_alphabet()

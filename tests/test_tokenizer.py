@@ -299,3 +299,15 @@ def test_sandbox_helpers(demo_dir: Path, tmp_path: Path) -> None:
         ours.render_chat([{"role": "user", "content": "hi"}])
     ours.chat_templates["default"] = template.split("{% set")[0]
     assert ours.render_chat([{"role": "user", "content": "hi"}]) == str(datetime.now().year)
+
+
+def test_token_bytes_rebuild_the_text_byte_for_byte(tok: Tokenizer) -> None:
+    """A multi-byte character split across tokens: each token's own bytes, joined, are the
+    UTF-8 of the text (what OpenAI's logprobs `bytes` field carries)."""
+    text = "naïve 🎉 汉字 ok"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
+    partial = [i for i in ids if tok.decode([i]).endswith("\ufffd")]
+    assert partial and all(b"\xef\xbf\xbd" not in tok.token_bytes(i) for i in partial)
+    eos = min(tok.eos_token_ids)
+    assert tok.token_bytes(eos) == tok.decode([eos], skip_special_tokens=False).encode()
