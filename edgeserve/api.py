@@ -62,7 +62,8 @@ class EdgeServer:
     def __init__(self, models: str | Path | None = None, device: str | None = None,
                  pool_size: str | int | None = None, *, block_size: str | int | None = None,
                  dtype: str | None = None, host_size: str | int | None = None,
-                 policy: str | None = None, config: Config | None = None) -> None:
+                 policy: str | None = None, expert_budget: float | None = None,
+                 expert_policy: str | None = None, config: Config | None = None) -> None:
         cfg = config or from_env(models=models, device=device, dtype=dtype)
         if host_size is not None or policy is not None:
             cfg = replace(cfg, tiers=replace(
@@ -75,6 +76,12 @@ class EdgeServer:
                 pool_size=parse_size(pool_size) if pool_size is not None else cfg.pool.pool_size,
                 block_size=(parse_size(block_size) if block_size is not None
                             else cfg.pool.block_size)))
+        if expert_budget is not None or expert_policy is not None:
+            if expert_budget is not None and not 0 < expert_budget <= 1:
+                raise ValueError(f"expert budget must be in (0, 1], got {expert_budget}")
+            cfg = replace(cfg, experts=replace(
+                cfg.experts, budget=expert_budget if expert_budget is not None
+                else cfg.experts.budget, policy=expert_policy or cfg.experts.policy))
         self.config = cfg
         self.store = ModelStore(cfg.models)
         self.pools: dict[str, BlockPool] = {}
@@ -103,7 +110,7 @@ class EdgeServer:
             min(8 << 30, cpu_info().total_bytes // 8)
         self.host = HostTier(host_size, pinned=any(d.startswith("cuda") for d in self.pools))
         self._scheduler = Scheduler(self.store, self.pools, self.engine, self.metrics,
-                                    self.dtype_for, tiers, self.host)
+                                    self.dtype_for, tiers, self.host, self.config.experts)
         return self
 
     def _queues(self) -> dict[str, tuple[int, int]]:
@@ -301,7 +308,9 @@ def _pool_stats(pool: BlockPool, models: list[ResidentModel]) -> dict[str, Any]:
         "resident_models": {m.id: m.resident_bytes for m in models},
         "models": {m.id: {"bytes": m.resident_bytes,
                           "shared_bytes": sum(u.nblocks * block for u in m.distinct_units
-                                              if users[u.id] > 1)} for m in models},
+                                              if users[u.id] > 1),
+                          "experts": m.offload.stats() if m.offload is not None else None}
+                   for m in models},
         "weight_bytes_unique": sum(u.nblocks * block for u in weights),
         "retained_bytes": sum(u.nblocks * block for u in weights if u.pins == 0),
         "evictions": pool.evictions}

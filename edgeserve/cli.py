@@ -21,6 +21,7 @@ from edgeserve import __version__
 from edgeserve.api import EdgeServer
 from edgeserve.config import Config, from_env, parse_size
 from edgeserve.eviction import POLICIES
+from edgeserve.experts.cache import POLICIES as EXPERT_POLICIES
 from edgeserve.loader import parse_dtype
 from edgeserve.results import GenerationError
 
@@ -96,6 +97,10 @@ def _engine_args(p: argparse.ArgumentParser, cfg: Config) -> None:
                         "at most 8GiB)")
     p.add_argument("--policy", choices=sorted(POLICIES), default=cfg.tiers.policy,
                    help="eviction policy (default: %(default)s)")
+    p.add_argument("--expert-budget", type=float, default=cfg.experts.budget, metavar="FRACTION",
+                   help="MoE models: share of experts kept on the device (default: 1.0, all)")
+    p.add_argument("--expert-policy", choices=EXPERT_POLICIES, default=cfg.experts.policy,
+                   help="MoE expert cache policy (default: %(default)s)")
 
 
 def _log_arg(p: argparse.ArgumentParser, default: str) -> None:
@@ -156,7 +161,8 @@ def run_async(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 def _edge_server(args: argparse.Namespace) -> EdgeServer:
     return EdgeServer(args.models, args.device, args.pool_size, block_size=args.block_size,
-                      dtype=args.dtype, host_size=args.host_size, policy=args.policy)
+                      dtype=args.dtype, host_size=args.host_size, policy=args.policy,
+                      expert_budget=args.expert_budget, expert_policy=args.expert_policy)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -60,6 +60,15 @@ class TierConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpertConfig:
+    """MoE models: the share of experts kept on the device, and how the rest are served."""
+
+    budget: float = 1.0            # 1.0: every expert resident
+    policy: str = "importance+substitution"   # lru | importance | importance+substitution
+    threshold: float = 0.1         # gate weight below which a miss may be substituted
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     max_batch: int = 64            # sequences decoded together in one step, per model
     max_queue: int = 1024          # waiting sequences before new requests are refused
@@ -74,6 +83,7 @@ class Config:
     pool: PoolConfig = field(default_factory=PoolConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     tiers: TierConfig = field(default_factory=TierConfig)
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None

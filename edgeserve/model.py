@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ class ResidentModel:
     units: dict[str, Unit]
     kv: KVCache
     eos_token_ids: frozenset[int] = frozenset()
+    offload: Any = None             # experts.offload.ExpertOffload when experts are budgeted
     _runner: Model | None = field(default=None, repr=False)
     _epoch: int = -1
 
@@ -60,6 +62,8 @@ class ResidentModel:
             self._epoch = self.pool.epoch
             self._runner = build_model(self.spec, weight_views(self.pool, self.units, self.spec,
                                                               self.dtype))
+            if self.offload is not None:
+                self.offload.attach(self._runner)
         return self._runner
 
     def forward(self, batch: StepBatch, all_logits: bool = False) -> torch.Tensor:
@@ -82,6 +86,9 @@ class ResidentModel:
     def release(self, retain: bool = True) -> None:
         """Stop using the weights. Retained units stay resident (and shared) until evicted;
         otherwise a unit no other model uses goes back to the pool at once."""
+        if self.offload is not None:
+            self.offload.release()
+            self.offload = None
         for unit in self.units.values():
             if not unit.alive:
                 continue

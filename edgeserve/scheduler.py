@@ -20,9 +20,10 @@ import torch
 
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.checkpoint import HashCache
-from edgeserve.config import TierConfig
+from edgeserve.config import ExpertConfig, TierConfig
 from edgeserve.engine import Engine
 from edgeserve.eviction import Demand, PolicyContext, create_policy
+from edgeserve.experts.offload import ExpertOffload
 from edgeserve.loader import (
     LoadContext,
     LoadReport,
@@ -59,10 +60,12 @@ class Residency:
 class Scheduler:
     def __init__(self, store: ModelStore, pools: dict[str, BlockPool], engine: Engine,
                  metrics: Metrics, dtype_for: Callable[[str], torch.dtype],
-                 tiers: TierConfig | None = None, host: HostTier | None = None) -> None:
+                 tiers: TierConfig | None = None, host: HostTier | None = None,
+                 experts: ExpertConfig | None = None) -> None:
         self.store, self.pools, self.engine, self.metrics = store, pools, engine, metrics
         self.dtype_for = dtype_for
         tiers = tiers or TierConfig()
+        self.experts = experts or ExpertConfig()
         self.policy = create_policy(tiers.policy)
         self.host = host if self.policy.host_tier else None
         self.ctx = PolicyContext(Demand(), host=self.host)
@@ -125,6 +128,10 @@ class Scheduler:
                 pool.thaw()
             model = ResidentModel.from_units(model_id, path, spec, pool, ctx.dtype,
                                              prepared.units)
+            if spec.family == "moe" and self.experts.budget < 1.0:
+                e = self.experts
+                model.offload = await self.engine.run(ExpertOffload, model, e.budget, e.policy,
+                                                      e.threshold)
             for unit in model.distinct_units:
                 self.ctx.users.setdefault(unit.key or "", set()).add(model_id)
         report.seconds = time.perf_counter() - start

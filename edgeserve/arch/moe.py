@@ -116,7 +116,7 @@ class MoeModel(DenseModel):
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> None:
         super().__init__(spec, weights)
         self.sparse: dict[int, Sparse] = {}
-        self.resident: dict[int, list[ExpertWeights]] = {}
+        self.resident: dict[int, dict[int, ExpertWeights]] = {}   # present at build time
         for n in range(spec.num_layers):
             if spec.sparse_layers[n]:
                 p = f"model.layers.{n}.mlp."
@@ -172,12 +172,15 @@ class MoeModel(DenseModel):
         return out
 
 
-def _experts_of(spec: ModelSpec, w: dict[str, torch.Tensor], p: str) -> list[ExpertWeights]:
+def _experts_of(spec: ModelSpec, w: dict[str, torch.Tensor], p: str
+                ) -> dict[int, ExpertWeights]:
+    """The experts whose weights are resident (an expert cache supplies the others)."""
     if spec.expert_layout == "stacked":
         gate_up, down = w[p + "experts.gate_up_proj"], w[p + "experts.down_proj"]
-        return [(gate_up[e], down[e]) for e in range(spec.num_experts)]
-    return [(w[f"{p}experts.{e}.gate_up_proj.weight"], w[f"{p}experts.{e}.down_proj.weight"])
-            for e in range(spec.num_experts)]
+        return {e: (gate_up[e], down[e]) for e in range(spec.num_experts)}
+    names = {e: (f"{p}experts.{e}.gate_up_proj.weight", f"{p}experts.{e}.down_proj.weight")
+             for e in range(spec.num_experts)}
+    return {e: (w[g], w[d]) for e, (g, d) in names.items() if g in w and d in w}
 
 
 def build(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> MoeModel:

@@ -1,0 +1,151 @@
+"""A MoE model with only a budget of its experts on the device.
+
+Every expert's bytes are kept in host memory; the ExpertCache decides which experts are
+pool units (kind `expert`) at any time. Before a sparse layer computes, its routing goes
+through the cache: evictions release units, misses allocate units and copy the expert in,
+and low-weight misses may be served by a similar resident expert (substitution). Runs on
+the engine's step thread, like every forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from edgeserve.arch.moe import ExpertWeights, MoeModel
+from edgeserve.experts.cache import Expert, ExpertCache
+from edgeserve.experts.similarity import layer_similarity
+from edgeserve.model import ResidentModel
+from edgeserve.pool import PoolFull, Unit, UnitKind
+
+
+def _names(layer: int, e: int) -> tuple[str, str]:
+    p = f"model.layers.{layer}.mlp.experts.{e}."
+    return p + "gate_up_proj.weight", p + "down_proj.weight"
+
+
+class ExpertOffload:
+    def __init__(self, model: ResidentModel, budget: float, policy: str,
+                 threshold: float = 0.1) -> None:
+        spec = model.spec
+        if spec.family != "moe" or spec.expert_layout != "per_expert":
+            raise ValueError(f"{model.id}: expert offload needs a per-expert MoE checkpoint")
+        self.model, self.pool = model, model.pool
+        layers = [n for n in range(spec.num_layers) if spec.sparse_layers[n]]
+        self.first_layer = layers[0]
+        views = {name: v for name, v in model_views(model).items()}
+        self.host: dict[Expert, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in layers:
+            for e in range(spec.num_experts):
+                g, d = _names(layer, e)
+                self.host[(layer, e)] = (views[g].to("cpu", copy=True),
+                                         views[d].to("cpu", copy=True))
+        sizes = next(iter(self.host.values()))
+        expert_bytes = sum(t.numel() * t.element_size() for t in sizes)
+        capacity = max(spec.experts_per_token, int(budget * len(self.host)))
+        self.cache = ExpertCache(spec.num_layers, spec.num_experts, capacity, policy,
+                                 expert_bytes, self._similarity(layers), threshold)
+        self.units: dict[Expert, tuple[Unit, Unit]] = {}
+        keep = sorted(self.host, key=lambda k: (k[1], k[0]))[:capacity]   # spread over layers
+        for key in self.host:
+            pair = tuple(model.units.pop(n) for n in _names(*key))
+            if key in keep:
+                self.units[key] = (pair[0], pair[1])
+            else:
+                for unit in pair:
+                    self._drop(unit)
+        self.cache.warm(keep)
+        self.tokens = 0
+        model._runner = None          # rebuilt without the released experts, then attached
+
+    def _similarity(self, layers: list[int]) -> torch.Tensor:
+        spec = self.model.spec
+        sim = torch.full((spec.num_layers, spec.num_experts, spec.num_experts), float("-inf"))
+        for layer in layers:
+            sim[layer] = layer_similarity([self.host[(layer, e)]
+                                           for e in range(spec.num_experts)])
+        return sim
+
+    # ---- on the step thread --------------------------------------------------------------
+    def attach(self, runner: MoeModel) -> None:
+        """Make a (re)built runner take its experts from here."""
+        compute = runner.run_experts
+        runner.expert_weights = self.weights
+
+        def run(layer: int, x: torch.Tensor, ids: torch.Tensor,
+                gates: torch.Tensor) -> torch.Tensor:
+            return compute(layer, x, self.route(layer, ids, gates), gates)
+
+        runner.run_experts = run  # type: ignore[method-assign]
+
+    def route(self, layer: int, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Carry out the cache's decision for this layer; ids with substitutes applied."""
+        routed = self.cache.route(layer, ids, gates)
+        for key in routed.evict:
+            for unit in self.units.pop(key):
+                self._drop(unit)
+        for e in routed.fetch:
+            self._fetch((layer, e))
+        if routed.substituted:
+            table = torch.arange(self.model.spec.num_experts, device=ids.device)
+            for e in routed.substituted:
+                table[e] = routed.use[e]
+            ids = table[ids]
+        if layer == self.first_layer:         # count each token once, at the first sparse layer
+            self.tokens += int(ids.shape[0])
+        return ids
+
+    def _fetch(self, key: Expert) -> None:
+        # Mid-forward: nothing may move (compaction would stale the forward's views).
+        pair: list[Unit] = []
+        self.pool.freeze()
+        try:
+            for data in self.host[key]:
+                unit = self.pool.allocate(UnitKind.EXPERT, data.numel() * data.element_size(),
+                                          owner=self.model.id)
+                pair.append(unit)
+                self.pool.view(unit, data.dtype, data.shape).copy_(data)
+        except PoolFull:        # no room without moving units: use the host copy this time
+            for unit in pair:
+                self.pool.release(unit)
+            self.cache.resident.discard(key)
+            return
+        finally:
+            self.pool.thaw()
+        self.units[key] = (pair[0], pair[1])
+
+    def weights(self, layer: int, e: int) -> ExpertWeights:
+        if (layer, e) not in self.units:
+            g_host, d_host = self.host[(layer, e)]
+            device = self.pool.device
+            return g_host.to(device), d_host.to(device)
+        g, d = self.units[(layer, e)]
+        host_g, host_d = self.host[(layer, e)]
+        return (self.pool.view(g, host_g.dtype, host_g.shape),
+                self.pool.view(d, host_d.dtype, host_d.shape))
+
+    def _drop(self, unit: Unit) -> None:
+        # A unit another model shares (equal bytes) stays for it.
+        self.pool.unpin(unit)
+        if unit.pins == 0:
+            self.pool.release(unit)
+
+    def release(self) -> None:
+        for pair in self.units.values():
+            for unit in pair:
+                self._drop(unit)
+        self.units.clear()
+
+    def stats(self) -> dict[str, Any]:
+        s = self.cache.stats
+        per_token = s.bytes_moved / self.tokens if self.tokens else 0.0
+        return asdict(s) | {"hit_rate": s.hit_rate, "bytes_moved_per_token": per_token,
+                            "capacity": self.cache.capacity, "policy": self.cache.policy}
+
+
+def model_views(model: ResidentModel) -> dict[str, torch.Tensor]:
+    from edgeserve.loader import weight_views
+
+    return weight_views(model.pool, model.units, model.spec, model.dtype)
