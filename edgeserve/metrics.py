@@ -85,7 +85,17 @@ def live_gauges(stats: dict[str, Any], queues: dict[str, tuple[int, int]]) -> li
                 by_model.append(([device, kind, model], nbytes))
             if kv_capacity:
                 kv_usage.append(([model], kinds.get("kv", 0) / kv_capacity))
+    experts = [(m, e) for p in pools.values() for m, info in p.get("models", {}).items()
+               if (e := info.get("experts"))]
     return [
+        gauge("edgeserve:expert_hit_rate", "MoE expert cache hits / lookups.", ["model_name"],
+              [([m], e["hit_rate"]) for m, e in experts]),
+        gauge("edgeserve:expert_substitutions", "Misses served by a similar expert.",
+              ["model_name"], [([m], e["substitutions"]) for m, e in experts]),
+        gauge("edgeserve:expert_prefetch_accuracy", "Prefetched experts that were used.",
+              ["model_name"], [([m], e["prefetch_accuracy"]) for m, e in experts]),
+        gauge("edgeserve:expert_bytes_moved_per_token", "Expert bytes copied per token.",
+              ["model_name"], [([m], e["bytes_moved_per_token"]) for m, e in experts]),
         gauge("vllm:num_requests_running", "Requests running.", ["model_name"],
               [([m], r) for m, (r, _) in queues.items()]),
         gauge("vllm:num_requests_waiting", "Requests waiting.", ["model_name"],

