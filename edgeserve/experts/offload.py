@@ -9,6 +9,7 @@ the engine's step thread, like every forward.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 
 from edgeserve.arch.moe import ExpertWeights, MoeModel, route
 from edgeserve.experts.cache import Expert, ExpertCache
-from edgeserve.experts.similarity import layer_similarity
+from edgeserve.experts.similarity import cached_similarity
 from edgeserve.model import ResidentModel
 from edgeserve.pool import PoolFull, Unit, UnitKind
 
@@ -61,11 +62,23 @@ class ExpertOffload:
         model._runner = None          # rebuilt without the released experts, then attached
 
     def _similarity(self, layers: list[int]) -> torch.Tensor:
-        spec = self.model.spec
-        sim = torch.full((spec.num_layers, spec.num_experts, spec.num_experts), float("-inf"))
-        for layer in layers:
-            sim[layer] = layer_similarity([self.host[(layer, e)]
-                                           for e in range(spec.num_experts)])
+        """(L, E, E), computed once per model and cached in the store by content."""
+        spec, model = self.model.spec, self.model
+        keys = sorted(model.units[n].key or "" for key in self.host for n in _names(*key))
+        digest = hashlib.blake2b("|".join(keys).encode(), digest_size=12).hexdigest()
+        cached = cached_similarity(model.path.parent, digest)
+        if cached is not None and cached.shape[0] == spec.num_layers:
+            return cached
+        per_layer = []
+        for n in range(spec.num_layers):
+            experts = [self.host[(n, e)] for e in range(spec.num_experts)] \
+                if n in layers else [self.host[(layers[0], e)] for e in range(spec.num_experts)]
+            per_layer.append(experts)
+        sim = cached_similarity(model.path.parent, digest, per_layer)
+        assert sim is not None
+        for n in range(spec.num_layers):
+            if n not in layers:
+                sim[n] = float("-inf")          # dense layers have no experts
         return sim
 
     # ---- on the step thread --------------------------------------------------------------

@@ -62,6 +62,7 @@ async def test_substitution_happens_only_below_the_threshold(moe_store):
                           block_size="4KiB") as es:
         await es.load("mixtral")
         never = await offloaded(es, 0.25, "importance+substitution", threshold=0.0)
+        assert list((moe_store / ".edgeserve" / "similarity").glob("*.pt"))   # cached in store
         await generate(es)
         assert never.stats()["substitutions"] == 0      # no gate weight is below 0
         es.models["mixtral"].release()                  # fresh model state for the next
