@@ -67,18 +67,23 @@ def forced_logits(model: ResidentModel, prompt: list[int], tokens: list[int]) ->
 
 
 THRESHOLD = [0.1]
+PREFETCH = [True]
+STREAMS = [8]
 
 
 async def measure(budget: float, policy: str, tokens: int,
                   reference: dict[str, object] | None) -> dict[str, object]:
     cfg = Config(models=OUT, device="cpu", pool=PoolConfig(pool_size=1 << 30),
-                 experts=ExpertConfig(budget, policy, THRESHOLD[0]))
+                 experts=ExpertConfig(budget, policy, THRESHOLD[0], PREFETCH[0]))
     async with EdgeServer(config=cfg) as es:
         await es.load(MODEL)
         model = es.models[MODEL]
         start = time.perf_counter()
-        outs = await asyncio.gather(*[es.complete(MODEL, p, max_tokens=tokens, temperature=0,
-                                                  ignore_eos=True) for p in PROMPTS])
+        outs = []
+        for i in range(0, len(PROMPTS), STREAMS[0]):     # STREAMS concurrent requests
+            outs += await asyncio.gather(*[
+                es.complete(MODEL, p, max_tokens=tokens, temperature=0, ignore_eos=True)
+                for p in PROMPTS[i:i + STREAMS[0]]])
         rate = len(PROMPTS) * tokens / (time.perf_counter() - start)
         stats = model.offload.stats() if model.offload is not None else {}
         continuations = [o.token_ids for o in outs]
@@ -88,6 +93,7 @@ async def measure(budget: float, policy: str, tokens: int,
             forced_logits(model, p, c) for p, c in zip(PROMPTS, reference["tokens"],  # type: ignore[call-overload]
                                                        strict=True)])
     result: dict[str, object] = {"budget": budget, "policy": policy, "threshold": THRESHOLD[0],
+                                 "prefetch": PREFETCH[0], "streams": STREAMS[0],
                                  "decode_tok_s": round(rate, 1),
                                  "hit_rate": round(stats.get("hit_rate", 1.0), 3),
                                  "bytes_moved_per_token": round(
@@ -130,8 +136,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threshold", type=float, default=0.1,
                         help="gate weight below which a miss may be substituted")
+    parser.add_argument("--no-prefetch", action="store_true")
+    parser.add_argument("--streams", type=int, default=8, help="concurrent decode streams")
     args = parser.parse_args()
     THRESHOLD[0] = args.threshold
+    PREFETCH[0] = not args.no_prefetch
+    STREAMS[0] = args.streams
     make_model()
     asyncio.run(run(args.tokens))
 

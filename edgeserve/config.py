@@ -66,6 +66,7 @@ class ExpertConfig:
     budget: float = 1.0            # 1.0: every expert resident
     policy: str = "importance+substitution"   # lru | importance | importance+substitution
     threshold: float = 0.1         # gate weight below which a miss may be substituted
+    prefetch: bool = True          # guess the next layer's experts from its router
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,7 +131,7 @@ class Scheduler:
             if spec.family == "moe" and self.experts.budget < 1.0:
                 e = self.experts
                 model.offload = await self.engine.run(ExpertOffload, model, e.budget, e.policy,
-                                                      e.threshold)
+                                                      e.threshold, e.prefetch)
             for unit in model.distinct_units:
                 self.ctx.users.setdefault(unit.key or "", set()).add(model_id)
         report.seconds = time.perf_counter() - start

@@ -29,13 +29,14 @@ def _names(layer: int, e: int) -> tuple[str, str]:
 
 class ExpertOffload:
     def __init__(self, model: ResidentModel, budget: float, policy: str,
-                 threshold: float = 0.1) -> None:
+                 threshold: float = 0.1, prefetch: bool = True) -> None:
         spec = model.spec
         if spec.family != "moe" or spec.expert_layout != "per_expert":
             raise ValueError(f"{model.id}: expert offload needs a per-expert MoE checkpoint")
         self.model, self.pool = model, model.pool
         layers = [n for n in range(spec.num_layers) if spec.sparse_layers[n]]
         self.first_layer, self.layers = layers[0], layers
+        self.prefetching = prefetch
         views = {name: v for name, v in model_views(model).items()}
         self.host: dict[Expert, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in layers:
@@ -117,7 +118,7 @@ class ExpertOffload:
         input, and copy the missing ones in now (on CUDA that copy overlaps the layers in
         between; here it is counted for prefetch accuracy)."""
         after = [n for n in self.layers if n > layer]
-        if not after:
+        if not after or not self.prefetching:
             return
         spec = runner.spec
         ids, _ = route(x, runner.sparse[after[0]].router, spec.experts_per_token,
