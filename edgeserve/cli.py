@@ -35,12 +35,20 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 # ---- argument types --------------------------------------------------------------------
-def _size(value: str) -> str:
-    try:
-        parse_size(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return value
+def _parsed_by(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type that keeps the text but rejects what `parse` rejects."""
+    def check(value: str) -> str:
+        try:
+            parse(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    return check
+
+
+_size = _parsed_by(parse_size)
+_dtype = _parsed_by(parse_dtype)
 
 
 def _device(value: str) -> str:
@@ -48,14 +56,6 @@ def _device(value: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{value!r} is not auto, cpu, cuda, cuda:N or a list like cuda:0,cuda:1")
     return value.strip().lower()
-
-
-def _dtype(value: str) -> str:
-    try:
-        parse_dtype(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return value
 
 
 def _port(value: str) -> int:

@@ -89,9 +89,6 @@ class Config:
     port: int = 8000
     api_key: str | None = None
 
-    def with_(self, **changes: object) -> Config:
-        return replace(self, **changes)  # type: ignore[arg-type]
-
 
 def from_env(**overrides: object) -> Config:
     """Defaults, then EDGESERVE_* variables, then explicit overrides (None means unset)."""

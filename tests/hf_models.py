@@ -107,3 +107,13 @@ def reference(path: Path, dtype: torch.dtype = torch.float32):  # type: ignore[n
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
     return model
+
+
+def hf_greedy(path: Path, prompt: list[int], n: int) -> list[int]:
+    """transformers' own greedy continuation of prompt, n tokens, EOS ignored."""
+    model = reference(path)
+    model.generation_config.eos_token_id = None       # we compare with ignore_eos
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                             pad_token_id=0)
+    return out[0, len(prompt):].tolist()

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 import torch
-from hf_models import ARCHS, reference
+from hf_models import ARCHS, hf_greedy, reference
 
 from edgeserve import EdgeServer, InvalidRequest
 from edgeserve.sampling import SamplingError
@@ -16,15 +16,6 @@ from edgeserve.store import UnknownModel
 def prompts(vocab: int, lengths=(3, 11, 6, 25)) -> list[list[int]]:
     g = torch.Generator().manual_seed(7)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-def hf_greedy(path, prompt: list[int], n: int) -> list[int]:
-    model = reference(path)
-    model.generation_config.eos_token_id = None      # we compare with ignore_eos
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                             pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def server(store, **kw) -> EdgeServer:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_models import MOE_ARCHS, load_resident, make_model, reference
+from hf_models import MOE_ARCHS, hf_greedy, load_resident, make_model, reference
 
 from edgeserve import EdgeServer
 from edgeserve.arch.moe import MoeModel, route
@@ -85,15 +85,6 @@ def test_stacked_expert_tensors_load_and_match(arch, moe_store, pool):
     classic = prefill_and_decode(moe_store / arch, pool, steps=3)
     for a, b in zip(ours, classic, strict=True):      # the same weights, either layout
         assert torch.equal(a, b)
-
-
-def hf_greedy(path: Path, prompt: list[int], n: int) -> list[int]:
-    model = reference(path)
-    model.generation_config.eos_token_id = None       # we compare with ignore_eos
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                             pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("arch", list(MOE_ARCHS))
