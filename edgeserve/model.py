@@ -66,6 +66,10 @@ class ResidentModel:
                 self.offload.attach(self._runner)
         return self._runner
 
+    def invalidate(self) -> None:
+        """The weights changed: build the runner anew at the next forward."""
+        self._runner = None
+
     def forward(self, batch: StepBatch, all_logits: bool = False) -> torch.Tensor:
         runner = self.runner
         return runner.forward(batch, self.kv.view, all_logits)

@@ -37,7 +37,7 @@ class ExpertOffload:
         layers = [n for n in range(spec.num_layers) if spec.sparse_layers[n]]
         self.first_layer, self.layers = layers[0], layers
         self.prefetching = prefetch
-        views = {name: v for name, v in model_views(model).items()}
+        views = model_views(model)
         self.host: dict[Expert, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in layers:
             for e in range(spec.num_experts):
@@ -60,7 +60,7 @@ class ExpertOffload:
                     self._drop(unit)
         self.cache.warm(keep)
         self.tokens = 0
-        model._runner = None          # rebuilt without the released experts, then attached
+        model.invalidate()            # rebuilt without the released experts, then attached
 
     def _similarity(self, layers: list[int]) -> torch.Tensor:
         """(L, E, E), computed once per model and cached in the store by content."""
