@@ -7,7 +7,7 @@ sequence starts at position 0 (a fresh prefill), where the new keys are used dir
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +30,8 @@ class StepBatch:
     width: int                 # S
     max_kv: int                # the most tokens any sequence has in the cache after this step
     uniform: bool              # every sequence has max_kv tokens
+    # Per-row task blocks, called at each linear as delta(unit, x, y, w) -> y (blocks/delta.py)
+    delta: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
     @property

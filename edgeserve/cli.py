@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from edgeserve import __version__
 from edgeserve.api import EdgeServer
+from edgeserve.blocks.command import add_parser as add_tasks_parser
 from edgeserve.config import Config, from_env, parse_size
 from edgeserve.eviction import POLICIES
 from edgeserve.experts.cache import POLICIES as EXPERT_POLICIES
@@ -144,6 +145,7 @@ def build_parser(cfg: Config) -> argparse.ArgumentParser:
                       help="the server's key, with --url")
     _log_arg(chat, "warning")
     chat.set_defaults(func=_chat)
+    add_tasks_parser(sub, cfg)
     return parser
 
 

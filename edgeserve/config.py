@@ -74,6 +74,7 @@ class EngineConfig:
     max_batch: int = 64            # sequences decoded together in one step, per model
     max_queue: int = 1024          # waiting sequences before new requests are refused
     prefill_chunk: int = 2048      # prompt tokens prefilled in one forward
+    batch_tasks: bool = True       # tasks of one base share forwards (else they take turns)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from edgeserve.batch import build_batch
+from edgeserve.blocks.delta import task_delta
 from edgeserve.config import EngineConfig
 from edgeserve.model import ResidentModel
 from edgeserve.pool import PoolFull
@@ -134,23 +135,33 @@ class Engine:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
         self._drop_cancelled()
-        for model in {id(s.model): s.model for s in [*self._running, *self._waiting]}.values():
-            self._step_model(model)
+        groups: dict[str, set[int]] = {}
+        for seq in [*self._running, *self._waiting]:
+            groups.setdefault(self._group(seq.model), set()).add(id(seq.model))
+        for members in groups.values():
+            self._step_group(members)
         self.steps += 1
 
-    def _step_model(self, model: ResidentModel) -> None:
-        running = [s for s in self._running if s.model is model]
-        self._reserve(model, running)
-        running = [s for s in self._running if s.model is model]
-        admitted = self._admit(model, len(running))
+    def _group(self, model: ResidentModel) -> str:
+        # A base and its tasks share forwards (each row adds its own task's blocks), unless
+        # configured to take turns.
+        return model.batch_group if self.config.batch_tasks else str(id(model))
+
+    def _step_group(self, members: set[int]) -> None:
+        def mine(seqs: list[Sequence]) -> list[Sequence]:
+            return [s for s in seqs if id(s.model) in members]
+
+        self._reserve(mine(self._running))
+        running = mine(self._running)
+        admitted = self._admit(mine(list(self._waiting)), len(running))
         decode = [s for s in running if s.length - s.cached == 1]
         prefill = [s for s in running if s.length - s.cached > 1] + admitted
         if decode:
-            self._forward(model, decode, 1)
+            self._forward(decode, 1)
         for group in _prefill_groups(prefill, self.config.prefill_chunk):
-            self._forward(model, group, self.config.prefill_chunk)
+            self._forward(group, self.config.prefill_chunk)
 
-    def _reserve(self, model: ResidentModel, running: list[Sequence]) -> None:
+    def _reserve(self, running: list[Sequence]) -> None:
         """Pages for every running sequence's next tokens, preempting the newest if needed."""
         chunk = self.config.prefill_chunk
         for seq in sorted(running, key=lambda s: s.arrival):
@@ -158,10 +169,10 @@ class Engine:
                 continue
             while True:
                 try:
-                    model.kv.grow(seq.pages, seq.cached + len(seq.pending(chunk)))
+                    seq.model.kv.grow(seq.pages, seq.cached + len(seq.pending(chunk)))
                     break
                 except PoolFull as e:
-                    victim = max((s for s in self._running if s.model is model
+                    victim = max((s for s in running if s in self._running
                                   and s.status is Status.RUNNING), key=lambda s: s.arrival)
                     if victim is seq and len(self._running) == 1:
                         self._fail(seq, e)
@@ -170,10 +181,11 @@ class Engine:
                     if victim is seq:
                         break
 
-    def _admit(self, model: ResidentModel, num_running: int) -> list[Sequence]:
+    def _admit(self, waiting: list[Sequence], num_running: int) -> list[Sequence]:
         admitted: list[Sequence] = []
         chunk = self.config.prefill_chunk
-        for seq in [s for s in self._waiting if s.model is model]:
+        for seq in waiting:
+            model = seq.model
             if num_running + len(admitted) >= self.config.max_batch:
                 break
             first = len(seq.pending(chunk))
@@ -193,11 +205,13 @@ class Engine:
             admitted.append(seq)
         return admitted
 
-    def _forward(self, model: ResidentModel, seqs: list[Sequence], limit: int) -> None:
+    def _forward(self, seqs: list[Sequence], limit: int) -> None:
+        model = seqs[0].model
         chunks = [(seq.pending(limit), seq.cached, seq.pages) for seq in seqs]
         try:
             batch = build_batch(chunks, model.kv.layout.page_tokens,
                                 torch.device(model.pool.device))
+            batch.delta = task_delta([seq.model.task for seq in seqs])
             logits = model.forward(batch)
         except Exception as e:
             log.exception("forward of %s failed", model.id)
@@ -220,10 +234,9 @@ class Engine:
             for i in done:
                 self._fail(seqs[i], e)
             return
-        eos = model.eos_token_ids
         for j, (i, token) in enumerate(zip(done, picked.tolist(), strict=True)):
             seq = seqs[i]
-            event = seq.accept(token, eos, logprobs.get(j))
+            event = seq.accept(token, seq.model.eos_token_ids, logprobs.get(j))
             if seq.status is Status.FINISHED:
                 self._retire(seq)
             seq.sink(event)

@@ -12,6 +12,7 @@ import torch
 from edgeserve.arch import Model, build_model
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.batch import StepBatch
+from edgeserve.blocks.task import TaskBlocks
 from edgeserve.kv import KVCache, KVLayout
 from edgeserve.loader import LoadContext, LoadReport, abort, fill, prepare, read_spec, weight_views
 from edgeserve.pool import BlockPool, Unit
@@ -28,6 +29,8 @@ class ResidentModel:
     kv: KVCache
     eos_token_ids: frozenset[int] = frozenset()
     offload: Any = None             # experts.offload.ExpertOffload when experts are budgeted
+    task: TaskBlocks | None = None  # a task of a base model: its blocks over these weights
+    base: str | None = None         # that base model's id
     _runner: Model | None = field(default=None, repr=False)
     _epoch: int = -1
 
@@ -66,6 +69,11 @@ class ResidentModel:
                 self.offload.attach(self._runner)
         return self._runner
 
+    @property
+    def batch_group(self) -> str:
+        """Models whose sequences may share a forward: a base and its tasks."""
+        return f"{self.base or self.id}|{self.pool.device}|{self.dtype}"
+
     def invalidate(self) -> None:
         """The weights changed: build the runner anew at the next forward."""
         self._runner = None
@@ -93,6 +101,8 @@ class ResidentModel:
         if self.offload is not None:
             self.offload.release()
             self.offload = None
+        if self.task is not None:
+            self.task.release()
         for unit in self.units.values():
             if not unit.alive:
                 continue

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import torch
 
-from edgeserve.arch.spec import ModelSpec
+from edgeserve.arch.spec import ModelFormatError, ModelSpec
+from edgeserve.blocks.loading import TaskLoader
+from edgeserve.blocks.pack import TaskPack, is_task_dir
+from edgeserve.blocks.task import TaskSource
 from edgeserve.checkpoint import HashCache
 from edgeserve.config import ExpertConfig, TierConfig
 from edgeserve.engine import Engine
@@ -37,7 +40,7 @@ from edgeserve.loader import (
 from edgeserve.metrics import Metrics
 from edgeserve.model import ResidentModel
 from edgeserve.pool import BlockPool, PoolFull, Unit, UnitKind
-from edgeserve.store import ModelStore
+from edgeserve.store import ModelStore, UnknownModel
 from edgeserve.tiers import DiskLoader, HostTier
 from edgeserve.tokenizer import Tokenizer
 
@@ -76,6 +79,7 @@ class Scheduler:
             pool.policy = lambda units: self.policy.unit_order(units, self.ctx)
             pool.before_evict.append(self._demote)
         self.models: dict[str, ResidentModel] = {}
+        self.tasks = TaskLoader(engine, self.disk)
         self.tokenizers: dict[str, Tokenizer | None] = {}
         self.residency: dict[str, Residency] = {}
         self._loading: dict[str, asyncio.Task[LoadReport]] = {}
@@ -107,15 +111,20 @@ class Scheduler:
     async def _load(self, model_id: str) -> LoadReport:
         path = self.store.path(model_id)
         start = time.perf_counter()
-        spec = await asyncio.to_thread(read_spec, path)
+        pack = await asyncio.to_thread(self._task_pack, model_id, path)
+        weights = self.store.path(pack.base) if pack is not None else path
+        spec = await asyncio.to_thread(read_spec, weights)
+        task = await asyncio.to_thread(TaskSource.scan, path, spec) if pack else None
         tokenizer = None
-        if (path / "tokenizer.json").is_file():
-            tokenizer = await asyncio.to_thread(Tokenizer.from_dir, path)
+        for folder in (path, weights):
+            if (folder / "tokenizer.json").is_file():
+                tokenizer = await asyncio.to_thread(Tokenizer.from_dir, folder)
+                break
         async with self._load_lock:
             pool = self.choose_pool()
             ctx = self.context(pool)
             report = LoadReport(model_id, pool.device)
-            prepared = await self._prepare(model_id, path, spec, ctx, report)
+            prepared = await self._prepare(model_id, weights, spec, ctx, report)
             pool.freeze()
             try:
                 with _progress(model_id, report.bytes_from_disk + report.bytes_from_host) as bar:
@@ -126,13 +135,23 @@ class Scheduler:
                 raise
             finally:
                 pool.thaw()
-            model = ResidentModel.from_units(model_id, path, spec, pool, ctx.dtype,
+            model = ResidentModel.from_units(model_id, weights, spec, pool, ctx.dtype,
                                              prepared.units)
+            if task is not None:
+                model.base = task.pack.base
+                deadline = time.monotonic() + BUSY_WAIT
+                try:
+                    model.task = await self.tasks.load(
+                        model_id, task, spec, ctx, report,
+                        lambda e: self._make_room(pool, model_id, deadline, e))
+                except BaseException:
+                    await self.engine.run(model.release, self.policy.retain)
+                    raise
             if spec.family == "moe" and self.experts.budget < 1.0:
                 e = self.experts
                 model.offload = await self.engine.run(ExpertOffload, model, e.budget, e.policy,
                                                       e.threshold, e.prefetch)
-            for unit in model.distinct_units:
+            for unit in model.distinct_units + (model.task.units if model.task else []):
                 self.ctx.users.setdefault(unit.key or "", set()).add(model_id)
         report.seconds = time.perf_counter() - start
         if not model.eos_token_ids and tokenizer is not None:
@@ -144,6 +163,18 @@ class Scheduler:
         log.info("loaded %s on %s: %.1f MB in %.2f s", model_id, pool.device,
                  report.bytes_total / 1e6, report.seconds)
         return report
+
+    def _task_pack(self, model_id: str, path: Path) -> TaskPack | None:
+        """The pack of a task folder, else None."""
+        if not is_task_dir(path):
+            return None
+        pack = TaskPack.read(path)
+        try:
+            self.store.path(pack.base)
+        except UnknownModel:
+            raise ModelFormatError(f"task '{model_id}': its base model '{pack.base}' is not "
+                                   f"in the store {self.store.root}") from None
+        return pack
 
     async def _prepare(self, model_id: str, path: Path, spec: ModelSpec, ctx: LoadContext,
                        report: LoadReport) -> Prepared:

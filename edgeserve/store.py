@@ -7,7 +7,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeserve.blocks.pack import TASK_FILE
+
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
+
+
+def valid_id(model_id: str) -> bool:
+    return isinstance(model_id, str) and bool(_ID_RE.match(model_id)) and ".." not in model_id
 
 
 class UnknownModel(LookupError):
@@ -31,12 +37,13 @@ class ModelStore:
 
     def path(self, model_id: str) -> Path:
         """The folder of model_id; UnknownModel unless it is a model folder inside the store."""
-        if not isinstance(model_id, str) or not _ID_RE.match(model_id) or ".." in model_id:
+        if not valid_id(model_id):
             raise UnknownModel(str(model_id), self.root)
         root = self.root.resolve()
         path = (root / model_id).resolve()
         # resolve() follows symlinks: a link that leads out of the store is refused.
-        if path.parent != root or not (path / "config.json").is_file():
+        if path.parent != root or not ((path / "config.json").is_file()
+                                       or (path / TASK_FILE).is_file()):
             raise UnknownModel(model_id, self.root)
         return path
 
@@ -55,6 +62,11 @@ class ModelStore:
 
 
 def _parent(path: Path) -> str | None:
+    if (path / TASK_FILE).is_file():
+        try:
+            return str(json.loads((path / TASK_FILE).read_text())["base"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            return None
     try:
         meta = json.loads((path / "edgeserve.json").read_text())
     except (OSError, json.JSONDecodeError):

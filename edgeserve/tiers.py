@@ -81,9 +81,11 @@ class DiskLoader:
     def __init__(self, readers: int = 4, chunk: int = 32 << 20, pinned: bool = False) -> None:
         self.readers, self.chunk, self.pinned = readers, chunk, pinned
 
-    def load(self, jobs: list[DiskJob], progress: Callable[[int], None] | None = None) -> None:
-        direct = [j for j in jobs if _direct(j)]
-        staged = [j for j in jobs if not _direct(j)]
+    def load(self, jobs: list[DiskJob], progress: Callable[[int], None] | None = None,
+             direct_reads: bool = True) -> None:
+        """direct_reads=False: every job through large staged reads (many small tensors)."""
+        direct = [j for j in jobs if direct_reads and _direct(j)]
+        staged = [j for j in jobs if not (direct_reads and _direct(j))]
         with ThreadPoolExecutor(self.readers, thread_name_prefix="edgeserve-read") as pool:
             pending = [pool.submit(self._read_direct, j, progress) for j in direct]
             self._staged(pool, staged, progress)

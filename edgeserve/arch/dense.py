@@ -104,13 +104,14 @@ class Attention(NamedTuple):
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     o_bias: torch.Tensor | None
+    prefix: str = ""                # unit names: prefix + "qkv_proj.weight", ...
 
     @classmethod
     def of(cls, w: dict[str, torch.Tensor], layer: str) -> Attention:
         a = layer + "self_attn."
         return cls(w[a + "qkv_proj.weight"], w[a + "o_proj.weight"], w.get(a + "qkv_proj.bias"),
                    w.get(a + "q_norm.weight"), w.get(a + "k_norm.weight"),
-                   w.get(a + "o_proj.bias"))
+                   w.get(a + "o_proj.bias"), a)
 
 
 class Mlp(NamedTuple):
@@ -118,11 +119,13 @@ class Mlp(NamedTuple):
     down: torch.Tensor
     gate_up_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
+    prefix: str = ""
 
     @classmethod
     def of(cls, w: dict[str, torch.Tensor], prefix: str) -> Mlp:
         return cls(w[prefix + "gate_up_proj.weight"], w[prefix + "down_proj.weight"],
-                   w.get(prefix + "gate_up_proj.bias"), w.get(prefix + "down_proj.bias"))
+                   w.get(prefix + "gate_up_proj.bias"), w.get(prefix + "down_proj.bias"),
+                   prefix)
 
 
 class Layer(NamedTuple):
@@ -187,18 +190,27 @@ class DenseModel:
             x = x + self._feed_forward(n, h, batch)
         x = rms_norm(x if all_logits else x[torch.arange(batch.size), batch.last],
                      self.norm, spec.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return linear(x, self.lm_head, None, batch, "lm_head.weight").float()
 
     def _feed_forward(self, n: int, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """Layer n's feed-forward over h (B, S, D); another family may override it."""
         w = self.layers[n].mlp
         assert w is not None
-        return mlp(h, w)
+        return mlp(h, w, batch)
 
 
-def mlp(h: torch.Tensor, w: Mlp) -> torch.Tensor:
-    gate, up = F.linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w.down, w.down_bias)
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, batch: StepBatch | None,
+           unit: str) -> torch.Tensor:
+    """x @ w.T + b, plus the batch's task blocks for this unit, if any."""
+    y = F.linear(x, w, b)
+    delta = batch.delta if batch is not None else None
+    return y if delta is None else delta(unit, x, y, w)
+
+
+def mlp(h: torch.Tensor, w: Mlp, batch: StepBatch | None = None) -> torch.Tensor:
+    gate, up = linear(h, w.gate_up, w.gate_up_bias, batch,
+                      w.prefix + "gate_up_proj.weight").chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, w.down, w.down_bias, batch, w.prefix + "down_proj.weight")
 
 
 def attention(spec: ModelSpec, h: torch.Tensor, w: Attention, batch: StepBatch,
@@ -207,7 +219,7 @@ def attention(spec: ModelSpec, h: torch.Tensor, w: Attention, batch: StepBatch,
     """Self-attention of one layer over h (B, S, D). kv is that layer's pages
     (pages, P, 2, KVH, hd): the new tokens' keys and values are stored there."""
     b, s, _ = h.shape
-    qk, v = _project(spec, h, w)
+    qk, v = _project(spec, h, w, batch)
     q, k = rope.apply(qk, cos, sin).split((spec.num_heads, spec.num_kv_heads), 2)
     new = torch.stack((k, v), 2)                                    # (B, S, 2, KVH, hd)
     kv[batch.slot_page, batch.slot_offset] = new[batch.valid] if batch.padded else \
@@ -223,16 +235,17 @@ def attention(spec: ModelSpec, h: torch.Tensor, w: Attention, batch: StepBatch,
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
                                          attn_mask=seen.mask, is_causal=seen.causal,
                                          enable_gqa=True)             # (B, H, S, hd)
-    return F.linear(out.transpose(1, 2).reshape(b, s, spec.q_size), w.o, w.o_bias)
+    return linear(out.transpose(1, 2).reshape(b, s, spec.q_size), w.o, w.o_bias, batch,
+                  w.prefix + "o_proj.weight")
 
 
-def _project(spec: ModelSpec, h: torch.Tensor,
-             w: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+def _project(spec: ModelSpec, h: torch.Tensor, w: Attention,
+             batch: StepBatch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries and keys (B, S, H + KVH, hd), values (B, S, KVH, hd): normed and clipped as
     the architecture says, not yet rotated."""
     b, s, _ = h.shape
     heads, kv_heads, eps = spec.num_heads, spec.num_kv_heads, spec.rms_norm_eps
-    qkv = F.linear(h, w.qkv, w.qkv_bias)
+    qkv = linear(h, w.qkv, w.qkv_bias, batch, w.prefix + "qkv_proj.weight")
     q_norm, k_norm = w.q_norm, w.k_norm
     if q_norm is not None and k_norm is not None and not spec.qk_norm_per_head:
         # OLMoE: over each whole projection, before the split into heads

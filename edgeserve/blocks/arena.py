@@ -1,0 +1,151 @@
+"""Task blocks in the pool: many small blocks to a task_block unit, addressed by content.
+
+A 64x64 block (16 KiB in float32) is far smaller than a pool block (256 KiB to 2 MiB), so
+blocks live in slots of task_block units (chunks). The arena keeps the slot table:
+
+    content key -> (chunk, slot)      a block read once is found by every task naming it
+    chunk       -> keys of its slots  filled in order; a chunk goes back to the pool whole
+
+A chunk is pinned while any task using one of its blocks is loaded, and is evicted by the
+pool's policy like any unit once nothing pins it (its blocks are then read again from the
+pack when needed). Every block of every chunk can be read through one strided view of the
+slab (`tiles`), so a forward gathers a task's blocks with one index_select.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from edgeserve.pool import BlockPool, Unit, UnitKind
+
+_arena_ids = itertools.count(1)
+
+
+@dataclass(eq=False, slots=True)
+class Chunk:
+    unit: Unit
+    keys: list[str] = field(default_factory=list)       # slot -> content key
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    chunk: Chunk
+    index: int
+
+
+class TileArena:
+    def __init__(self, pool: BlockPool, shape: tuple[int, int], dtype: torch.dtype) -> None:
+        self.pool, self.shape, self.dtype = pool, shape, dtype
+        self.tile_bytes = shape[0] * shape[1] * dtype.itemsize
+        self.chunk_bytes = math.ceil(self.tile_bytes / pool.block_size) * pool.block_size
+        self.slots = self.chunk_bytes // self.tile_bytes
+        # Offsets of chunk starts and slots are multiples of this many bytes.
+        self.step = math.gcd(pool.block_size, self.tile_bytes)
+        self.name = f"tiles{next(_arena_ids)}:{shape[0]}x{shape[1]}:{dtype}"
+        self.chunks: dict[int, Chunk] = {}                   # unit id -> chunk
+        self.table: dict[str, Slot] = {}
+        self._open: Chunk | None = None                       # the chunk being filled
+        self._tiles: torch.Tensor | None = None
+        self._epoch = -1
+        self._numbers = itertools.count()
+        pool.on_evict.append(self._evicted)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.table
+
+    @property
+    def resident_bytes(self) -> int:
+        return len(self.table) * self.tile_bytes
+
+    def acquire(self, keys: list[str], owner: str) -> tuple[dict[str, Slot], list[str]]:
+        """Pin the blocks of keys, giving slots to those not resident (returned second, to be
+        filled by the caller). Raises PoolFull having pinned and allocated nothing."""
+        wanted = list(dict.fromkeys(keys))
+        slots = {k: self.table[k] for k in wanted if k in self.table}
+        for slot in slots.values():         # first, so that allocating never evicts them
+            self.pool.pin(slot.chunk.unit)
+        missing = [k for k in wanted if k not in slots]
+        opened = self._open
+        if opened is not None:
+            self.pool.pin(opened.unit)
+        new: list[Unit] = []
+        try:
+            free = 0 if opened is None else self.slots - len(opened.keys)
+            for _ in range(max(0, math.ceil((len(missing) - free) / self.slots))):
+                new.append(self.pool.allocate(UnitKind.TASK_BLOCK, self.chunk_bytes,
+                                              key=f"{self.name}:{next(self._numbers)}",
+                                              owner=owner))
+        except BaseException:
+            for unit in new:
+                self.pool.release(unit)
+            self.release(slots)
+            raise
+        finally:
+            if opened is not None:
+                self.pool.unpin(opened.unit)
+        chunks = iter([Chunk(unit) for unit in new])
+        for key in missing:
+            if self._open is None or len(self._open.keys) == self.slots:
+                self._open = next(chunks)
+                self.chunks[self._open.unit.id] = self._open
+            slot = slots[key] = self.table[key] = Slot(self._open, len(self._open.keys))
+            self._open.keys.append(key)
+            self.pool.pin(slot.chunk.unit)
+        for unit in new:                    # the pin allocate() took, now held per block
+            self.pool.unpin(unit)
+        return {k: slots[k] for k in wanted}, missing
+
+    def release(self, slots: dict[str, Slot]) -> None:
+        """Unpin blocks; they stay resident (and shared) until their chunk is evicted."""
+        for slot in slots.values():
+            if slot.chunk.unit.alive:
+                self.pool.unpin(slot.chunk.unit)
+
+    def forget(self, keys: list[str]) -> None:
+        """Blocks whose filling failed: drop them from the table (their slots stay used)."""
+        for key in keys:
+            self.table.pop(key, None)
+
+    def view(self, slot: Slot) -> torch.Tensor:
+        """(rows, cols) over the block's bytes; stale after compaction."""
+        begin = slot.chunk.unit.start * self.pool.block_size + slot.index * self.tile_bytes
+        assert self.pool.slab is not None
+        return self.pool.slab[begin:begin + self.tile_bytes].view(self.dtype).view(self.shape)
+
+    def address(self, slot: Slot) -> int:
+        """The block's index in `tiles`."""
+        begin = slot.chunk.unit.start * self.pool.block_size + slot.index * self.tile_bytes
+        return begin // self.step
+
+    @property
+    def tiles(self) -> torch.Tensor:
+        """The slab as (N, rows, cols) blocks starting every `step` bytes (overlapping where
+        step is smaller than a block): any slot is tiles[address(slot)]."""
+        if self._tiles is None or self._epoch != self.pool.epoch:
+            assert self.pool.slab is not None
+            flat = self.pool.slab.view(self.dtype)
+            elems, step = self.tile_bytes // self.dtype.itemsize, self.step // self.dtype.itemsize
+            count = (flat.numel() - elems) // step + 1
+            self._tiles = flat.as_strided((count, *self.shape), (step, self.shape[1], 1))
+            self._epoch = self.pool.epoch
+        return self._tiles
+
+    def _evicted(self, unit: Unit) -> None:
+        chunk = self.chunks.pop(unit.id, None)
+        if chunk is None:
+            return
+        for key in chunk.keys:
+            if self.table.get(key, None) is not None and self.table[key].chunk is chunk:
+                del self.table[key]
+        if self._open is chunk:
+            self._open = None
+
+    def check(self) -> None:
+        """Every table entry points into a live chunk of this arena, at its own slot."""
+        for key, slot in self.table.items():
+            assert slot.chunk.unit.alive and self.chunks.get(slot.chunk.unit.id) is slot.chunk
+            assert slot.chunk.keys[slot.index] == key

@@ -1,0 +1,281 @@
+"""`edgeserve tasks pack`: task packs from fine-tuned checkpoints or LoRA adapters of a base.
+
+Three passes over the weights, one tensor at a time (a whole model is never in memory):
+energies of every task's change per block; (aligned) the shared consensus blocks; then
+the chosen blocks, written as one pack per task. See select.py for the choice itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from edgeserve.arch.spec import ModelFormatError
+from edgeserve.blocks.pack import PackedWeight, TaskPack, block_key
+from edgeserve.blocks.select import (
+    Selection,
+    SharedCandidate,
+    budget_blocks,
+    candidates,
+    errors,
+    marginals,
+    select_aligned,
+    select_unaligned,
+)
+from edgeserve.blocks.sources import Checkpoint, WeightSource, open_source
+from edgeserve.blocks.targets import Target, linear_targets
+from edgeserve.loader import read_spec
+from edgeserve.store import valid_id
+
+log = logging.getLogger("edgeserve.blocks")
+COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+          "chat_template.jinja", "generation_config.json")
+
+
+@dataclass(slots=True)
+class PackReport:
+    task: str
+    path: Path
+    blocks: int                    # blocks stored (changed), shared ones included
+    shared_blocks: int             # of those, consensus blocks other tasks use too
+    zero_blocks: int
+    bytes: int                     # block bytes in the pack's dtype
+    change_error: float            # |lost change| / |change| over the packed weights
+    weight_error: float            # |lost change| / |fine-tuned weights|
+    unpacked: dict[str, float] = field(default_factory=dict)  # other tensors that differ
+
+
+@dataclass(slots=True)
+class _Grid:
+    name: str
+    rows: int                      # row blocks
+    cols: int                      # column blocks
+    offset: int                    # first global position
+
+
+def blocks_of(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """(R, C) -> (P, br * bc), position p = row block * column blocks + column block."""
+    (r, c), (br, bc) = w.shape, block
+    return w.reshape(r // br, br, c // bc, bc).permute(0, 2, 1, 3).reshape(-1, br * bc)
+
+
+def pack_tasks(base_dir: Path, finetuned: list[Path], store: Path, *,
+               block: tuple[int, int] = (64, 64), budget: float = 0.1, aligned: bool = True,
+               names: list[str] | None = None) -> list[PackReport]:
+    spec = read_spec(base_dir)
+    base = Checkpoint(base_dir)
+    sources = [open_source(d, base) for d in finetuned]
+    ids = names or [d.name for d in finetuned]
+    _check_ids(ids, base_dir.name)
+    targets = {n: t for n, t in linear_targets(spec).items() if n in base.tensors}
+    grids = _grids(targets, block)
+    dtypes = {src.dtype(n) for src in sources for n in targets}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    total = sum(g.rows * g.cols for g in grids)
+    k = budget_blocks(budget, total)
+
+    e, zero, change, weight = _energies(base, sources, grids, block)
+    shared: dict[int, torch.Tensor] = {}
+    residual: dict[tuple[int, int], float] = {}
+    if aligned:
+        cands = _consensus(base, sources, grids, block, dtype, marginals(e, zero, k),
+                           e, zero, shared, residual)
+        sel = select_aligned(e, zero, k, cands)
+    else:
+        sel = select_unaligned(e, zero, k)
+    lost = errors(e, zero, sel, residual)
+    unpacked = _unpacked(base, sources, set(targets))
+    packs = _write(base, sources, ids, grids, block, dtype, sel, zero, shared, store,
+                   base_dir.name, budget, aligned)
+    reports = []
+    for t, (pack, folder) in enumerate(packs):
+        report = PackReport(
+            pack.id, folder, pack.num_blocks, len(sel.shared[t]),
+            sum(len(w.zero) for w in pack.weights.values()),
+            pack.num_blocks * block[0] * block[1] * dtype.itemsize,
+            math.sqrt(lost[t] / change[t]) if change[t] > 0 else 0.0,
+            math.sqrt(lost[t] / weight[t]) if weight[t] > 0 else 0.0, unpacked[t])
+        pack.error.update(change_error=report.change_error, weight_error=report.weight_error,
+                          unpacked=report.unpacked)
+        (folder / "task.json").write_text(_dump(pack))
+        reports.append(report)
+        if report.unpacked:
+            log.warning("%s: %d tensors outside the linear layers differ from the base and "
+                        "are served as the base's: %s", pack.id, len(report.unpacked),
+                        ", ".join(sorted(report.unpacked)[:4]))
+    return reports
+
+
+def _dump(pack: TaskPack) -> str:
+    return json.dumps(pack.to_json(), indent=1)
+
+
+def _check_ids(ids: list[str], base_id: str) -> None:
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"task ids repeat: {ids}")
+    for task in ids:
+        if not valid_id(task) or task == base_id:
+            raise ValueError(f"{task!r} cannot be a task id (letters, digits, '._:+-'; "
+                             f"not the base's id)")
+
+
+def _grids(targets: dict[str, Target], block: tuple[int, int]) -> list[_Grid]:
+    grids, offset = [], 0
+    for name, target in targets.items():
+        rows, cols = target.shape
+        if rows % block[0] or cols % block[1]:
+            raise ModelFormatError(
+                f"block {block[0]}x{block[1]} does not tile '{name}' ({rows}x{cols}); "
+                f"choose a block whose sides divide the weights' rows and columns")
+        grids.append(_Grid(name, rows // block[0], cols // block[1], offset))
+        offset += (rows // block[0]) * (cols // block[1])
+    return grids
+
+
+def _load(src: WeightSource, name: str, shape: torch.Size) -> torch.Tensor:
+    w = src.get(name)
+    if w.shape != shape:
+        raise ModelFormatError(f"{src.name}: '{name}' has shape {tuple(w.shape)}, the base "
+                               f"{tuple(shape)}: not a fine-tune of this base")
+    return w
+
+
+def _energies(base: Checkpoint, sources: list[WeightSource], grids: list[_Grid],
+              block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, list[float],
+                                                list[float]]:
+    """e and zero (T, G); per task the squared norm of its change and of its weights."""
+    total = grids[-1].offset + grids[-1].rows * grids[-1].cols if grids else 0
+    e = torch.zeros(len(sources), total, dtype=torch.float64)
+    zero = torch.zeros(len(sources), total, dtype=torch.bool)
+    change, weight = [0.0] * len(sources), [0.0] * len(sources)
+    for g in tqdm(grids, desc="measuring changes", unit="weight", disable=None):
+        w = base.get(g.name)
+        wb = blocks_of(w.to(torch.float64), block)
+        base_nonzero = (wb != 0).any(-1)
+        span = slice(g.offset, g.offset + g.rows * g.cols)
+        for t, src in enumerate(sources):
+            ft = blocks_of(_load(src, g.name, w.shape).to(torch.float64), block)
+            e[t, span] = (ft - wb).pow(2).sum(-1)
+            zero[t, span] = ~(ft != 0).any(-1) & base_nonzero
+            change[t] += float(e[t, span].sum())
+            weight[t] += float(ft.pow(2).sum())
+    return e, zero, change, weight
+
+
+def _consensus(base: Checkpoint, sources: list[WeightSource], grids: list[_Grid],
+               block: tuple[int, int], dtype: torch.dtype, m: torch.Tensor, e: torch.Tensor,
+               zero: torch.Tensor, shared: dict[int, torch.Tensor],
+               residual: dict[tuple[int, int], float]) -> list[SharedCandidate]:
+    """Shared candidates (their tiles into shared, members' losses into residual)."""
+    out: list[SharedCandidate] = []
+    limit = m[:, None]
+    for g in tqdm(grids, desc="aligning tasks", unit="weight", disable=None):
+        w = base.get(g.name)
+        span = slice(g.offset, g.offset + g.rows * g.cols)
+        changed = candidates(e[:, span], zero[:, span])                  # (T, P)
+        if int(changed.sum(0).max()) < 2:
+            continue
+        ft = torch.stack([blocks_of(_load(s, g.name, w.shape), block) for s in sources])
+        consensus, exact = _seed(ft, changed)
+        member = changed
+        for _ in range(2):
+            cons = consensus.to(dtype).to(torch.float64)
+            r = (ft.to(torch.float64) - cons).pow(2).sum(-1)               # (T, P)
+            gain = e[:, span] - r
+            member = changed & (r <= limit) & (gain >= limit / 2)
+            weights = member.to(torch.float64)
+            mean = (ft.to(torch.float64) * weights[..., None]).sum(0) / \
+                weights.sum(0).clamp(min=1)[:, None]
+            consensus = torch.where(exact[:, None], consensus, mean)
+        for p in (member.sum(0) >= 2).nonzero().flatten().tolist():
+            tasks = member[:, p].nonzero().flatten().tolist()
+            pos = g.offset + p
+            out.append(SharedCandidate(pos, tuple(tasks), tuple(float(gain[t, p]) for t in tasks)))
+            shared[pos] = cons[p].to(dtype).reshape(block)
+            for t in tasks:
+                residual[(t, pos)] = float(r[t, p])
+    return out
+
+
+def _seed(ft: torch.Tensor, changed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First consensus per position: the value most tasks changed it to exactly, if two
+    agree (exact, (P,) True), else the mean of the tasks that changed it."""
+    tasks = ft.shape[0]
+    agree = torch.zeros(changed.shape, dtype=torch.long)
+    for s in range(tasks):
+        for t in range(s + 1, tasks):
+            eq = (ft[s] == ft[t]).all(-1) & changed[s] & changed[t]
+            agree[s] += eq
+            agree[t] += eq
+    best, leader = agree.max(0)
+    exact = best >= 1
+    picked = ft[leader, torch.arange(ft.shape[1])].to(torch.float64)
+    weights = changed.to(torch.float64)
+    mean = (ft.to(torch.float64) * weights[..., None]).sum(0) / \
+        weights.sum(0).clamp(min=1)[:, None]
+    return torch.where(exact[:, None], picked, mean), exact
+
+
+def _unpacked(base: Checkpoint, sources: list[WeightSource], packed: set[str]
+              ) -> list[dict[str, float]]:
+    """Per task: tensors outside the packed weights that differ from the base
+    (name -> relative change); they are served as the base's."""
+    out: list[dict[str, float]] = [{} for _ in sources]
+    for name in sorted(base.names() - packed):
+        w = base.get(name).to(torch.float64)
+        for t, src in enumerate(sources):
+            if isinstance(src, Checkpoint) and name in src.tensors:
+                ft = src.get(name).to(torch.float64)
+                if ft.shape == w.shape and not torch.equal(ft, w):
+                    out[t][name] = float((ft - w).norm() / w.norm().clamp(min=1e-30))
+    return out
+
+
+def _write(base: Checkpoint, sources: list[WeightSource], ids: list[str], grids: list[_Grid],
+           block: tuple[int, int], dtype: torch.dtype, sel: Selection, zero: torch.Tensor,
+           shared: dict[int, torch.Tensor], store: Path, base_id: str, budget: float,
+           aligned: bool) -> list[tuple[TaskPack, Path]]:
+    tiles: list[dict[str, torch.Tensor]] = [{} for _ in sources]
+    weights: list[dict[str, PackedWeight]] = [{} for _ in sources]
+    for g in tqdm(grids, desc="writing packs", unit="weight", disable=None):
+        span = range(g.offset, g.offset + g.rows * g.cols)
+        shape = base.tensors[g.name].shape
+        for t, src in enumerate(sources):
+            own = sorted(p for p in sel.own[t] if p in span)
+            common = sorted(p for p in sel.shared[t] if p in span)
+            zeros = zero[t, g.offset:g.offset + g.rows * g.cols].nonzero().flatten().tolist()
+            if not (own or common or zeros):
+                continue
+            ft = blocks_of(_load(src, g.name, torch.Size(shape)), block) if own else None
+            listed = []
+            for pos in own + common:
+                tile = shared[pos] if pos in sel.shared[t] else \
+                    ft[pos - g.offset].to(dtype).reshape(block)   # type: ignore[index]
+                key = block_key(tile)
+                tiles[t][key] = tile
+                p = pos - g.offset
+                listed.append((p // g.cols, p % g.cols, key))
+            weights[t][g.name] = PackedWeight(
+                (g.rows * block[0], g.cols * block[1]), tuple(sorted(listed)),
+                tuple((p // g.cols, p % g.cols) for p in zeros))
+    out = []
+    for t, task in enumerate(ids):
+        folder = store / task
+        if (folder / "config.json").is_file():
+            raise FileExistsError(f"{folder} is a model, not a task pack: choose another id")
+        pack = TaskPack(task, base_id, block, str(dtype).removeprefix("torch."), weights[t],
+                        budget, aligned)
+        pack.write(folder, tiles[t])
+        src_dir = getattr(sources[t], "folder", None)
+        for name in COPIED:
+            if src_dir is not None and (src_dir / name).is_file():
+                shutil.copyfile(src_dir / name, folder / name)
+        out.append((pack, folder))
+    return out

@@ -1,0 +1,69 @@
+"""Task blocks applied in a forward: y = x W^T for the whole batch, then per task
+
+    y[rows, block row r] += x[rows, block col c] @ (V - W[r, c])^T   for each of its blocks,
+
+where V is the task's block (zeros for a pruned one) and W[r, c] the base's. No dense copy
+of a task's weight is ever made: the base is read once for the batch, each task's blocks
+add their difference to its own rows. Sequences of different tasks of one base thus share
+one forward (see bench/tasks.py for batched against interleaved).
+
+Legend: N = tokens of the rows, n = blocks, br x bc = block, R x C = weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from edgeserve.blocks.task import Index, TaskBlocks
+
+
+def block_delta(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: torch.Tensor,
+                index: Index) -> torch.Tensor:
+    """The torch path: y (.., R) plus the blocks' differences applied to x (.., C)."""
+    rows_idx, cols_idx, addr = index
+    br, bc = int(tiles.shape[1]), int(tiles.shape[2])
+    r, c = w.shape
+    d = tiles.index_select(0, addr) - w.view(r // br, br, c // bc, bc)[rows_idx, :, cols_idx, :]
+    lead = x.shape[:-1]
+    xb = x.reshape(-1, c // bc, bc).index_select(1, cols_idx).transpose(0, 1)   # (n, N, bc)
+    out = torch.bmm(xb, d.to(x.dtype).transpose(1, 2))                          # (n, N, br)
+    corr = torch.zeros(xb.shape[1], r // br, br, dtype=y.dtype, device=y.device)
+    corr.index_add_(1, rows_idx, out.transpose(0, 1).to(y.dtype))
+    return y + corr.view(*lead, r)
+
+
+class TaskDelta:
+    """The per-row task blocks of one batch: called at every linear of the forward."""
+
+    def __init__(self, groups: Sequence[tuple[torch.Tensor | None, TaskBlocks]]) -> None:
+        self.groups = groups        # (batch rows, or None for every row; the task's blocks)
+
+    def __call__(self, unit: str, x: torch.Tensor, y: torch.Tensor,
+                 w: torch.Tensor) -> torch.Tensor:
+        for rows, task in self.groups:
+            index = task.index(unit)
+            if index is None:
+                continue
+            tiles = task.arena.tiles
+            if rows is None:
+                y = block_delta(y, x, w, tiles, index)
+            else:
+                y = y.index_copy(0, rows, block_delta(y[rows], x[rows], w, tiles, index))
+        return y
+
+
+def task_delta(tasks: Sequence[TaskBlocks | None]) -> TaskDelta | None:
+    """The delta for a batch whose row i belongs to tasks[i] (None: the base itself)."""
+    present = {id(t): t for t in tasks if t is not None}
+    if not present:
+        return None
+    if len(present) == 1 and all(t is not None for t in tasks):
+        return TaskDelta([(None, next(iter(present.values())))])
+    device = torch.device(next(iter(present.values())).arena.pool.device)
+    groups = []
+    for key, task in present.items():
+        rows = [i for i, t in enumerate(tasks) if t is not None and id(t) == key]
+        groups.append((torch.tensor(rows, dtype=torch.int64, device=device), task))
+    return TaskDelta(groups)

@@ -1,0 +1,143 @@
+"""A loaded task: its pack's blocks pinned in the arena, indexed per pool unit.
+
+Loading is split like a model's: `scan` (any thread) reads and checks the pack against its
+base; `prepare` (engine thread) pins the resident blocks and gives slots to the rest;
+`fill` (a loader thread) reads those from the pack. Only blocks not resident are read:
+switching from one task to another moves exactly the new task's missing blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from edgeserve.arch.spec import ModelFormatError, ModelSpec
+from edgeserve.blocks.arena import Slot, TileArena
+from edgeserve.blocks.pack import BLOCKS_FILE, TaskPack
+from edgeserve.blocks.targets import Target, linear_targets
+from edgeserve.checkpoint import TensorInfo, read_header
+from edgeserve.loader import LoadReport
+from edgeserve.pool import Unit
+from edgeserve.tiers import DiskJob
+
+# unit name -> (row blocks, column blocks, addresses in arena.tiles), each (n,) int64
+Index = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TaskSource:
+    pack: TaskPack
+    folder: Path
+    blocks: dict[str, TensorInfo]       # content key -> where its bytes are in the pack
+
+    @classmethod
+    def scan(cls, folder: Path, spec: ModelSpec) -> TaskSource:
+        pack = TaskPack.read(folder)
+        targets = linear_targets(spec)
+        br, bc = pack.block
+        for name, weight in pack.weights.items():
+            target = targets.get(name)
+            if target is None:
+                raise ModelFormatError(f"{folder}: task changes '{name}', which is not a "
+                                       f"linear weight of its base '{pack.base}'")
+            if weight.shape != target.shape:
+                raise ModelFormatError(f"{folder}: '{name}' is {weight.shape} in the pack but "
+                                       f"{target.shape} in the base '{pack.base}'")
+            if target.row % br:
+                raise ModelFormatError(f"{folder}: block rows {br} do not divide the offset "
+                                       f"of '{name}' in its fused unit ({target.row})")
+        path = folder / BLOCKS_FILE
+        blocks = {t.name: t for t in read_header(path)} if pack.keys else {}
+        for key in pack.keys:
+            info = blocks.get(key)
+            if info is None:
+                raise ModelFormatError(f"{path}: lacks block {key}")
+            if info.shape != (br, bc):
+                raise ModelFormatError(f"{path}: block {key} is {info.shape}, not {(br, bc)}")
+        return cls(pack, folder, blocks)
+
+    @property
+    def has_zero(self) -> bool:
+        return any(w.zero for w in self.pack.weights.values())
+
+
+@dataclass(eq=False)
+class TaskBlocks:
+    """The blocks one loaded task holds; index(unit) says where they go in a forward."""
+
+    source: TaskSource
+    arena: TileArena
+    slots: dict[str, Slot]
+    targets: dict[str, Target]              # checkpoint name -> pool unit and first row
+    _index: dict[str, Index] = field(default_factory=dict)
+    _epoch: int = -1
+
+    @property
+    def pack(self) -> TaskPack:
+        return self.source.pack
+
+    @property
+    def units(self) -> list[Unit]:
+        return list({id(s.chunk.unit): s.chunk.unit for s in self.slots.values()}.values())
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.slots) * self.arena.tile_bytes
+
+    def index(self, unit: str) -> Index | None:
+        pool = self.arena.pool
+        if self._epoch != pool.epoch:       # compaction moved chunks or weights: re-address
+            self._index = self._build()
+            self._epoch = pool.epoch
+        return self._index.get(unit)
+
+    def _build(self) -> dict[str, Index]:
+        pack, arena = self.pack, self.arena
+        br = pack.block[0]
+        rows: dict[str, list[tuple[int, int, int]]] = {}
+        zero = self.slots.get(zero_key(arena))
+        for name, weight in pack.weights.items():
+            target = self.targets[name]
+            first = target.row // br
+            out = rows.setdefault(target.unit, [])
+            out.extend((first + r, c, arena.address(self.slots[k])) for r, c, k in weight.blocks)
+            if weight.zero:
+                assert zero is not None
+                out.extend((first + r, c, arena.address(zero)) for r, c in weight.zero)
+        device = torch.device(arena.pool.device)
+        return {unit: tuple(torch.tensor(col, dtype=torch.int64, device=device)  # type: ignore
+                            for col in zip(*entries, strict=True))
+                for unit, entries in rows.items() if entries}
+
+    def release(self) -> None:
+        self.arena.release(self.slots)
+        self.slots = {}
+        self._index = {}
+
+
+def zero_key(arena: TileArena) -> str:
+    return f"zero:{arena.name}"
+
+
+def prepare(source: TaskSource, spec: ModelSpec, arena: TileArena, owner: str,
+            report: LoadReport) -> tuple[TaskBlocks, list[DiskJob], list[str]]:
+    """Pin the task's blocks (engine thread): resident ones are reused, the rest get slots
+    and disk jobs. Returns the blocks, the jobs and the keys those jobs fill."""
+    keys = sorted(source.pack.keys)
+    if source.has_zero:
+        keys.append(zero_key(arena))
+    slots, fresh = arena.acquire(keys, owner)
+    jobs = []
+    for key in fresh:
+        view = arena.view(slots[key])
+        if key == zero_key(arena):
+            view.zero_()
+            continue
+        jobs.append(DiskJob(source.blocks[key], view))
+    moved = len(jobs) * arena.tile_bytes
+    report.bytes_from_disk += moved
+    report.bytes_from_device += len(source.pack.keys) * arena.tile_bytes - moved
+    report.bytes_total += len(source.pack.keys) * arena.tile_bytes
+    return TaskBlocks(source, arena, slots, linear_targets(spec)), jobs, fresh
