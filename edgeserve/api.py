@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from edgeserve.blocks.arena import TileArena, arena_stats
 from edgeserve.config import Config, PoolConfig, from_env, parse_size
 from edgeserve.device import DeviceInfo, cpu_info, discover
 from edgeserve.engine import Engine
@@ -283,7 +284,9 @@ class EdgeServer:
     def stats(self) -> dict[str, Any]:
         """Per device: sizes, bytes by unit kind and by model (shared bytes counted once),
         resident models; the host tier; request counts."""
-        devices = {name: _pool_stats(pool, [m for m in self.models.values() if m.pool is pool])
+        arenas = list(self._scheduler.tasks.arenas.values()) if self._scheduler else []
+        devices = {name: _pool_stats(pool, [m for m in self.models.values() if m.pool is pool],
+                                     [a for a in arenas if a.pool is pool])
                    for name, pool in self.pools.items()}
         engine = self.engine
         return {"devices": devices,
@@ -294,7 +297,8 @@ class EdgeServer:
                              "waiting": engine.num_waiting if engine else 0}}
 
 
-def _pool_stats(pool: BlockPool, models: list[ResidentModel]) -> dict[str, Any]:
+def _pool_stats(pool: BlockPool, models: list[ResidentModel],
+                arenas: list[TileArena]) -> dict[str, Any]:
     users: dict[int, int] = {}
     for model in models:
         for unit in model.distinct_units:
@@ -309,8 +313,11 @@ def _pool_stats(pool: BlockPool, models: list[ResidentModel]) -> dict[str, Any]:
         "models": {m.id: {"bytes": m.resident_bytes,
                           "shared_bytes": sum(u.nblocks * block for u in m.distinct_units
                                               if users[u.id] > 1),
-                          "experts": m.offload.stats() if m.offload is not None else None}
+                          "experts": m.offload.stats() if m.offload is not None else None,
+                          "base": m.base,
+                          "task_bytes": m.task.nbytes if m.task is not None else 0}
                    for m in models},
+        "tasks": arena_stats(arenas),
         "weight_bytes_unique": sum(u.nblocks * block for u in weights),
         "retained_bytes": sum(u.nblocks * block for u in weights if u.pins == 0),
         "evictions": pool.evictions}

@@ -4,7 +4,7 @@ A 64x64 block (16 KiB in float32) is far smaller than a pool block (256 KiB to 2
 blocks live in slots of task_block units (chunks). The arena keeps the slot table:
 
     content key -> (chunk, slot)      a block read once is found by every task naming it
-    chunk       -> keys of its slots  filled in order; a chunk goes back to the pool whole
+    chunk       -> keys of its slots  one load's new blocks; goes back to the pool whole
 
 A chunk is pinned while any task using one of its blocks is loaded, and is evicted by the
 pool's policy like any unit once nothing pins it (its blocks are then read again from the
@@ -48,7 +48,6 @@ class TileArena:
         self.name = f"tiles{next(_arena_ids)}:{shape[0]}x{shape[1]}:{dtype}"
         self.chunks: dict[int, Chunk] = {}                   # unit id -> chunk
         self.table: dict[str, Slot] = {}
-        self._open: Chunk | None = None                       # the chunk being filled
         self._tiles: torch.Tensor | None = None
         self._epoch = -1
         self._numbers = itertools.count()
@@ -63,19 +62,18 @@ class TileArena:
 
     def acquire(self, keys: list[str], owner: str) -> tuple[dict[str, Slot], list[str]]:
         """Pin the blocks of keys, giving slots to those not resident (returned second, to be
-        filled by the caller). Raises PoolFull having pinned and allocated nothing."""
+        filled by the caller). Raises PoolFull having pinned and allocated nothing.
+
+        The new blocks of one load go to chunks of their own, so that a task's blocks leave
+        together when it is no longer used (a chunk goes only when none of its blocks is)."""
         wanted = list(dict.fromkeys(keys))
         slots = {k: self.table[k] for k in wanted if k in self.table}
         for slot in slots.values():         # first, so that allocating never evicts them
             self.pool.pin(slot.chunk.unit)
         missing = [k for k in wanted if k not in slots]
-        opened = self._open
-        if opened is not None:
-            self.pool.pin(opened.unit)
         new: list[Unit] = []
         try:
-            free = 0 if opened is None else self.slots - len(opened.keys)
-            for _ in range(max(0, math.ceil((len(missing) - free) / self.slots))):
+            for _ in range(math.ceil(len(missing) / self.slots)):
                 new.append(self.pool.allocate(UnitKind.TASK_BLOCK, self.chunk_bytes,
                                               key=f"{self.name}:{next(self._numbers)}",
                                               owner=owner))
@@ -84,17 +82,11 @@ class TileArena:
                 self.pool.release(unit)
             self.release(slots)
             raise
-        finally:
-            if opened is not None:
-                self.pool.unpin(opened.unit)
-        chunks = iter([Chunk(unit) for unit in new])
-        for key in missing:
-            if self._open is None or len(self._open.keys) == self.slots:
-                self._open = next(chunks)
-                self.chunks[self._open.unit.id] = self._open
-            slot = slots[key] = self.table[key] = Slot(self._open, len(self._open.keys))
-            self._open.keys.append(key)
-            self.pool.pin(slot.chunk.unit)
+        for i, key in enumerate(missing):
+            chunk = self.chunks.setdefault(new[i // self.slots].id, Chunk(new[i // self.slots]))
+            slot = slots[key] = self.table[key] = Slot(chunk, len(chunk.keys))
+            chunk.keys.append(key)
+            self.pool.pin(chunk.unit)
         for unit in new:                    # the pin allocate() took, now held per block
             self.pool.unpin(unit)
         return {k: slots[k] for k in wanted}, missing
@@ -141,11 +133,16 @@ class TileArena:
         for key in chunk.keys:
             if self.table.get(key, None) is not None and self.table[key].chunk is chunk:
                 del self.table[key]
-        if self._open is chunk:
-            self._open = None
 
     def check(self) -> None:
         """Every table entry points into a live chunk of this arena, at its own slot."""
         for key, slot in self.table.items():
             assert slot.chunk.unit.alive and self.chunks.get(slot.chunk.unit.id) is slot.chunk
             assert slot.chunk.keys[slot.index] == key
+
+
+def arena_stats(arenas: list[TileArena]) -> dict[str, int]:
+    """Distinct task blocks resident, their bytes, and the bytes of the chunks holding them."""
+    return {"blocks": sum(len(a.table) for a in arenas),
+            "bytes": sum(a.resident_bytes for a in arenas),
+            "chunk_bytes": sum(len(a.chunks) * a.chunk_bytes for a in arenas)}

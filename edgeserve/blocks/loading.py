@@ -27,11 +27,6 @@ class TaskLoader:
             self.arenas[key] = TileArena(pool, shape, dtype)
         return self.arenas[key]
 
-    def stats(self) -> dict[str, int]:
-        return {"blocks": sum(len(a.table) for a in self.arenas.values()),
-                "bytes": sum(a.resident_bytes for a in self.arenas.values()),
-                "chunk_bytes": sum(len(a.chunks) * a.chunk_bytes for a in self.arenas.values())}
-
     async def load(self, owner: str, source: TaskSource, spec: ModelSpec, ctx: LoadContext,
                    report: LoadReport,
                    make_room: Callable[[PoolFull], Awaitable[None]]) -> TaskBlocks:
