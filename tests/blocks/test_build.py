@@ -91,7 +91,7 @@ def test_alignment_shares_blocks_that_tasks_changed_alike(store, finetunes, tmp_
 
 
 def test_errors_are_clear(store, finetunes, tmp_path):
-    base, fts = finetunes
+    _, fts = finetunes
     with pytest.raises(ModelFormatError, match="does not tile"):
         pack_tasks(store / "base", [fts["task-a"]], store, block=(48, 48))
     with pytest.raises(ValueError, match="cannot be a task id"):
@@ -107,7 +107,7 @@ def test_errors_are_clear(store, finetunes, tmp_path):
 
 
 def test_unpacked_tensors_that_differ_are_reported(store, finetunes, tmp_path):
-    base, fts = finetunes
+    _, fts = finetunes
     from safetensors.torch import save_file
 
     ft = tmp_path / "normed"

@@ -180,7 +180,7 @@ async def test_listing_and_errors(store, finetunes):
     async with server(store) as es:
         with pytest.raises(ValueError, match="base model 'gone' is not in the store"):
             await es.load("orphan")
-        with pytest.raises(ValueError, match="blocks.safetensors"):
+        with pytest.raises(ValueError, match=r"blocks\.safetensors"):
             await es.load("broken")
         out = await es.complete("task-a", [1, 2], max_tokens=3, temperature=0)
         assert len(out.token_ids) >= 1
