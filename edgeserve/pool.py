@@ -247,6 +247,13 @@ class BlockPool:
             if blocks_needed <= 0:
                 break
             blocks_needed -= unit.nblocks
+            self.evict_unit(unit)
+
+    def evict_unit(self, unit: Unit) -> None:
+        """Evict one unpinned unit now, through the same hooks as pressure would."""
+        with self._lock:
+            if unit.pins or not unit.alive:
+                raise ValueError(f"unit {unit.id} is pinned or gone: it cannot be evicted")
             for hook in self.before_evict:
                 hook(unit)
             self.release(unit)

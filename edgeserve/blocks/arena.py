@@ -97,6 +97,13 @@ class TileArena:
             if slot.chunk.unit.alive:
                 self.pool.unpin(slot.chunk.unit)
 
+    def drop_unused(self) -> int:
+        """Evict every chunk no loaded task uses; returns how many went."""
+        unused = [c.unit for c in self.chunks.values() if c.unit.pins == 0]
+        for unit in unused:
+            self.pool.evict_unit(unit)
+        return len(unused)
+
     def forget(self, keys: list[str]) -> None:
         """Blocks whose filling failed: drop them from the table (their slots stay used)."""
         for key in keys:

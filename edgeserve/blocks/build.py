@@ -91,7 +91,7 @@ def pack_tasks(base_dir: Path, finetuned: list[Path], store: Path, *,
     else:
         sel = select_unaligned(e, zero, k)
     lost = errors(e, zero, sel, residual)
-    unpacked = _unpacked(base, sources, set(targets))
+    unpacked = _unpacked(base, sources, {g.name for g in grids})
     packs = _write(base, sources, ids, grids, block, dtype, sel, zero, shared, store,
                    base_dir.name, budget, aligned)
     reports = []
@@ -127,15 +127,22 @@ def _check_ids(ids: list[str], base_id: str) -> None:
 
 
 def _grids(targets: dict[str, Target], block: tuple[int, int]) -> list[_Grid]:
-    grids, offset = [], 0
+    """The block grid of every weight the block tiles; the others come from the base (and a
+    change there is reported as unpacked)."""
+    grids, offset, untiled = [], 0, []
     for name, target in targets.items():
         rows, cols = target.shape
-        if rows % block[0] or cols % block[1]:
-            raise ModelFormatError(
-                f"block {block[0]}x{block[1]} does not tile '{name}' ({rows}x{cols}); "
-                f"choose a block whose sides divide the weights' rows and columns")
+        if rows % block[0] or cols % block[1] or target.row % block[0]:
+            untiled.append(name)
+            continue
         grids.append(_Grid(name, rows // block[0], cols // block[1], offset))
         offset += (rows // block[0]) * (cols // block[1])
+    if not grids:
+        raise ModelFormatError(f"block {block[0]}x{block[1]} tiles none of the linear weights; "
+                               f"choose a block whose sides divide their rows and columns")
+    if untiled:
+        log.warning("block %dx%d does not tile %d weights (e.g. %s): they are not packed",
+                    block[0], block[1], len(untiled), untiled[0])
     return grids
 
 
@@ -231,7 +238,7 @@ def _unpacked(base: Checkpoint, sources: list[WeightSource], packed: set[str]
     for name in sorted(base.names() - packed):
         w = base.get(name).to(torch.float64)
         for t, src in enumerate(sources):
-            if isinstance(src, Checkpoint) and name in src.tensors:
+            if name in src.names():
                 ft = src.get(name).to(torch.float64)
                 if ft.shape == w.shape and not torch.equal(ft, w):
                     out[t][name] = float((ft - w).norm() / w.norm().clamp(min=1e-30))
@@ -272,7 +279,7 @@ def _write(base: Checkpoint, sources: list[WeightSource], ids: list[str], grids:
             raise FileExistsError(f"{folder} is a model, not a task pack: choose another id")
         pack = TaskPack(task, base_id, block, str(dtype).removeprefix("torch."), weights[t],
                         budget, aligned)
-        pack.write(folder, tiles[t])
+        pack.write(folder, tiles[t], first={block_key(shared[p]) for p in sel.shared[t]})
         src_dir = getattr(sources[t], "folder", None)
         for name in COPIED:
             if src_dir is not None and (src_dir / name).is_file():

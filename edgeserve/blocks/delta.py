@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from edgeserve.blocks.task import Index, TaskBlocks
+from edgeserve.kernels.block_delta import block_delta_cuda
 
 
 def block_delta(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: torch.Tensor,
@@ -46,12 +47,24 @@ class TaskDelta:
             index = task.index(unit)
             if index is None:
                 continue
-            tiles = task.arena.tiles
             if rows is None:
-                y = block_delta(y, x, w, tiles, index)
+                y = _apply(y, x, w, task, index)
             else:
-                y = y.index_copy(0, rows, block_delta(y[rows], x[rows], w, tiles, index))
+                y = y.index_copy(0, rows, _apply(y[rows], x[rows], w, task, index))
         return y
+
+
+def _apply(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, task: TaskBlocks,
+           index: Index) -> torch.Tensor:
+    arena = task.arena
+
+    def torch_path() -> torch.Tensor:
+        return block_delta(y, x, w, arena.tiles, index)
+
+    if y.is_cuda and arena.pool.slab is not None:
+        return block_delta_cuda(y, x, w, arena.pool.slab, arena.step, index, arena.shape,
+                                torch_path)
+    return torch_path()
 
 
 def task_delta(tasks: Sequence[TaskBlocks | None]) -> TaskDelta | None:

@@ -18,7 +18,9 @@ from edgeserve.tiers import DiskLoader
 
 class TaskLoader:
     def __init__(self, engine: Engine, disk: DiskLoader) -> None:
-        self.engine, self.disk = engine, disk
+        # Reads in runs of at most 1 MiB: a switch skips the blocks it already holds.
+        self.engine = engine
+        self.disk = DiskLoader(disk.readers, min(disk.chunk, 1 << 20), disk.pinned)
         self.arenas: dict[tuple[int, tuple[int, int], torch.dtype], TileArena] = {}
 
     def arena(self, pool: BlockPool, shape: tuple[int, int], dtype: torch.dtype) -> TileArena:

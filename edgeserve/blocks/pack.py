@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ TASK_FILE = "task.json"
 BLOCKS_FILE = "blocks.safetensors"
 FORMAT = "edgeserve.task-pack"
 VERSION = 1
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def is_task_dir(path: Path) -> bool:
@@ -105,16 +107,18 @@ class TaskPack:
                             for name, w in self.weights.items()},
                 "error": self.error}
 
-    def write(self, folder: Path, tiles: dict[str, torch.Tensor]) -> None:
-        """Write task.json and the blocks (every key the pack names must be in tiles)."""
-        from safetensors.torch import save_file
-
+    def write(self, folder: Path, tiles: dict[str, torch.Tensor],
+              first: set[str] | None = None) -> None:
+        """Write task.json and the blocks (every key the pack names must be in tiles); the
+        keys in `first` (blocks other tasks share) lead the file, so that a switch which
+        needs only the others reads one contiguous run."""
         missing = self.keys - tiles.keys()
         if missing:
             raise ValueError(f"{len(missing)} blocks of task '{self.id}' have no data")
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: tiles[k].contiguous() for k in sorted(self.keys)},
-                  str(folder / BLOCKS_FILE))
+        first = first or set()
+        order = sorted(self.keys, key=lambda k: (k not in first, k))
+        write_safetensors(folder / BLOCKS_FILE, [(k, tiles[k]) for k in order])
         tmp = folder / (TASK_FILE + ".tmp")
         tmp.write_text(json.dumps(self.to_json(), indent=1))
         tmp.replace(folder / TASK_FILE)     # task.json last: a half-written pack is no pack
@@ -139,6 +143,25 @@ class TaskPack:
                        dict(raw.get("error", {})))
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"{path}: malformed task pack ({e!r})") from e
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """A safetensors file with the tensors in the order given (the library sorts them)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors:
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)                   # data starts 8-byte aligned
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for _, t in tensors:
+            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+    tmp.replace(path)
 
 
 def _weight(raw: dict[str, Any], block: tuple[int, int]) -> PackedWeight:

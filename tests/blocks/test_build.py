@@ -92,8 +92,11 @@ def test_alignment_shares_blocks_that_tasks_changed_alike(store, finetunes, tmp_
 
 def test_errors_are_clear(store, finetunes, tmp_path):
     _, fts = finetunes
-    with pytest.raises(ModelFormatError, match="does not tile"):
+    with pytest.raises(ModelFormatError, match="tiles none"):
         pack_tasks(store / "base", [fts["task-a"]], store, block=(48, 48))
+    # 16x32 does not tile down_proj (64x112): it stays the base's, and the change is reported
+    (report,) = pack_tasks(store / "base", [fts["task-a"]], store, block=(16, 32), budget=1.0)
+    assert sorted(report.unpacked) == [f"model.layers.{n}.mlp.down_proj.weight" for n in (0, 1)]
     with pytest.raises(ValueError, match="cannot be a task id"):
         pack_tasks(store / "base", [fts["task-a"]], store, block=BLOCK, names=["base"])
     from hf_models import make_model
