@@ -114,7 +114,8 @@ class Scheduler:
         pack = await asyncio.to_thread(self._task_pack, model_id, path)
         weights = self.store.path(pack.base) if pack is not None else path
         spec = await asyncio.to_thread(read_spec, weights)
-        task = await asyncio.to_thread(TaskSource.scan, path, spec) if pack else None
+        task = await asyncio.to_thread(TaskSource.scan, path, spec, weights, self.hashes) \
+            if pack else None
         tokenizer = None
         for folder in (path, weights):
             if (folder / "tokenizer.json").is_file():

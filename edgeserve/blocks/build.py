@@ -31,6 +31,8 @@ from edgeserve.blocks.select import (
 )
 from edgeserve.blocks.sources import Checkpoint, WeightSource, open_source
 from edgeserve.blocks.targets import Target, linear_targets
+from edgeserve.blocks.task import base_fingerprint
+from edgeserve.checkpoint import HashCache
 from edgeserve.loader import read_spec
 from edgeserve.store import valid_id
 
@@ -92,8 +94,9 @@ def pack_tasks(base_dir: Path, finetuned: list[Path], store: Path, *,
         sel = select_unaligned(e, zero, k)
     lost = errors(e, zero, sel, residual)
     unpacked = _unpacked(base, sources, {g.name for g in grids})
+    fingerprint = base_fingerprint(base_dir, spec, HashCache(store))
     packs = _write(base, sources, ids, grids, block, dtype, sel, zero, shared, store,
-                   base_dir.name, budget, aligned)
+                   base_dir.name, budget, aligned, fingerprint)
     reports = []
     for t, (pack, folder) in enumerate(packs):
         report = PackReport(
@@ -248,7 +251,7 @@ def _unpacked(base: Checkpoint, sources: list[WeightSource], packed: set[str]
 def _write(base: Checkpoint, sources: list[WeightSource], ids: list[str], grids: list[_Grid],
            block: tuple[int, int], dtype: torch.dtype, sel: Selection, zero: torch.Tensor,
            shared: dict[int, torch.Tensor], store: Path, base_id: str, budget: float,
-           aligned: bool) -> list[tuple[TaskPack, Path]]:
+           aligned: bool, fingerprint: str) -> list[tuple[TaskPack, Path]]:
     tiles: list[dict[str, torch.Tensor]] = [{} for _ in sources]
     weights: list[dict[str, PackedWeight]] = [{} for _ in sources]
     for g in tqdm(grids, desc="writing packs", unit="weight", disable=None):
@@ -278,7 +281,7 @@ def _write(base: Checkpoint, sources: list[WeightSource], ids: list[str], grids:
         if (folder / "config.json").is_file():
             raise FileExistsError(f"{folder} is a model, not a task pack: choose another id")
         pack = TaskPack(task, base_id, block, str(dtype).removeprefix("torch."), weights[t],
-                        budget, aligned)
+                        budget, aligned, base_hash=fingerprint)
         pack.write(folder, tiles[t], first={block_key(shared[p]) for p in sel.shared[t]})
         src_dir = getattr(sources[t], "folder", None)
         for name in COPIED:

@@ -10,6 +10,7 @@ task.json:
 
     {"format": "edgeserve.task-pack", "version": 1, "base": "<base model id>",
      "block": [rows, cols], "dtype": "float32", "budget": 0.1, "aligned": true,
+     "base_hash": "<hash of the base tensors it changes>",
      "weights": {"<HF tensor name>": {"shape": [R, C],
                                       "blocks": [[row block, col block, "<key>"], ...],
                                       "zero": [[row block, col block], ...]}},
@@ -88,6 +89,7 @@ class TaskPack:
     budget: float = 1.0
     aligned: bool = True
     error: dict[str, Any] = field(default_factory=dict)
+    base_hash: str = ""                          # of the base weights it was made from
 
     @property
     def keys(self) -> set[str]:
@@ -100,7 +102,7 @@ class TaskPack:
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "base": self.base,
                 "block": list(self.block), "dtype": self.dtype, "budget": self.budget,
-                "aligned": self.aligned,
+                "aligned": self.aligned, "base_hash": self.base_hash,
                 "weights": {name: {"shape": list(w.shape),
                                    "blocks": [list(b) for b in w.blocks],
                                    "zero": [list(z) for z in w.zero]}
@@ -140,7 +142,7 @@ class TaskPack:
             weights = {str(name): _weight(w, block) for name, w in raw["weights"].items()}
             return cls(folder.name, str(raw["base"]), block, str(raw["dtype"]), weights,
                        float(raw.get("budget", 1.0)), bool(raw.get("aligned", True)),
-                       dict(raw.get("error", {})))
+                       dict(raw.get("error", {})), str(raw.get("base_hash", "")))
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"{path}: malformed task pack ({e!r})") from e
 

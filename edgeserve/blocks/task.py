@@ -8,6 +8,7 @@ switching from one task to another moves exactly the new task's missing blocks.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +18,23 @@ from edgeserve.arch.spec import ModelFormatError, ModelSpec
 from edgeserve.blocks.arena import Slot, TileArena
 from edgeserve.blocks.pack import BLOCKS_FILE, TaskPack
 from edgeserve.blocks.targets import Target, linear_targets
-from edgeserve.checkpoint import TensorInfo, read_header
-from edgeserve.loader import LoadReport
+from edgeserve.checkpoint import HashCache, TensorInfo, read_header
+from edgeserve.loader import LoadReport, scan_checkpoint
 from edgeserve.pool import Unit
 from edgeserve.tiers import DiskJob
+
+def base_fingerprint(model_dir: Path, spec: ModelSpec, hashes: HashCache) -> str:
+    """A hash of the base's linear weights, which packs change (content hashes, cached)."""
+    tensors = scan_checkpoint(model_dir)
+    per_file: dict[Path, dict[str, str]] = {}
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(n for n in linear_targets(spec) if n in tensors):
+        path = tensors[name].path
+        if path not in per_file:
+            per_file[path] = hashes.get(path)
+        h.update(f"{name}={per_file[path][name]};".encode())
+    return h.hexdigest()
+
 
 # unit name -> (row blocks, column blocks, addresses in arena.tiles), each (n,) int64
 Index = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -33,8 +47,15 @@ class TaskSource:
     blocks: dict[str, TensorInfo]       # content key -> where its bytes are in the pack
 
     @classmethod
-    def scan(cls, folder: Path, spec: ModelSpec) -> TaskSource:
+    def scan(cls, folder: Path, spec: ModelSpec, base_dir: Path | None = None,
+             hashes: HashCache | None = None) -> TaskSource:
+        """The pack at folder, checked against its base (and, given base_dir and hashes,
+        against the base's bytes it was made from)."""
         pack = TaskPack.read(folder)
+        if pack.base_hash and base_dir is not None and hashes is not None and \
+                base_fingerprint(base_dir, spec, hashes) != pack.base_hash:
+            raise ModelFormatError(f"{folder}: the pack was made from other weights than the "
+                                   f"base '{pack.base}' now has; pack the task again")
         targets = linear_targets(spec)
         br, bc = pack.block
         for name, weight in pack.weights.items():

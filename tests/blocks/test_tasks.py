@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from hf_models import hf_greedy, reference
 
 from blocks.conftest import BLOCK
@@ -182,6 +183,10 @@ async def test_listing_and_errors(store, finetunes):
             await es.load("orphan")
         with pytest.raises(ValueError, match=r"blocks\.safetensors"):
             await es.load("broken")
-        out = await es.complete("task-a", [1, 2], max_tokens=3, temperature=0)
-        assert len(out.token_ids) >= 1
+        w = store / "base" / "model.safetensors"          # the base changes under the pack
+        tensors = load_file(str(w))
+        tensors["model.layers.0.mlp.down_proj.weight"] += 1.0
+        save_file(tensors, str(w), metadata={"format": "pt"})
+        with pytest.raises(ValueError, match="pack the task again"):
+            await es.load("task-a")
         es.pools["cpu"].check_integrity()
