@@ -23,6 +23,7 @@ from edgeserve.loader import LoadReport, scan_checkpoint
 from edgeserve.pool import Unit
 from edgeserve.tiers import DiskJob
 
+
 def base_fingerprint(model_dir: Path, spec: ModelSpec, hashes: HashCache) -> str:
     """A hash of the base's linear weights, which packs change (content hashes, cached)."""
     tensors = scan_checkpoint(model_dir)

@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from hf_models import hf_greedy, reference
+from safetensors.torch import load_file, save_file
 
 from blocks.conftest import BLOCK
 from blocks.finetunes import reconstruct
