@@ -21,7 +21,6 @@ import torch
 from edgeserve.arch.spec import ModelFormatError, ModelSpec
 from edgeserve.blocks.loading import TaskLoader
 from edgeserve.blocks.pack import TaskPack, is_task_dir
-from edgeserve.blocks.task import TaskSource
 from edgeserve.checkpoint import HashCache
 from edgeserve.config import ExpertConfig, TierConfig
 from edgeserve.engine import Engine
@@ -114,7 +113,7 @@ class Scheduler:
         pack = await asyncio.to_thread(self._task_pack, model_id, path)
         weights = self.store.path(pack.base) if pack is not None else path
         spec = await asyncio.to_thread(read_spec, weights)
-        task = await asyncio.to_thread(TaskSource.scan, path, spec, weights, self.hashes) \
+        task = await asyncio.to_thread(self.tasks.source, path, spec, weights, self.hashes) \
             if pack else None
         tokenizer = None
         for folder in (path, weights):

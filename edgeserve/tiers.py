@@ -82,10 +82,11 @@ class DiskLoader:
         self.readers, self.chunk, self.pinned = readers, chunk, pinned
 
     def load(self, jobs: list[DiskJob], progress: Callable[[int], None] | None = None,
-             direct_reads: bool = True) -> None:
-        """direct_reads=False: every job through large staged reads (many small tensors)."""
-        direct = [j for j in jobs if direct_reads and _direct(j)]
-        staged = [j for j in jobs if not (direct_reads and _direct(j))]
+             min_direct: int = 0) -> None:
+        """Jobs of at least min_direct bytes that need no conversion are read straight into
+        their destination; the others through large staged reads (many small tensors)."""
+        direct = [j for j in jobs if _direct(j) and j.tensor.nbytes >= min_direct]
+        staged = [j for j in jobs if not (_direct(j) and j.tensor.nbytes >= min_direct)]
         with ThreadPoolExecutor(self.readers, thread_name_prefix="edgeserve-read") as pool:
             pending = [pool.submit(self._read_direct, j, progress) for j in direct]
             self._staged(pool, staged, progress)

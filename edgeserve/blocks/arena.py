@@ -109,16 +109,19 @@ class TileArena:
         for key in keys:
             self.table.pop(key, None)
 
+    def offset(self, slot: Slot) -> int:
+        """The block's first byte in the slab."""
+        return slot.chunk.unit.start * self.pool.block_size + slot.index * self.tile_bytes
+
     def view(self, slot: Slot) -> torch.Tensor:
         """(rows, cols) over the block's bytes; stale after compaction."""
-        begin = slot.chunk.unit.start * self.pool.block_size + slot.index * self.tile_bytes
+        begin = self.offset(slot)
         assert self.pool.slab is not None
         return self.pool.slab[begin:begin + self.tile_bytes].view(self.dtype).view(self.shape)
 
     def address(self, slot: Slot) -> int:
         """The block's index in `tiles`."""
-        begin = slot.chunk.unit.start * self.pool.block_size + slot.index * self.tile_bytes
-        return begin // self.step
+        return self.offset(slot) // self.step
 
     @property
     def tiles(self) -> torch.Tensor:

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import torch
 
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.blocks.arena import TileArena
+from edgeserve.blocks.pack import BLOCKS_FILE, TASK_FILE
 from edgeserve.blocks.task import TaskBlocks, TaskSource, prepare
+from edgeserve.checkpoint import HashCache
 from edgeserve.engine import Engine
 from edgeserve.loader import LoadContext, LoadReport
 from edgeserve.pool import BlockPool, PoolFull
 from edgeserve.tiers import DiskLoader
+
+DIRECT_MIN = 256 << 10      # a run of blocks this large is read straight into the pool
 
 
 class TaskLoader:
@@ -22,6 +27,21 @@ class TaskLoader:
         self.engine = engine
         self.disk = DiskLoader(disk.readers, min(disk.chunk, 1 << 20), disk.pinned)
         self.arenas: dict[tuple[int, tuple[int, int], torch.dtype], TileArena] = {}
+        self._sources: dict[Path, tuple[tuple[tuple[str, int, int], ...], TaskSource]] = {}
+
+    def source(self, folder: Path, spec: ModelSpec, base_dir: Path,
+               hashes: HashCache) -> TaskSource:
+        """The pack at folder checked against its base; kept while neither file changes, so
+        that switching back to a task reads no metadata again (any thread)."""
+        files = [folder / TASK_FILE, folder / BLOCKS_FILE, *sorted(base_dir.glob("*.safetensors"))]
+        stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files
+                      if f.exists())
+        cached = self._sources.get(folder)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        source = TaskSource.scan(folder, spec, base_dir, hashes)
+        self._sources[folder] = (stamp, source)
+        return source
 
     def arena(self, pool: BlockPool, shape: tuple[int, int], dtype: torch.dtype) -> TileArena:
         key = (id(pool), shape, dtype)
@@ -44,7 +64,7 @@ class TaskLoader:
                 await make_room(e)
         ctx.pool.freeze()
         try:
-            await asyncio.to_thread(self.disk.load, jobs, None, False)
+            await asyncio.to_thread(self.disk.load, jobs, None, DIRECT_MIN)
         except BaseException:
             await self.engine.run(_undo, blocks, fresh)
             raise

@@ -146,20 +146,41 @@ def zero_key(arena: TileArena) -> str:
 def prepare(source: TaskSource, spec: ModelSpec, arena: TileArena, owner: str,
             report: LoadReport) -> tuple[TaskBlocks, list[DiskJob], list[str]]:
     """Pin the task's blocks (engine thread): resident ones are reused, the rest get slots
-    and disk jobs. Returns the blocks, the jobs and the keys those jobs fill."""
-    keys = sorted(source.pack.keys)
+    and disk jobs. Returns the blocks, the jobs and the keys those jobs fill.
+
+    Blocks are given slots in file order, so blocks adjacent in the pack land adjacent in
+    the pool and each such run is one read (straight into the pool where no conversion is
+    needed) rather than one copy per block."""
+    blocks = source.blocks
+    keys = sorted(source.pack.keys, key=lambda k: blocks[k].start)
     if source.has_zero:
         keys.append(zero_key(arena))
     slots, fresh = arena.acquire(keys, owner)
-    jobs = []
-    for key in fresh:
-        view = arena.view(slots[key])
-        if key == zero_key(arena):
-            view.zero_()
-            continue
-        jobs.append(DiskJob(source.blocks[key], view))
-    moved = len(jobs) * arena.tile_bytes
+    if zero_key(arena) in fresh:
+        arena.view(slots[zero_key(arena)]).zero_()
+    runs: list[list[str]] = []
+    for key in (k for k in fresh if k != zero_key(arena)):
+        last = runs[-1][-1] if runs else None
+        if last is not None and blocks[key].start == blocks[last].end and \
+                arena.offset(slots[key]) == arena.offset(slots[last]) + arena.tile_bytes:
+            runs[-1].append(key)
+        else:
+            runs.append([key])
+    jobs = [_job(arena, slots, blocks, run) for run in runs]
+    moved = sum(map(len, runs)) * arena.tile_bytes
     report.bytes_from_disk += moved
     report.bytes_from_device += len(source.pack.keys) * arena.tile_bytes - moved
     report.bytes_total += len(source.pack.keys) * arena.tile_bytes
     return TaskBlocks(source, arena, slots, linear_targets(spec)), jobs, fresh
+
+
+def _job(arena: TileArena, slots: dict[str, Slot], blocks: dict[str, TensorInfo],
+         run: list[str]) -> DiskJob:
+    """One read for blocks adjacent both in the pack and in the pool."""
+    first, last = blocks[run[0]], blocks[run[-1]]
+    info = TensorInfo(first.name, first.path, first.dtype, (len(run), *first.shape),
+                      first.start, last.end)
+    begin = arena.offset(slots[run[0]])
+    assert arena.pool.slab is not None
+    dest = arena.pool.slab[begin:begin + len(run) * arena.tile_bytes]
+    return DiskJob(info, dest.view(arena.dtype).view(len(run), *arena.shape))

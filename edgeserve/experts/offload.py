@@ -115,14 +115,19 @@ class ExpertOffload:
 
     def prefetch(self, runner: MoeModel, layer: int, x: torch.Tensor) -> None:
         """Guess the next sparse layer's experts by applying its router to this layer's
-        input, and copy the missing ones in now (on CUDA that copy overlaps the layers in
-        between; here it is counted for prefetch accuracy)."""
+        input, and copy in now the missing ones that a miss could not substitute (on CUDA
+        that copy overlaps the layers in between; here it is counted for prefetch
+        accuracy)."""
         after = [n for n in self.layers if n > layer]
         if not after or not self.prefetching:
             return
         spec = runner.spec
-        ids, _ = route(x, runner.sparse[after[0]].router, spec.experts_per_token,
-                       spec.norm_topk_prob)
+        ids, gates = route(x, runner.sparse[after[0]].router, spec.experts_per_token,
+                           spec.norm_topk_prob)
+        if self.cache.policy.endswith("substitution"):
+            # A miss below the threshold would be substituted, not fetched: copying such an
+            # expert ahead would move bytes for nothing.
+            ids = ids[gates >= self.cache.threshold]
         wanted = sorted(set(ids.flatten().tolist()))
         for key in self.cache.prefetch(after[0], wanted):
             for unit in self.units.pop(key, ()):
