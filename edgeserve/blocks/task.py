@@ -37,6 +37,8 @@ def base_fingerprint(model_dir: Path, spec: ModelSpec, hashes: HashCache) -> str
     return h.hexdigest()
 
 
+READ_RUN = 2 << 20          # bytes of adjacent blocks read by one request at most
+
 # unit name -> (row blocks, column blocks, addresses in arena.tiles), each (n,) int64
 Index = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -159,10 +161,11 @@ def prepare(source: TaskSource, spec: ModelSpec, arena: TileArena, owner: str,
     if zero_key(arena) in fresh:
         arena.view(slots[zero_key(arena)]).zero_()
     runs: list[list[str]] = []
+    most = max(1, READ_RUN // arena.tile_bytes)     # blocks per read: reads run in parallel
     for key in (k for k in fresh if k != zero_key(arena)):
         last = runs[-1][-1] if runs else None
-        if last is not None and blocks[key].start == blocks[last].end and \
-                arena.offset(slots[key]) == arena.offset(slots[last]) + arena.tile_bytes:
+        if last is not None and len(runs[-1]) < most and blocks[key].start == blocks[last].end \
+                and arena.offset(slots[key]) == arena.offset(slots[last]) + arena.tile_bytes:
             runs[-1].append(key)
         else:
             runs.append([key])
