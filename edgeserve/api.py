@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +19,7 @@ from edgeserve.config import Config, PoolConfig, from_env, parse_size
 from edgeserve.device import DeviceInfo, cpu_info, discover
 from edgeserve.engine import Engine
 from edgeserve.loader import LoadReport, parse_dtype
+from edgeserve.mailbox import Mailbox
 from edgeserve.metrics import Metrics, live_gauges
 from edgeserve.model import ResidentModel
 from edgeserve.pool import BlockPool, Unit, UnitKind
@@ -91,6 +92,8 @@ class EdgeServer:
         self._closing = False
         self.host: HostTier | None = None
         self._ids = itertools.count(1)
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = \
+            weakref.WeakKeyDictionary()
         self.metrics = Metrics()
         self.metrics.watch(lambda: live_gauges(self.stats(), self._queues()))
 
@@ -237,10 +240,13 @@ class EdgeServer:
         model = self.models[model_id]
         _check_prompt(model, prompt)
         loop = asyncio.get_running_loop()
+        mailbox = self._mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = self._mailboxes[loop] = Mailbox(loop)
         queue: asyncio.Queue[Event] = asyncio.Queue()
+
         def sink(event: Event) -> None:     # called on the step thread
-            with contextlib.suppress(RuntimeError):   # the loop closed: nobody listens
-                loop.call_soon_threadsafe(queue.put_nowait, event)
+            mailbox.post(queue, event)
 
         seq = Seq(next(self._ids), model, prompt, params, sink,
                   tokenizer=self.tokenizer(model_id))
