@@ -190,3 +190,18 @@ async def test_listing_and_errors(store, finetunes):
         with pytest.raises(ValueError, match="pack the task again"):
             await es.load("task-a")
         es.pools["cpu"].check_integrity()
+
+
+async def test_tasks_over_http(store, finetunes, aiohttp_client):
+    from edgeserve.server import create_app
+
+    _, fts = finetunes
+    pack_tasks(store / "base", [fts["task-a"]], store, block=BLOCK, budget=0.1)
+    client = await aiohttp_client(create_app(server(store)))
+    models = await (await client.get("/v1/models")).json()
+    assert {m["id"]: m["parent"] for m in models["data"]} == {"base": None, "task-a": "base"}
+    resp = await client.post("/v1/completions", json={"model": "task-a", "prompt": [1, 2, 3],
+                                                      "max_tokens": 4, "temperature": 0})
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["model"] == "task-a" and body["usage"]["completion_tokens"] >= 1
