@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -31,11 +30,12 @@ import time
 from pathlib import Path
 
 import torch
+from load import drop_cache  # bench/load.py: a folder's safetensors out of the page cache
 from safetensors.torch import load_file, save_file
 
 from edgeserve import EdgeServer
 from edgeserve.blocks.build import pack_tasks
-from edgeserve.blocks.pack import BLOCKS_FILE, TASK_FILE, TaskPack
+from edgeserve.blocks.pack import TASK_FILE, TaskPack
 from edgeserve.config import Config, EngineConfig, PoolConfig, TierConfig
 
 OUT = Path(__file__).parent / "out" / "tasks-store"
@@ -114,16 +114,6 @@ def make_packs(base: Path, finetunes: list[Path], block: int, aligned: bool, pre
     return names, rows
 
 
-def drop_cache(files: list[Path]) -> None:
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def read_bytes() -> int:
     """Bytes this process has had read from the storage device (0 where not reported)."""
     try:
@@ -150,7 +140,7 @@ def config(store: Path, pool_size: int, policy: str = "edgeserve", batch_tasks: 
 
 async def switching(store: Path, ids: list[str], pool_size: int, repeats: int) -> Samples:
     """Task switches around the cycle of ids, the base resident throughout."""
-    packs = [store / i / BLOCKS_FILE for i in ids]
+    packs = [store / i for i in ids]
     out: Samples = {"seconds": [], "bytes": [], "read_bytes": []}
     async with EdgeServer(config=config(store, pool_size)) as es:
         engine = es.engine
@@ -160,7 +150,8 @@ async def switching(store: Path, ids: list[str], pool_size: int, repeats: int) -
         for _ in range(repeats):
             for a, b in zip(ids, ids[1:] + ids[:1], strict=True):
                 await engine.run(drop_task_blocks, es)
-                drop_cache(packs)
+                for folder in packs:
+                    drop_cache(folder)
                 io, start = read_bytes(), time.perf_counter()
                 report = await es.load(b)
                 out["seconds"].append(time.perf_counter() - start)
@@ -182,7 +173,7 @@ async def reloading(store: Path, ids: list[str], pool_size: int, repeats: int) -
             await es.unload(i)
         for _ in range(repeats):
             for i in ids[1:] + ids[:1]:
-                drop_cache([weights(store / i)])
+                drop_cache(store / i)
                 io, start = read_bytes(), time.perf_counter()
                 report = await es.load(i)
                 out["seconds"].append(time.perf_counter() - start)

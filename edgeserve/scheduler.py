@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from edgeserve.arch.spec import ModelFormatError, ModelSpec
+from edgeserve.arch.spec import ModelSpec
 from edgeserve.blocks.loading import TaskLoader
-from edgeserve.blocks.pack import TaskPack, is_task_dir
 from edgeserve.checkpoint import HashCache
 from edgeserve.config import ExpertConfig, TierConfig
 from edgeserve.engine import Engine
@@ -39,7 +38,7 @@ from edgeserve.loader import (
 from edgeserve.metrics import Metrics
 from edgeserve.model import ResidentModel
 from edgeserve.pool import BlockPool, PoolFull, Unit, UnitKind
-from edgeserve.store import ModelStore, UnknownModel
+from edgeserve.store import ModelStore
 from edgeserve.tiers import DiskLoader, HostTier
 from edgeserve.tokenizer import Tokenizer
 
@@ -110,7 +109,7 @@ class Scheduler:
     async def _load(self, model_id: str) -> LoadReport:
         path = self.store.path(model_id)
         start = time.perf_counter()
-        pack = await asyncio.to_thread(self._task_pack, model_id, path)
+        pack = await asyncio.to_thread(self.tasks.pack, model_id, path, self.store)
         weights = self.store.path(pack.base) if pack is not None else path
         spec = await asyncio.to_thread(read_spec, weights)
         task = await asyncio.to_thread(self.tasks.source, path, spec, weights, self.hashes) \
@@ -163,18 +162,6 @@ class Scheduler:
         log.info("loaded %s on %s: %.1f MB in %.2f s", model_id, pool.device,
                  report.bytes_total / 1e6, report.seconds)
         return report
-
-    def _task_pack(self, model_id: str, path: Path) -> TaskPack | None:
-        """The pack of a task folder, else None."""
-        if not is_task_dir(path):
-            return None
-        pack = TaskPack.read(path)
-        try:
-            self.store.path(pack.base)
-        except UnknownModel:
-            raise ModelFormatError(f"task '{model_id}': its base model '{pack.base}' is not "
-                                   f"in the store {self.store.root}") from None
-        return pack
 
     async def _prepare(self, model_id: str, path: Path, spec: ModelSpec, ctx: LoadContext,
                        report: LoadReport) -> Prepared:

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import torch
 
-from edgeserve.arch.spec import ModelSpec
+from edgeserve.arch.spec import ModelFormatError, ModelSpec
 from edgeserve.blocks.arena import TileArena
-from edgeserve.blocks.pack import BLOCKS_FILE, TASK_FILE
+from edgeserve.blocks.pack import BLOCKS_FILE, TASK_FILE, TaskPack, is_task_dir
 from edgeserve.blocks.task import TaskBlocks, TaskSource, prepare
 from edgeserve.checkpoint import HashCache
 from edgeserve.engine import Engine
 from edgeserve.loader import LoadContext, LoadReport
 from edgeserve.pool import BlockPool, PoolFull
+from edgeserve.store import ModelStore, UnknownModel
 from edgeserve.tiers import DiskLoader
 
 DIRECT_MIN = 256 << 10      # a run of blocks this large is read straight into the pool
@@ -28,6 +29,19 @@ class TaskLoader:
         self.disk = DiskLoader(disk.readers, min(disk.chunk, 1 << 20), disk.pinned)
         self.arenas: dict[tuple[int, tuple[int, int], torch.dtype], TileArena] = {}
         self._sources: dict[Path, tuple[tuple[tuple[str, int, int], ...], TaskSource]] = {}
+
+    @staticmethod
+    def pack(model_id: str, path: Path, store: ModelStore) -> TaskPack | None:
+        """The pack of a task folder (whose base must be in the store), else None."""
+        if not is_task_dir(path):
+            return None
+        pack = TaskPack.read(path)
+        try:
+            store.path(pack.base)
+        except UnknownModel:
+            raise ModelFormatError(f"task '{model_id}': its base model '{pack.base}' is not "
+                                   f"in the store {store.root}") from None
+        return pack
 
     def source(self, folder: Path, spec: ModelSpec, base_dir: Path,
                hashes: HashCache) -> TaskSource:
