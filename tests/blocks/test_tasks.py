@@ -205,3 +205,22 @@ async def test_tasks_over_http(store, finetunes, aiohttp_client):
     assert resp.status == 200
     body = await resp.json()
     assert body["model"] == "task-a" and body["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.gpu
+async def test_tasks_on_cuda_equal_cpu(store, finetunes):
+    """Several tasks batched with their base on CUDA (the kernel path) give the CPU's tokens."""
+    _, fts = finetunes
+    pack_tasks(store / "base", list(fts.values()), store, block=BLOCK, budget=0.3)
+    jobs = [(m, [2 + i, 30, 7 * i + 1]) for i, m in enumerate(["base", *fts, "task-a"])]
+
+    async def run(device: str) -> list[list[int]]:
+        async with EdgeServer(models=store, device=device, pool_size="256MiB",
+                              dtype="float32", block_size="64KiB") as es:
+            outs = await asyncio.gather(*[es.complete(m, p, max_tokens=12, temperature=0,
+                                                      ignore_eos=True) for m, p in jobs])
+            for pool in es.pools.values():
+                pool.check_integrity()
+            return [o.token_ids for o in outs]
+
+    assert await run("cuda:0") == await run("cpu")
