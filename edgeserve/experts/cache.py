@@ -141,14 +141,26 @@ class ExpertCache:
             return min(candidates, key=self._last_use.__getitem__)
         return min(candidates, key=lambda k: (self.importance.score(*k), self._last_use[k]))
 
-    def prefetch(self, layer: int, experts: list[int]) -> list[Expert]:
+    def prefetch(self, layer: int, experts: list[int],
+                 demand: list[float] | None = None) -> list[Expert]:
         """Predicted experts of a coming layer: fetch the missing ones now. Returns the
-        evictions to carry out (the fetches are the given experts not resident before)."""
+        evictions to carry out (the fetches are the given experts not resident before).
+
+        With importance, a guess displaces a resident expert only if the prediction asks
+        more of it (demand[e], on the scale of importance scores) than the victim's
+        importance: a speculative copy never pushes out an expert that matters more."""
         evicted: list[Expert] = []
+        protected = {(layer, x) for x in experts}
         for e in experts:
             key = (layer, e)
-            if key not in self.resident:
-                evicted += self._admit(key, {(layer, x) for x in experts})
-                self._prefetched.add(key)
-                self.stats.prefetches += 1
+            if key in self.resident:
+                continue
+            if demand is not None and self.policy != "lru" and \
+                    len(self.resident) >= self.capacity:
+                victim = self._victim(protected)
+                if victim is None or self.importance.score(*victim) >= demand[e]:
+                    continue
+            evicted += self._admit(key, protected)
+            self._prefetched.add(key)
+            self.stats.prefetches += 1
         return evicted

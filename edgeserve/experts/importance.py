@@ -27,7 +27,18 @@ class ExpertImportance:
 
     def scores(self, layer: int) -> torch.Tensor:
         """(E,) importance: a blend of the layer's normalised gate mass and frequency."""
-        mass, count = self.mass[layer], self.count[layer]
+        return self._blend(self.mass[layer], self.count[layer])
+
+    def demand(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(E,) the same blend for one routing alone (ids, weights (N, A)): what it asks of
+        each expert, on the scale of scores()."""
+        experts = self.mass.shape[1]
+        flat = ids.reshape(-1).to("cpu", torch.int64)
+        mass = torch.bincount(flat, weights.reshape(-1).to("cpu", torch.float64),
+                              minlength=experts)
+        return self._blend(mass, torch.bincount(flat, minlength=experts).to(torch.float64))
+
+    def _blend(self, mass: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         mass = mass / mass.sum() if mass.sum() > 0 else mass
         count = count / count.sum() if count.sum() > 0 else count
         return self.mass_weight * mass + (1 - self.mass_weight) * count

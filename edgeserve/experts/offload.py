@@ -127,9 +127,11 @@ class ExpertOffload:
         if self.cache.policy.endswith("substitution"):
             # A miss below the threshold would be substituted, not fetched: copying such an
             # expert ahead would move bytes for nothing.
-            ids = ids[gates >= self.cache.threshold]
+            keep = gates >= self.cache.threshold
+            ids, gates = ids[keep], gates[keep]
         wanted = sorted(set(ids.flatten().tolist()))
-        for key in self.cache.prefetch(after[0], wanted):
+        demand = self.cache.importance.demand(ids, gates).tolist()
+        for key in self.cache.prefetch(after[0], wanted, demand):
             for unit in self.units.pop(key, ()):
                 self._drop(unit)
         for e in wanted:

@@ -94,3 +94,16 @@ def test_similarity_and_its_cache(tmp_path):
     again = cached_similarity(tmp_path, "k")
     assert first is not None and again is not None and torch.equal(first, again)
     assert cached_similarity(tmp_path, "other") is None
+
+
+def test_a_guess_never_displaces_a_more_important_expert():
+    cache = ExpertCache(2, 4, capacity=2, policy="importance", expert_bytes=10)
+    for _ in range(4):
+        cache.route(1, *picks((0, 1)))                 # 0 and 1 matter, the cache is full
+    weak = cache.importance.demand(*picks((2,), weight=0.1))
+    assert cache.prefetch(1, [2], [0.0, 0.0, 0.0, 0.0]) == []      # asks nothing of 2
+    assert cache.prefetch(1, [2], weak.tolist()) != []             # all of this step's demand
+    assert (1, 2) in cache.resident and cache.stats.prefetches == 1
+    lru = ExpertCache(2, 4, capacity=2, policy="lru", expert_bytes=10)
+    lru.route(1, *picks((0, 1)))
+    assert lru.prefetch(1, [2], [0.0] * 4) != []      # LRU (the baseline) always takes guesses
