@@ -37,6 +37,7 @@ from edgeserve.loader import read_spec
 from edgeserve.store import valid_id
 
 log = logging.getLogger("edgeserve.blocks")
+CONSENSUS_BYTES = 256 << 20     # float64 working set when aligning one weight's blocks
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
           "chat_template.jinja", "generation_config.json")
 
@@ -185,7 +186,6 @@ def _consensus(base: Checkpoint, sources: list[WeightSource], grids: list[_Grid]
                residual: dict[tuple[int, int], float]) -> list[SharedCandidate]:
     """Shared candidates (their tiles into shared, members' losses into residual)."""
     out: list[SharedCandidate] = []
-    limit = m[:, None]
     for g in tqdm(grids, desc="aligning tasks", unit="weight", disable=None):
         w = base.get(g.name)
         span = slice(g.offset, g.offset + g.rows * g.cols)
@@ -193,24 +193,38 @@ def _consensus(base: Checkpoint, sources: list[WeightSource], grids: list[_Grid]
         if int(changed.sum(0).max()) < 2:
             continue
         ft = torch.stack([blocks_of(_load(s, g.name, w.shape), block) for s in sources])
-        consensus, exact = _seed(ft, changed)
-        member = changed
-        for _ in range(2):
-            cons = consensus.to(dtype).to(torch.float64)
-            r = (ft.to(torch.float64) - cons).pow(2).sum(-1)               # (T, P)
-            gain = e[:, span] - r
-            member = changed & (r <= limit) & (gain >= limit / 2)
-            weights = member.to(torch.float64)
-            mean = (ft.to(torch.float64) * weights[..., None]).sum(0) / \
-                weights.sum(0).clamp(min=1)[:, None]
-            consensus = torch.where(exact[:, None], consensus, mean)
-        for p in (member.sum(0) >= 2).nonzero().flatten().tolist():
-            tasks = member[:, p].nonzero().flatten().tolist()
-            pos = g.offset + p
-            out.append(SharedCandidate(pos, tuple(tasks), tuple(float(gain[t, p]) for t in tasks)))
-            shared[pos] = cons[p].to(dtype).reshape(block)
-            for t in tasks:
-                residual[(t, pos)] = float(r[t, p])
+        step = max(1, CONSENSUS_BYTES // (ft.shape[0] * ft.shape[2] * 8))
+        for lo in range(0, ft.shape[1], step):       # positions in slices: bounded memory
+            part = slice(lo, lo + step)
+            out += _agree(ft[:, part].to(torch.float64), changed[:, part],
+                          e[:, span][:, part], m[:, None], dtype, block, g.offset + lo,
+                          shared, residual)
+    return out
+
+
+def _agree(ft: torch.Tensor, changed: torch.Tensor, e: torch.Tensor, limit: torch.Tensor,
+           dtype: torch.dtype, block: tuple[int, int], first: int,
+           shared: dict[int, torch.Tensor], residual: dict[tuple[int, int], float]
+           ) -> list[SharedCandidate]:
+    """Consensus blocks of positions first.. (ft (T, P, E) float64, e and changed (T, P))."""
+    consensus, exact = _seed(ft, changed)
+    member = changed
+    for _ in range(2):
+        cons = consensus.to(dtype).to(torch.float64)
+        r = (ft - cons).pow(2).sum(-1)                                   # (T, P)
+        gain = e - r
+        member = changed & (r <= limit) & (gain >= limit / 2)
+        weights = member.to(torch.float64)
+        mean = (ft * weights[..., None]).sum(0) / weights.sum(0).clamp(min=1)[:, None]
+        consensus = torch.where(exact[:, None], consensus, mean)
+    out = []
+    for p in (member.sum(0) >= 2).nonzero().flatten().tolist():
+        tasks = member[:, p].nonzero().flatten().tolist()
+        pos = first + p
+        out.append(SharedCandidate(pos, tuple(tasks), tuple(float(gain[t, p]) for t in tasks)))
+        shared[pos] = cons[p].to(dtype).reshape(block)
+        for t in tasks:
+            residual[(t, pos)] = float(r[t, p])
     return out
 
 

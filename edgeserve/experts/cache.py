@@ -139,7 +139,8 @@ class ExpertCache:
             return None
         if self.policy == "lru":
             return min(candidates, key=self._last_use.__getitem__)
-        return min(candidates, key=lambda k: (self.importance.score(*k), self._last_use[k]))
+        table = self.importance.table()
+        return min(candidates, key=lambda k: (table[k[0]][k[1]], self._last_use[k]))
 
     def prefetch(self, layer: int, experts: list[int],
                  demand: list[float] | None = None) -> list[Expert]:

@@ -45,3 +45,9 @@ class ExpertImportance:
 
     def score(self, layer: int, expert: int) -> float:
         return float(self.scores(layer)[expert])
+
+    def table(self) -> list[list[float]]:
+        """[layer][expert] importance of every expert at once (one computation)."""
+        mass = self.mass / self.mass.sum(1, keepdim=True).clamp(min=1e-300)
+        count = self.count / self.count.sum(1, keepdim=True).clamp(min=1e-300)
+        return (self.mass_weight * mass + (1 - self.mass_weight) * count).tolist()
