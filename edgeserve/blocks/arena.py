@@ -23,11 +23,13 @@ import torch
 from edgeserve.pool import BlockPool, Unit, UnitKind
 
 _arena_ids = itertools.count(1)
+CHUNK_MAX = 4 << 20
 
 
 @dataclass(eq=False, slots=True)
 class Chunk:
     unit: Unit
+    slots: int                                          # blocks it can hold
     keys: list[str] = field(default_factory=list)       # slot -> content key
 
 
@@ -41,8 +43,10 @@ class TileArena:
     def __init__(self, pool: BlockPool, shape: tuple[int, int], dtype: torch.dtype) -> None:
         self.pool, self.shape, self.dtype = pool, shape, dtype
         self.tile_bytes = shape[0] * shape[1] * dtype.itemsize
-        self.chunk_bytes = math.ceil(self.tile_bytes / pool.block_size) * pool.block_size
-        self.slots = self.chunk_bytes // self.tile_bytes
+        # A load's new blocks go to chunks of up to CHUNK_MAX bytes: few allocations, and
+        # eviction by one load's worth of blocks at most.
+        self.min_chunk = math.ceil(self.tile_bytes / pool.block_size) * pool.block_size
+        self.max_chunk = max(self.min_chunk, CHUNK_MAX // pool.block_size * pool.block_size)
         # Offsets of chunk starts and slots are multiples of this many bytes.
         self.step = math.gcd(pool.block_size, self.tile_bytes)
         self.name = f"tiles{next(_arena_ids)}:{shape[0]}x{shape[1]}:{dtype}"
@@ -71,24 +75,32 @@ class TileArena:
         for slot in slots.values():         # first, so that allocating never evicts them
             self.pool.pin(slot.chunk.unit)
         missing = [k for k in wanted if k not in slots]
-        new: list[Unit] = []
+        new: list[Chunk] = []
         try:
-            for _ in range(math.ceil(len(missing) / self.slots)):
-                new.append(self.pool.allocate(UnitKind.TASK_BLOCK, self.chunk_bytes,
-                                              key=f"{self.name}:{next(self._numbers)}",
-                                              owner=owner))
+            left = len(missing)
+            while left > 0:
+                nbytes = min(self.max_chunk, math.ceil(left * self.tile_bytes / self.min_chunk)
+                             * self.min_chunk)
+                unit = self.pool.allocate(UnitKind.TASK_BLOCK, nbytes, owner=owner,
+                                          key=f"{self.name}:{next(self._numbers)}")
+                new.append(Chunk(unit, nbytes // self.tile_bytes))
+                left -= new[-1].slots
         except BaseException:
-            for unit in new:
-                self.pool.release(unit)
+            for done in new:
+                self.pool.release(done.unit)
             self.release(slots)
             raise
-        for i, key in enumerate(missing):
-            chunk = self.chunks.setdefault(new[i // self.slots].id, Chunk(new[i // self.slots]))
+        chunks = iter(new)
+        chunk: Chunk | None = None
+        for key in missing:
+            if chunk is None or len(chunk.keys) == chunk.slots:
+                chunk = next(chunks)
+                self.chunks[chunk.unit.id] = chunk
             slot = slots[key] = self.table[key] = Slot(chunk, len(chunk.keys))
             chunk.keys.append(key)
             self.pool.pin(chunk.unit)
-        for unit in new:                    # the pin allocate() took, now held per block
-            self.pool.unpin(unit)
+        for done in new:                    # the pin allocate() took, now held per block
+            self.pool.unpin(done.unit)
         return {k: slots[k] for k in wanted}, missing
 
     def release(self, slots: dict[str, Slot]) -> None:
@@ -155,4 +167,4 @@ def arena_stats(arenas: list[TileArena]) -> dict[str, int]:
     """Distinct task blocks resident, their bytes, and the bytes of the chunks holding them."""
     return {"blocks": sum(len(a.table) for a in arenas),
             "bytes": sum(a.resident_bytes for a in arenas),
-            "chunk_bytes": sum(len(a.chunks) * a.chunk_bytes for a in arenas)}
+            "chunk_bytes": sum(c.unit.nbytes for a in arenas for c in a.chunks.values())}

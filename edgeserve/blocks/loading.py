@@ -30,12 +30,15 @@ class TaskLoader:
         self.arenas: dict[tuple[int, tuple[int, int], torch.dtype], TileArena] = {}
         self._sources: dict[Path, tuple[tuple[tuple[str, int, int], ...], TaskSource]] = {}
 
-    @staticmethod
-    def pack(model_id: str, path: Path, store: ModelStore) -> TaskPack | None:
+    def pack(self, model_id: str, path: Path, store: ModelStore) -> TaskPack | None:
         """The pack of a task folder (whose base must be in the store), else None."""
         if not is_task_dir(path):
             return None
-        pack = TaskPack.read(path)
+        cached = self._sources.get(path)
+        if cached is not None and cached[0][0] == _stamp(path / TASK_FILE):
+            pack = cached[1].pack
+        else:
+            pack = TaskPack.read(path)
         try:
             store.path(pack.base)
         except UnknownModel:
@@ -48,8 +51,7 @@ class TaskLoader:
         """The pack at folder checked against its base; kept while neither file changes, so
         that switching back to a task reads no metadata again (any thread)."""
         files = [folder / TASK_FILE, folder / BLOCKS_FILE, *sorted(base_dir.glob("*.safetensors"))]
-        stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files
-                      if f.exists())
+        stamp = tuple(_stamp(f) for f in files if f.exists())
         cached = self._sources.get(folder)
         if cached is not None and cached[0] == stamp:
             return cached[1]
@@ -85,6 +87,11 @@ class TaskLoader:
         finally:
             ctx.pool.thaw()
         return blocks
+
+
+def _stamp(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns
 
 
 def _undo(blocks: TaskBlocks, fresh: list[str]) -> None:

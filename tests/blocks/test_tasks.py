@@ -110,10 +110,13 @@ async def test_shared_blocks_are_held_once(store, finetunes):
         assert len(arena.table) == len(a.keys | b.keys) + 1
         pool = es.pools["cpu"]
         chunks = [u for u in pool.units.values() if u.kind is UnitKind.TASK_BLOCK]
-        assert pool.bytes_by_kind()["task_block"] == len(chunks) * arena.chunk_bytes
-        # Each load's new blocks fill chunks of their own.
-        new_b = len(b.keys - a.keys)
-        assert len(chunks) == -(-(len(a.keys) + 1) // arena.slots) + -(-new_b // arena.slots)
+        assert pool.bytes_by_kind()["task_block"] == sum(u.nblocks for u in chunks) * \
+            pool.block_size
+        # Each load's new blocks fill chunks of their own, just large enough.
+        sizes = sorted(u.nbytes for u in chunks)
+        need = sorted(-(-n * TILE // arena.min_chunk) * arena.min_chunk
+                      for n in (len(a.keys) + 1, len(b.keys - a.keys)))
+        assert sizes == need
         pool.check_integrity()
         arena.check()
 
@@ -148,10 +151,9 @@ async def test_blocks_are_evicted_under_pressure_and_read_again(store, finetunes
         await es.load("base")
         base_bytes = es.pools["cpu"].bytes_by_kind()["weight"]
         await es.load("task-a")
-        (arena,) = es.scheduler.tasks.arenas.values()
-        chunk = arena.chunk_bytes
-    # Room for the base and 3 chunks of blocks: a or c needs 2, both 4.
-    async with server(store, pool=base_bytes + 3 * chunk) as es:
+        task_bytes = es.stats()["devices"]["cpu"]["tasks"]["chunk_bytes"]
+    # Room for the base and the blocks of one task and a half: a and c share none.
+    async with server(store, pool=base_bytes + task_bytes * 3 // 2) as es:
         await es.load("task-a")
         await es.unload("task-a")
         await es.load("task-c")       # a's blocks go to make room
