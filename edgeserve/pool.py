@@ -210,17 +210,17 @@ class BlockPool:
             self._blocks.give(unit.start, unit.nblocks)
             self._account(unit, -1)
 
-    def pin(self, unit: Unit) -> None:
+    def pin(self, unit: Unit, times: int = 1) -> None:
         with self._lock:
-            unit.pins += 1
+            unit.pins += times
             unit.last_use = time.monotonic()
             unit.uses += 1
 
-    def unpin(self, unit: Unit) -> None:
+    def unpin(self, unit: Unit, times: int = 1) -> None:
         with self._lock:
-            if unit.pins <= 0:
+            if unit.pins < times:
                 raise RuntimeError(f"unit {unit.id} unpinned more often than pinned")
-            unit.pins -= 1
+            unit.pins -= times
 
     def lookup(self, key: str) -> Unit | None:
         with self._lock:

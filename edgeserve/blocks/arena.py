@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -72,8 +74,7 @@ class TileArena:
         together when it is no longer used (a chunk goes only when none of its blocks is)."""
         wanted = list(dict.fromkeys(keys))
         slots = {k: self.table[k] for k in wanted if k in self.table}
-        for slot in slots.values():         # first, so that allocating never evicts them
-            self.pool.pin(slot.chunk.unit)
+        self._pin(slots.values())           # first, so that allocating never evicts them
         missing = [k for k in wanted if k not in slots]
         new: list[Chunk] = []
         try:
@@ -96,18 +97,30 @@ class TileArena:
             if chunk is None or len(chunk.keys) == chunk.slots:
                 chunk = next(chunks)
                 self.chunks[chunk.unit.id] = chunk
-            slot = slots[key] = self.table[key] = Slot(chunk, len(chunk.keys))
+            slots[key] = self.table[key] = Slot(chunk, len(chunk.keys))
             chunk.keys.append(key)
-            self.pool.pin(chunk.unit)
         for done in new:                    # the pin allocate() took, now held per block
-            self.pool.unpin(done.unit)
+            self.pool.pin(done.unit, len(done.keys) - 1)
         return {k: slots[k] for k in wanted}, missing
 
     def release(self, slots: dict[str, Slot]) -> None:
         """Unpin blocks; they stay resident (and shared) until their chunk is evicted."""
-        for slot in slots.values():
-            if slot.chunk.unit.alive:
-                self.pool.unpin(slot.chunk.unit)
+        for chunk, n in self._per_chunk(slots.values()):
+            if chunk.unit.alive:
+                self.pool.unpin(chunk.unit, n)
+
+    def _pin(self, slots: Iterable[Slot]) -> None:
+        for chunk, n in self._per_chunk(slots):
+            self.pool.pin(chunk.unit, n)
+
+    @staticmethod
+    def _per_chunk(slots: Iterable[Slot]) -> list[tuple[Chunk, int]]:
+        """Each chunk among slots, with how many of them it holds (one pin per block)."""
+        counts: dict[int, list[Any]] = {}
+        for slot in slots:
+            entry = counts.setdefault(id(slot.chunk), [slot.chunk, 0])
+            entry[1] += 1
+        return [(chunk, n) for chunk, n in counts.values()]
 
     def drop_unused(self) -> int:
         """Evict every chunk no loaded task uses; returns how many went."""

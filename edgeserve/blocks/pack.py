@@ -28,6 +28,7 @@ import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ class TaskPack:
     error: dict[str, Any] = field(default_factory=dict)
     base_hash: str = ""                          # of the base weights it was made from
 
-    @property
+    @cached_property
     def keys(self) -> set[str]:
         return {key for w in self.weights.values() for _, _, key in w.blocks}
 
