@@ -138,6 +138,15 @@ def config(store: Path, pool_size: int, policy: str = "edgeserve", batch_tasks: 
                   engine=EngineConfig(batch_tasks=batch_tasks), tiers=TierConfig(policy=policy))
 
 
+async def timed_load(es: EdgeServer, model: str, out: Samples) -> None:
+    """Load model, adding its seconds, bytes moved and bytes read from the device to out."""
+    io, start = read_bytes(), time.perf_counter()
+    report = await es.load(model)
+    out["seconds"].append(time.perf_counter() - start)
+    out["read_bytes"].append(read_bytes() - io)
+    out["bytes"].append(report.bytes_from_disk)
+
+
 async def switching(store: Path, ids: list[str], pool_size: int, repeats: int) -> Samples:
     """Task switches around the cycle of ids, the base resident throughout."""
     packs = [store / i for i in ids]
@@ -152,11 +161,7 @@ async def switching(store: Path, ids: list[str], pool_size: int, repeats: int) -
                 await engine.run(drop_task_blocks, es)
                 for folder in packs:
                     drop_cache(folder)
-                io, start = read_bytes(), time.perf_counter()
-                report = await es.load(b)
-                out["seconds"].append(time.perf_counter() - start)
-                out["read_bytes"].append(read_bytes() - io)
-                out["bytes"].append(report.bytes_from_disk)
+                await timed_load(es, b, out)
                 await es.unload(a)
                 served = await es.complete(b, [1, 2, 3], max_tokens=4, temperature=0,
                                            ignore_eos=True)
@@ -174,11 +179,7 @@ async def reloading(store: Path, ids: list[str], pool_size: int, repeats: int) -
         for _ in range(repeats):
             for i in ids[1:] + ids[:1]:
                 drop_cache(store / i)
-                io, start = read_bytes(), time.perf_counter()
-                report = await es.load(i)
-                out["seconds"].append(time.perf_counter() - start)
-                out["read_bytes"].append(read_bytes() - io)
-                out["bytes"].append(report.bytes_from_disk)
+                await timed_load(es, i, out)
                 await es.unload(i)
     return out
 
