@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from edgeserve.arch.spec import ModelFormatError
+from edgeserve.blocks.pack import TASK_FILE
 from edgeserve.loader import scan_checkpoint
 from edgeserve.results import InvalidRequest
 from edgeserve.store import ModelStore, UnknownModel
@@ -212,7 +213,15 @@ _GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "to
 
 
 def describe(path: Path) -> Description:
-    """Facts about the model folder at `path` (blocking: it reads files)."""
+    """Facts about the model folder at `path` (blocking: it reads files). A task is
+    described as its base, with the base as its parent."""
+    base = _read_json(path / TASK_FILE).get("base")
+    if isinstance(base, str) and (path.parent / base / "config.json").is_file():
+        out = describe(path.parent / base)
+        out.details.parent_model = base
+        out.model_info["general.basename"] = path.name
+        out.template = _chat_template(path) or out.template
+        return out
     config = _read_json(path / "config.json")
     params, dtype = _count_parameters(path)
     family = str(config.get("model_type") or "unknown")

@@ -207,6 +207,9 @@ async def test_tasks_over_http(store, finetunes, aiohttp_client):
     assert resp.status == 200
     body = await resp.json()
     assert body["model"] == "task-a" and body["usage"]["completion_tokens"] >= 1
+    shown = await (await client.post("/api/show", json={"model": "task-a"})).json()
+    assert shown["details"]["parent_model"] == "base"
+    assert shown["details"]["family"] == "llama"
 
 
 @pytest.mark.gpu
