@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 
 import pytest
 import torch
-from hf_models import hf_greedy, reference
+from hf_models import ARCHS, hf_greedy, reference
 from safetensors.torch import load_file, save_file
 
 from blocks.conftest import BLOCK
-from blocks.finetunes import reconstruct
+from blocks.finetunes import make_finetune, reconstruct
 from edgeserve import EdgeServer
 from edgeserve.batch import build_batch
 from edgeserve.blocks.build import pack_tasks
@@ -229,3 +230,20 @@ async def test_tasks_on_cuda_equal_cpu(store, finetunes):
             return [o.token_ids for o in outs]
 
     assert await run("cuda:0") == await run("cpu")
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+async def test_every_dense_architecture(arch, tiny_store, tmp_path):
+    """Fused q/k/v and gate/up of every layout (biases, q/k norms, other head sizes, tied
+    embeddings): a task's logits equal transformers on its reconstructed checkpoint."""
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store / arch, store / "base")
+    ft = make_finetune(store / "base", tmp_path / "ft", 9, block=8, fraction=0.4, prune=1)
+    pack_tasks(store / "base", [ft], store, block=(8, 8), budget=0.2, names=["t"])
+    ref = reference(reconstruct(store / "base", store / "t", tmp_path / "rec"))
+    ids = list(range(3, 20))
+    async with server(store) as es:
+        await es.load("t")
+        with torch.no_grad():
+            expected = ref(torch.tensor([ids])).logits[0]
+        assert rel_err(await logits_of(es, "t", ids), expected) < 1e-4
