@@ -111,7 +111,7 @@ def pack_tasks(base_dir: Path, finetuned: list[Path], store: Path, *,
         (folder / "task.json").write_text(_dump(pack))
         reports.append(report)
         if report.unpacked:
-            log.warning("%s: %d tensors outside the linear layers differ from the base and "
+            log.warning("%s: %d tensors that packs do not cover differ from the base and "
                         "are served as the base's: %s", pack.id, len(report.unpacked),
                         ", ".join(sorted(report.unpacked)[:4]))
     return reports
