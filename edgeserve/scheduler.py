@@ -76,6 +76,7 @@ class Scheduler:
         for pool in pools.values():
             pool.policy = lambda units: self.policy.unit_order(units, self.ctx)
             pool.before_evict.append(self._demote)
+            pool.on_evict.append(self._forget_chunk)
         self.models: dict[str, ResidentModel] = {}
         self.tasks = TaskLoader(engine, self.disk)
         self.tokenizers: dict[str, Tokenizer | None] = {}
@@ -228,6 +229,11 @@ class Scheduler:
                 if pool.units.get(unit.id) is unit:
                     self.host.put(unit.key, pool.raw(unit))
                     return
+
+    def _forget_chunk(self, unit: Unit) -> None:
+        # Task-block chunks are never reloaded under the same key: drop their users entry.
+        if unit.kind is UnitKind.TASK_BLOCK and unit.key is not None:
+            self.ctx.users.pop(unit.key, None)
 
     def request_started(self, model_id: str) -> None:
         self.ctx.demand.record(model_id)
