@@ -7,7 +7,6 @@ the chosen blocks, written as one pack per task. See select.py for the choice it
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -96,29 +95,26 @@ def pack_tasks(base_dir: Path, finetuned: list[Path], store: Path, *,
     lost = errors(e, zero, sel, residual)
     unpacked = _unpacked(base, sources, {g.name for g in grids})
     fingerprint = base_fingerprint(base_dir, spec, HashCache(store))
+    change_error = [math.sqrt(lost[t] / change[t]) if change[t] > 0 else 0.0
+                    for t in range(len(ids))]
+    weight_error = [math.sqrt(lost[t] / weight[t]) if weight[t] > 0 else 0.0
+                    for t in range(len(ids))]
+    error = [{"change_error": change_error[t], "weight_error": weight_error[t],
+              "unpacked": unpacked[t]} for t in range(len(ids))]
     packs = _write(base, sources, ids, grids, block, dtype, sel, zero, shared, store,
-                   base_dir.name, budget, aligned, fingerprint)
+                   base_dir.name, budget, aligned, fingerprint, error)
     reports = []
     for t, (pack, folder) in enumerate(packs):
-        report = PackReport(
+        reports.append(PackReport(
             pack.id, folder, pack.num_blocks, len(sel.shared[t]),
             sum(len(w.zero) for w in pack.weights.values()),
-            pack.num_blocks * block[0] * block[1] * dtype.itemsize,
-            math.sqrt(lost[t] / change[t]) if change[t] > 0 else 0.0,
-            math.sqrt(lost[t] / weight[t]) if weight[t] > 0 else 0.0, unpacked[t])
-        pack.error.update(change_error=report.change_error, weight_error=report.weight_error,
-                          unpacked=report.unpacked)
-        (folder / "task.json").write_text(_dump(pack))
-        reports.append(report)
-        if report.unpacked:
+            pack.num_blocks * block[0] * block[1] * dtype.itemsize, change_error[t],
+            weight_error[t], unpacked[t]))
+        if unpacked[t]:
             log.warning("%s: %d tensors that packs do not cover differ from the base and "
-                        "are served as the base's: %s", pack.id, len(report.unpacked),
-                        ", ".join(sorted(report.unpacked)[:4]))
+                        "are served as the base's: %s", pack.id, len(unpacked[t]),
+                        ", ".join(sorted(unpacked[t])[:4]))
     return reports
-
-
-def _dump(pack: TaskPack) -> str:
-    return json.dumps(pack.to_json(), indent=1)
 
 
 def _check_ids(ids: list[str], base_id: str) -> None:
@@ -265,7 +261,8 @@ def _unpacked(base: Checkpoint, sources: list[WeightSource], packed: set[str]
 def _write(base: Checkpoint, sources: list[WeightSource], ids: list[str], grids: list[_Grid],
            block: tuple[int, int], dtype: torch.dtype, sel: Selection, zero: torch.Tensor,
            shared: dict[int, torch.Tensor], store: Path, base_id: str, budget: float,
-           aligned: bool, fingerprint: str) -> list[tuple[TaskPack, Path]]:
+           aligned: bool, fingerprint: str, error: list[dict[str, object]]
+           ) -> list[tuple[TaskPack, Path]]:
     tiles: list[dict[str, torch.Tensor]] = [{} for _ in sources]
     weights: list[dict[str, PackedWeight]] = [{} for _ in sources]
     for g in tqdm(grids, desc="writing packs", unit="weight", disable=None):
@@ -295,7 +292,7 @@ def _write(base: Checkpoint, sources: list[WeightSource], ids: list[str], grids:
         if (folder / "config.json").is_file():
             raise FileExistsError(f"{folder} is a model, not a task pack: choose another id")
         pack = TaskPack(task, base_id, block, str(dtype).removeprefix("torch."), weights[t],
-                        budget, aligned, base_hash=fingerprint)
+                        budget, aligned, error[t], fingerprint)
         pack.write(folder, tiles[t], first={block_key(shared[p]) for p in sel.shared[t]})
         src_dir = getattr(sources[t], "folder", None)
         for name in COPIED:
