@@ -75,7 +75,7 @@ def pack_tasks(base_dir: Path, finetuned: list[Path], store: Path, *,
     base = Checkpoint(base_dir)
     sources = [open_source(d, base) for d in finetuned]
     ids = names or [d.name for d in finetuned]
-    _check_ids(ids, base_dir.name)
+    _check_ids(ids, base_dir.name, store)
     targets = {n: t for n, t in linear_targets(spec).items() if n in base.tensors}
     grids = _grids(targets, block)
     dtypes = {src.dtype(n) for src in sources for n in targets}
@@ -117,13 +117,16 @@ def pack_tasks(base_dir: Path, finetuned: list[Path], store: Path, *,
     return reports
 
 
-def _check_ids(ids: list[str], base_id: str) -> None:
+def _check_ids(ids: list[str], base_id: str, store: Path) -> None:
     if len(set(ids)) != len(ids):
         raise ValueError(f"task ids repeat: {ids}")
     for task in ids:
         if not valid_id(task) or task == base_id:
             raise ValueError(f"{task!r} cannot be a task id (letters, digits, '._:+-'; "
                              f"not the base's id)")
+        if (store / task / "config.json").is_file():
+            raise FileExistsError(f"{store / task} is a model, not a task pack: choose "
+                                  f"another id")
 
 
 def _grids(targets: dict[str, Target], block: tuple[int, int]) -> list[_Grid]:
@@ -263,37 +266,35 @@ def _write(base: Checkpoint, sources: list[WeightSource], ids: list[str], grids:
            shared: dict[int, torch.Tensor], store: Path, base_id: str, budget: float,
            aligned: bool, fingerprint: str, error: list[dict[str, object]]
            ) -> list[tuple[TaskPack, Path]]:
-    tiles: list[dict[str, torch.Tensor]] = [{} for _ in sources]
-    weights: list[dict[str, PackedWeight]] = [{} for _ in sources]
-    for g in tqdm(grids, desc="writing packs", unit="weight", disable=None):
-        span = range(g.offset, g.offset + g.rows * g.cols)
-        shape = base.tensors[g.name].shape
-        for t, src in enumerate(sources):
+    """One pack per task, a task at a time (only its blocks are in memory at once)."""
+    out = []
+    for t, task in enumerate(tqdm(ids, desc="writing packs", unit="task", disable=None)):
+        tiles: dict[str, torch.Tensor] = {}
+        weights: dict[str, PackedWeight] = {}
+        for g in grids:
+            span = range(g.offset, g.offset + g.rows * g.cols)
             own = sorted(p for p in sel.own[t] if p in span)
             common = sorted(p for p in sel.shared[t] if p in span)
             zeros = zero[t, g.offset:g.offset + g.rows * g.cols].nonzero().flatten().tolist()
             if not (own or common or zeros):
                 continue
-            ft = blocks_of(_load(src, g.name, torch.Size(shape)), block) if own else None
+            ft = blocks_of(_load(sources[t], g.name, torch.Size(base.tensors[g.name].shape)),
+                           block) if own else None
             listed = []
             for pos in own + common:
                 tile = shared[pos] if pos in sel.shared[t] else \
                     ft[pos - g.offset].to(dtype).reshape(block)   # type: ignore[index]
                 key = block_key(tile)
-                tiles[t][key] = tile
+                tiles[key] = tile
                 p = pos - g.offset
                 listed.append((p // g.cols, p % g.cols, key))
-            weights[t][g.name] = PackedWeight(
+            weights[g.name] = PackedWeight(
                 (g.rows * block[0], g.cols * block[1]), tuple(sorted(listed)),
                 tuple((p // g.cols, p % g.cols) for p in zeros))
-    out = []
-    for t, task in enumerate(ids):
         folder = store / task
-        if (folder / "config.json").is_file():
-            raise FileExistsError(f"{folder} is a model, not a task pack: choose another id")
-        pack = TaskPack(task, base_id, block, str(dtype).removeprefix("torch."), weights[t],
+        pack = TaskPack(task, base_id, block, str(dtype).removeprefix("torch."), weights,
                         budget, aligned, error[t], fingerprint)
-        pack.write(folder, tiles[t], first={block_key(shared[p]) for p in sel.shared[t]})
+        pack.write(folder, tiles, first={block_key(shared[p]) for p in sel.shared[t]})
         src_dir = getattr(sources[t], "folder", None)
         for name in COPIED:
             if src_dir is not None and (src_dir / name).is_file():
