@@ -28,23 +28,24 @@ extern "C" __global__ void block_delta(
         const T* __restrict__ w, const long long n_out,
         const unsigned char* __restrict__ slab, const long long step,
         const long long* __restrict__ addr, const long long* __restrict__ rows,
-        const long long* __restrict__ cols, const int br, const int bc,
+        const long long* __restrict__ cols, const long long br, const long long bc,
         float* __restrict__ out) {
     extern __shared__ float d[];                        // (br, bc): V - W[r, c]
-    const int b = blockIdx.x, j = threadIdx.x;
+    const long long b = blockIdx.x;
+    const int j = threadIdx.x;
     const long long r0 = rows[b] * br, c0 = cols[b] * bc;
     const T* v = reinterpret_cast<const T*>(slab + addr[b] * step);
-    for (int i = j; i < br * bc; i += blockDim.x) {
-        const int rr = i / bc, cc = i % bc;
+    for (long long i = j; i < br * bc; i += blockDim.x) {
+        const long long rr = i / bc, cc = i % bc;
         d[i] = ld(v[i]) - ld(w[(r0 + rr) * n_in + c0 + cc]);
     }
     __syncthreads();
     const long long t_end = min((long long)(blockIdx.y + 1) * TOKENS, n_tok);
-    for (int row = j; row < br; row += blockDim.x) {
+    for (long long row = j; row < br; row += blockDim.x) {
         for (long long t = (long long)blockIdx.y * TOKENS; t < t_end; ++t) {
             const T* xt = x + t * n_in + c0;
             float acc = 0.f;
-            for (int k = 0; k < bc; ++k) acc += ld(xt[k]) * d[row * bc + k];
+            for (long long k = 0; k < bc; ++k) acc += ld(xt[k]) * d[row * bc + k];
             atomicAdd(out + t * n_out + r0 + row, acc);
         }
     }
@@ -68,6 +69,7 @@ def _launch(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, slab: torch.Tenso
             index: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
             block: tuple[int, int]) -> torch.Tensor:
     import cupy
+    import numpy
 
     rows, cols, addr = index
     br, bc = block
@@ -77,11 +79,13 @@ def _launch(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, slab: torch.Tenso
     kernel = _kernel(x.dtype)
     grid = (int(addr.numel()), (xs.shape[0] + TOKENS - 1) // TOKENS)
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(y.device).cuda_stream)
+    # Every argument at its exact width: pointers as 64-bit, sizes as long long.
+    ptr, size = numpy.uint64, numpy.int64
+    args = (ptr(xs.data_ptr()), size(xs.shape[0]), size(n_in), ptr(w.data_ptr()), size(n_out),
+            ptr(slab.data_ptr()), size(step), ptr(addr.data_ptr()), ptr(rows.data_ptr()),
+            ptr(cols.data_ptr()), size(br), size(bc), ptr(out.data_ptr()))
     with cupy.cuda.Device(y.device.index or 0), stream:
-        kernel(grid, (min(br, 128),),
-               (xs.data_ptr(), xs.shape[0], n_in, w.data_ptr(), n_out, slab.data_ptr(), step,
-                addr.data_ptr(), rows.data_ptr(), cols.data_ptr(), br, bc, out.data_ptr()),
-               shared_mem=br * bc * 4)
+        kernel(grid, (min(br, 128),), args, shared_mem=br * bc * 4)
     return y + out.view(*x.shape[:-1], n_out).to(y.dtype)
 
 
