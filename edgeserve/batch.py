@@ -7,12 +7,23 @@ sequence starts at position 0 (a fresh prefill), where the new keys are used dir
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from edgeserve.pool import Unit
+
+
+class Delta(Protocol):
+    def linear(self, unit: str, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+               b: torch.Tensor | None) -> torch.Tensor: ...
+
+    def norm(self, unit: str, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    def embed(self, unit: str, tokens: torch.Tensor, x: torch.Tensor,
+              vocab: int) -> torch.Tensor: ...
 
 
 @dataclass(slots=True)
@@ -30,8 +41,9 @@ class StepBatch:
     width: int                 # S
     max_kv: int                # the most tokens any sequence has in the cache after this step
     uniform: bool              # every sequence has max_kv tokens
-    # Per-row task blocks, called at each linear as delta(unit, x, y, w) -> y (blocks/delta.py)
-    delta: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # Per-row task changes, applied by the model after each linear, norm and embedding
+    # lookup (blocks/delta.py); None: no row belongs to a task.
+    delta: Delta | None = None
 
 
     @property

@@ -142,7 +142,7 @@ class Scheduler:
                 deadline = time.monotonic() + BUSY_WAIT
                 try:
                     model.task = await self.tasks.load(
-                        model_id, task, spec, ctx, report,
+                        model_id, task, spec, ctx, report, model.units,
                         lambda e: self._make_room(pool, model_id, deadline, e))
                 except BaseException:
                     await self.engine.run(model.release, self.policy.retain)

@@ -18,6 +18,8 @@ from edgeserve.arch.spec import ModelSpec
 from edgeserve.batch import StepBatch
 from edgeserve.pool import UnitKind
 
+EMBED = "model.embed_tokens.weight"
+
 
 class WeightUnit(NamedTuple):
     """One unit of the pool: checkpoint tensors stacked along dim 0 (a tensor group)."""
@@ -133,6 +135,7 @@ class Layer(NamedTuple):
     norm_post: torch.Tensor
     attn: Attention
     mlp: Mlp | None            # None: the family computes its own feed-forward (MoE)
+    prefix: str = ""           # "model.layers.N.": unit names are prefix + ...
 
 
 class Visibility(NamedTuple):
@@ -167,7 +170,7 @@ class DenseModel:
     def _layer(w: dict[str, torch.Tensor], p: str) -> Layer:
         mlp = Mlp.of(w, p + "mlp.") if p + "mlp.gate_up_proj.weight" in w else None
         return Layer(w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"],
-                     Attention.of(w, p), mlp)
+                     Attention.of(w, p), mlp, p)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -178,19 +181,23 @@ class DenseModel:
         """
         spec = self.spec
         x = F.embedding(batch.tokens, self.embed)                       # (B, S, D)
+        if batch.delta is not None:
+            x = batch.delta.embed(EMBED, batch.tokens, x, spec.vocab_size)
         cos, sin = rope.cos_sin(self.inv_freq, batch.positions, x.dtype)
         seen: dict[int | None, Visibility] = {}
         for n, layer in enumerate(self.layers):
             window = spec.sliding_windows[n]
             if window not in seen:
                 seen[window] = visibility(batch, window)
-            h = rms_norm(x, layer.norm_in, spec.rms_norm_eps)
+            eps, p = spec.rms_norm_eps, layer.prefix
+            h = norm(x, layer.norm_in, eps, batch, p + "input_layernorm.weight")
             x = x + attention(spec, h, layer.attn, batch, kv[:, n], cos, sin, seen[window])
-            h = rms_norm(x, layer.norm_post, spec.rms_norm_eps)
+            h = norm(x, layer.norm_post, eps, batch, p + "post_attention_layernorm.weight")
             x = x + self._feed_forward(n, h, batch)
-        x = rms_norm(x if all_logits else x[torch.arange(batch.size), batch.last],
-                     self.norm, spec.rms_norm_eps)
-        return linear(x, self.lm_head, None, batch, "lm_head.weight").float()
+        x = norm(x if all_logits else x[torch.arange(batch.size), batch.last], self.norm,
+                 spec.rms_norm_eps, batch, "model.norm.weight")
+        head = EMBED if spec.tie_embeddings else "lm_head.weight"
+        return linear(x, self.lm_head, None, batch, head).float()
 
     def _feed_forward(self, n: int, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """Layer n's feed-forward over h (B, S, D); another family may override it."""
@@ -204,7 +211,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, batch: Step
     """x @ w.T + b, plus the batch's task blocks for this unit, if any."""
     y = F.linear(x, w, b)
     delta = batch.delta if batch is not None else None
-    return y if delta is None else delta(unit, x, y, w)
+    return y if delta is None else delta.linear(unit, x, y, w, b)
+
+
+def norm(x: torch.Tensor, w: torch.Tensor, eps: float, batch: StepBatch | None,
+         unit: str) -> torch.Tensor:
+    """RMS norm of x, with the batch's task norm weights for this unit, if any."""
+    y = rms_norm(x, w, eps)
+    delta = batch.delta if batch is not None else None
+    return y if delta is None else delta.norm(unit, x, y, eps)
 
 
 def mlp(h: torch.Tensor, w: Mlp, batch: StepBatch | None = None) -> torch.Tensor:
@@ -250,14 +265,16 @@ def _project(spec: ModelSpec, h: torch.Tensor, w: Attention,
     if q_norm is not None and k_norm is not None and not spec.qk_norm_per_head:
         # OLMoE: over each whole projection, before the split into heads
         q, k, v = qkv.split((spec.q_size, spec.kv_size, spec.kv_size), -1)
-        qkv = torch.cat((rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps), v), -1)
+        qkv = torch.cat((norm(q, q_norm, eps, batch, w.prefix + "q_norm.weight"),
+                         norm(k, k_norm, eps, batch, w.prefix + "k_norm.weight"), v), -1)
     if spec.clip_qkv is not None:
         qkv = qkv.clamp(-spec.clip_qkv, spec.clip_qkv)
     qkv = qkv.view(b, s, heads + 2 * kv_heads, spec.head_dim)
     qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
     if q_norm is not None and k_norm is not None and spec.qk_norm_per_head:   # Qwen3
-        qk = torch.cat((rms_norm(qk[:, :, :heads], q_norm, eps),
-                        rms_norm(qk[:, :, heads:], k_norm, eps)), 2)
+        qk = torch.cat((norm(qk[:, :, :heads], q_norm, eps, batch, w.prefix + "q_norm.weight"),
+                        norm(qk[:, :, heads:], k_norm, eps, batch, w.prefix + "k_norm.weight")),
+                       2)
     return qk, v
 
 

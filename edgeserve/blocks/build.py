@@ -29,7 +29,7 @@ from edgeserve.blocks.select import (
     select_unaligned,
 )
 from edgeserve.blocks.sources import Checkpoint, WeightSource, open_source
-from edgeserve.blocks.targets import Target, linear_targets
+from edgeserve.blocks.targets import Target, linear_targets, vector_targets
 from edgeserve.blocks.task import base_fingerprint
 from edgeserve.checkpoint import HashCache
 from edgeserve.loader import read_spec
@@ -52,6 +52,7 @@ class PackReport:
     change_error: float            # |lost change| / |change| over the packed weights
     weight_error: float            # |lost change| / |fine-tuned weights|
     unpacked: dict[str, float] = field(default_factory=dict)  # other tensors that differ
+    vectors: int = 0               # norm weights and biases it changed, kept whole
 
 
 @dataclass(slots=True)
@@ -93,7 +94,9 @@ def pack_tasks(base_dir: Path, finetuned: list[Path], store: Path, *,
     else:
         sel = select_unaligned(e, zero, k)
     lost = errors(e, zero, sel, residual)
-    unpacked = _unpacked(base, sources, {g.name for g in grids})
+    vectors = _vectors(base, sources, [n for n in vector_targets(spec) if n in base.tensors],
+                       dtype)
+    unpacked = _unpacked(base, sources, {g.name for g in grids} | set(vector_targets(spec)))
     fingerprint = base_fingerprint(base_dir, spec, HashCache(store))
     change_error = [math.sqrt(lost[t] / change[t]) if change[t] > 0 else 0.0
                     for t in range(len(ids))]
@@ -102,14 +105,14 @@ def pack_tasks(base_dir: Path, finetuned: list[Path], store: Path, *,
     error = [{"change_error": change_error[t], "weight_error": weight_error[t],
               "unpacked": unpacked[t]} for t in range(len(ids))]
     packs = _write(base, sources, ids, grids, block, dtype, sel, zero, shared, store,
-                   base_dir.name, budget, aligned, fingerprint, error)
+                   base_dir.name, budget, aligned, fingerprint, error, vectors)
     reports = []
     for t, (pack, folder) in enumerate(packs):
         reports.append(PackReport(
             pack.id, folder, pack.num_blocks, len(sel.shared[t]),
             sum(len(w.zero) for w in pack.weights.values()),
             pack.num_blocks * block[0] * block[1] * dtype.itemsize, change_error[t],
-            weight_error[t], unpacked[t]))
+            weight_error[t], unpacked[t], len(pack.vectors)))
         if unpacked[t]:
             log.warning("%s: %d tensors that packs do not cover differ from the base and "
                         "are served as the base's: %s", pack.id, len(unpacked[t]),
@@ -246,6 +249,19 @@ def _seed(ft: torch.Tensor, changed: torch.Tensor) -> tuple[torch.Tensor, torch.
     return torch.where(exact[:, None], picked, mean), exact
 
 
+def _vectors(base: Checkpoint, sources: list[WeightSource], names: list[str],
+             dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
+    """Per task: the 1-D tensors (norm weights, biases) it changed, whole, in dtype."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in sources]
+    for name in names:
+        w = base.get(name)
+        for t, src in enumerate(sources):
+            v = _load(src, name, w.shape)
+            if not torch.equal(v, w):
+                out[t][name] = v.to(dtype).contiguous()
+    return out
+
+
 def _unpacked(base: Checkpoint, sources: list[WeightSource], packed: set[str]
               ) -> list[dict[str, float]]:
     """Per task: tensors outside the packed weights that differ from the base
@@ -264,8 +280,8 @@ def _unpacked(base: Checkpoint, sources: list[WeightSource], packed: set[str]
 def _write(base: Checkpoint, sources: list[WeightSource], ids: list[str], grids: list[_Grid],
            block: tuple[int, int], dtype: torch.dtype, sel: Selection, zero: torch.Tensor,
            shared: dict[int, torch.Tensor], store: Path, base_id: str, budget: float,
-           aligned: bool, fingerprint: str, error: list[dict[str, object]]
-           ) -> list[tuple[TaskPack, Path]]:
+           aligned: bool, fingerprint: str, error: list[dict[str, object]],
+           vectors: list[dict[str, torch.Tensor]]) -> list[tuple[TaskPack, Path]]:
     """One pack per task, a task at a time (only its blocks are in memory at once)."""
     out = []
     for t, task in enumerate(tqdm(ids, desc="writing packs", unit="task", disable=None)):
@@ -292,8 +308,10 @@ def _write(base: Checkpoint, sources: list[WeightSource], ids: list[str], grids:
                 (g.rows * block[0], g.cols * block[1]), tuple(sorted(listed)),
                 tuple((p // g.cols, p % g.cols) for p in zeros))
         folder = store / task
+        keyed = {name: block_key(v) for name, v in vectors[t].items()}
+        tiles |= {keyed[name]: v for name, v in vectors[t].items()}
         pack = TaskPack(task, base_id, block, str(dtype).removeprefix("torch."), weights,
-                        budget, aligned, error[t], fingerprint)
+                        budget, aligned, error[t], fingerprint, keyed)
         pack.write(folder, tiles, first={block_key(shared[p]) for p in sel.shared[t]})
         src_dir = getattr(sources[t], "folder", None)
         for name in COPIED:

@@ -79,11 +79,12 @@ def run_pack(args: argparse.Namespace) -> int:
     base = _base(store, args.base)
     reports = pack_tasks(base, list(args.finetuned), store.root, block=args.block,
                          budget=args.budget, aligned=args.aligned, names=args.name)
-    print(f"{'task':24} {'blocks':>7} {'shared':>7} {'zero':>6} {'size':>10} "
+    print(f"{'task':24} {'blocks':>7} {'shared':>7} {'zero':>6} {'vectors':>7} {'size':>10} "
           f"{'change err':>10} {'weight err':>10}")
     for r in reports:
         print(f"{r.task:24} {r.blocks:7d} {r.shared_blocks:7d} {r.zero_blocks:6d} "
-              f"{format_size(r.bytes):>10} {r.change_error:10.4f} {r.weight_error:10.4f}")
+              f"{r.vectors:7d} {format_size(r.bytes):>10} {r.change_error:10.4f} "
+              f"{r.weight_error:10.4f}")
         for name, change in sorted(r.unpacked.items()):
             print(f"  not packed (served as the base's): {name} differs by {change:.2e}")
     return 0

@@ -1,11 +1,13 @@
-"""Task blocks applied in a forward: y = x W^T for the whole batch, then per task
+"""Task changes applied in a forward: y = x W^T for the whole batch, then per task
 
     y[rows, block row r] += x[rows, block col c] @ (V - W[r, c])^T   for each of its blocks,
 
-where V is the task's block (zeros for a pruned one) and W[r, c] the base's. No dense copy
-of a task's weight is ever made: the base is read once for the batch, each task's blocks
-add their difference to its own rows. Sequences of different tasks of one base thus share
-one forward (see bench/tasks.py for batched against interleaved).
+where V is the task's block (zeros for a pruned one) and W[r, c] the base's; a changed bias
+adds its difference to its rows, a changed norm weight normalises its rows anew, and the
+embeddings of its rows are read from its blocks of the embedding matrix where it has them.
+No dense copy of a task's weight is ever made: the base is read once for the batch, each
+task's blocks add their difference to its own rows. Sequences of different tasks of one
+base thus share one forward (see bench/tasks.py for batched against interleaved).
 
 Legend: N = tokens of the rows, n = blocks, br x bc = block, R x C = weight.
 """
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from edgeserve.arch.dense import rms_norm
 from edgeserve.blocks.task import Index, TaskBlocks
 from edgeserve.kernels.block_delta import block_delta_cuda
 
@@ -35,23 +38,76 @@ def block_delta(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: torch.
     return y + corr.view(*lead, r)
 
 
+def embed_blocks(x: torch.Tensor, tokens: torch.Tensor, vocab: int, tiles: torch.Tensor,
+                 index: Index) -> torch.Tensor:
+    """x (.., C) = embeddings of tokens (..,), with the rows that fall in the task's blocks
+    of the embedding matrix (vocab x C) taken from those blocks."""
+    rows_idx, cols_idx, addr = index
+    br, bc = int(tiles.shape[1]), int(tiles.shape[2])
+    cols = x.shape[-1] // bc
+    table = torch.full(((vocab // br) * cols,), -1, dtype=torch.int64, device=x.device)
+    table[rows_idx * cols + cols_idx] = addr
+    tok = tokens.reshape(-1)
+    where = table[(tok // br)[:, None] * cols + torch.arange(cols, device=x.device)]  # (N, cols)
+    n, c = (where >= 0).nonzero(as_tuple=True)
+    if n.numel() == 0:
+        return x
+    out = x.reshape(-1, cols, bc).clone()
+    out[n, c] = tiles[where[n, c], tok[n] % br].to(x.dtype)
+    return out.view(x.shape)
+
+
 class TaskDelta:
-    """The per-row task blocks of one batch: called at every linear of the forward."""
+    """The per-row task changes of one batch, called by the model at each linear, norm and
+    embedding lookup (see batch.StepBatch.delta)."""
 
     def __init__(self, groups: Sequence[tuple[torch.Tensor | None, TaskBlocks]]) -> None:
         self.groups = groups        # (batch rows, or None for every row; the task's blocks)
 
-    def __call__(self, unit: str, x: torch.Tensor, y: torch.Tensor,
-                 w: torch.Tensor) -> torch.Tensor:
+    def linear(self, unit: str, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+               b: torch.Tensor | None) -> torch.Tensor:
+        bias = unit.removesuffix("weight") + "bias"
+        for rows, task in self.groups:
+            index, new_bias = task.index(unit), task.vector(bias)
+            if index is None and (new_bias is None or b is None):
+                continue
+
+            def apply(y: torch.Tensor, x: torch.Tensor, task: TaskBlocks = task,
+                      index: Index | None = index, new_bias: torch.Tensor | None = new_bias
+                      ) -> torch.Tensor:
+                if index is not None:
+                    y = _apply(y, x, w, task, index)
+                if new_bias is not None and b is not None:
+                    y = y + (new_bias - b).to(y.dtype)
+                return y
+
+            y = apply(y, x) if rows is None else y.index_copy(0, rows, apply(y[rows], x[rows]))
+        return y
+
+    def norm(self, unit: str, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+        for rows, task in self.groups:
+            weight = task.vector(unit)
+            if weight is None:
+                continue
+            if rows is None:
+                y = rms_norm(x, weight, eps)
+            else:
+                y = y.index_copy(0, rows, rms_norm(x[rows], weight, eps))
+        return y
+
+    def embed(self, unit: str, tokens: torch.Tensor, x: torch.Tensor,
+              vocab: int) -> torch.Tensor:
         for rows, task in self.groups:
             index = task.index(unit)
             if index is None:
                 continue
+            tiles = task.arena.tiles
             if rows is None:
-                y = _apply(y, x, w, task, index)
+                x = embed_blocks(x, tokens, vocab, tiles, index)
             else:
-                y = y.index_copy(0, rows, _apply(y[rows], x[rows], w, task, index))
-        return y
+                x = x.index_copy(0, rows, embed_blocks(x[rows], tokens[rows], vocab, tiles,
+                                                       index))
+        return x
 
 
 def _apply(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, task: TaskBlocks,

@@ -15,7 +15,7 @@ from edgeserve.blocks.task import TaskBlocks, TaskSource, prepare
 from edgeserve.checkpoint import HashCache
 from edgeserve.engine import Engine
 from edgeserve.loader import LoadContext, LoadReport
-from edgeserve.pool import BlockPool, PoolFull
+from edgeserve.pool import BlockPool, PoolFull, Unit
 from edgeserve.store import ModelStore, UnknownModel
 from edgeserve.tiers import DiskLoader
 
@@ -66,7 +66,7 @@ class TaskLoader:
         return self.arenas[key]
 
     async def load(self, owner: str, source: TaskSource, spec: ModelSpec, ctx: LoadContext,
-                   report: LoadReport,
+                   report: LoadReport, units: dict[str, Unit],
                    make_room: Callable[[PoolFull], Awaitable[None]]) -> TaskBlocks:
         """Pin the task's resident blocks and read the others; making room as a model load
         does when the pool is short."""
@@ -74,7 +74,7 @@ class TaskLoader:
         while True:
             try:
                 blocks, jobs, fresh = await self.engine.run(prepare, source, spec, arena,
-                                                            owner, report)
+                                                            owner, report, units)
                 break
             except PoolFull as e:
                 await make_room(e)

@@ -14,11 +14,13 @@ task.json:
      "weights": {"<HF tensor name>": {"shape": [R, C],
                                       "blocks": [[row block, col block, "<key>"], ...],
                                       "zero": [[row block, col block], ...]}},
+     "vectors": {"<HF tensor name>": "<key>"},
      "error": {...}}
 
 Each listed block (r, c) replaces rows r*rows..(r+1)*rows-1 and columns c*cols..
-(c+1)*cols-1 of that weight; a zero block is pruned to zeros (no bytes stored); every
-other weight and block is the base's. The key is a hash of the block's dtype, shape and
+(c+1)*cols-1 of that weight (a linear layer's, or the token embeddings); a zero block is
+pruned to zeros (no bytes stored); a vector (a norm's weight, a bias) replaces that 1-D
+tensor whole; everything else is the base's. The key is a hash of the block's dtype, shape and
 bytes, so equal blocks of different tasks are one block, read and held once.
 """
 
@@ -91,6 +93,7 @@ class TaskPack:
     aligned: bool = True
     error: dict[str, Any] = field(default_factory=dict)
     base_hash: str = ""                          # of the base weights it was made from
+    vectors: dict[str, str] = field(default_factory=dict)   # 1-D tensor name -> key
 
     @cached_property
     def keys(self) -> set[str]:
@@ -108,19 +111,19 @@ class TaskPack:
                                    "blocks": [list(b) for b in w.blocks],
                                    "zero": [list(z) for z in w.zero]}
                             for name, w in self.weights.items()},
-                "error": self.error}
+                "vectors": self.vectors, "error": self.error}
 
     def write(self, folder: Path, tiles: dict[str, torch.Tensor],
               first: set[str] | None = None) -> None:
         """Write task.json and the blocks (every key the pack names must be in tiles); the
         keys in `first` (blocks other tasks share) lead the file, so that a switch which
         needs only the others reads one contiguous run."""
-        missing = self.keys - tiles.keys()
+        missing = (self.keys | set(self.vectors.values())) - tiles.keys()
         if missing:
             raise ValueError(f"{len(missing)} blocks of task '{self.id}' have no data")
         folder.mkdir(parents=True, exist_ok=True)
         first = first or set()
-        order = sorted(self.keys, key=lambda k: (k not in first, k))
+        order = sorted(self.keys | set(self.vectors.values()), key=lambda k: (k not in first, k))
         write_safetensors(folder / BLOCKS_FILE, [(k, tiles[k]) for k in order])
         tmp = folder / (TASK_FILE + ".tmp")
         tmp.write_text(json.dumps(self.to_json(), indent=1))
@@ -143,7 +146,8 @@ class TaskPack:
             weights = {str(name): _weight(w, block) for name, w in raw["weights"].items()}
             return cls(folder.name, str(raw["base"]), block, str(raw["dtype"]), weights,
                        float(raw.get("budget", 1.0)), bool(raw.get("aligned", True)),
-                       dict(raw.get("error", {})), str(raw.get("base_hash", "")))
+                       dict(raw.get("error", {})), str(raw.get("base_hash", "")),
+                       {str(k): str(v) for k, v in raw.get("vectors", {}).items()})
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"{path}: malformed task pack ({e!r})") from e
 

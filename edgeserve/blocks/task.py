@@ -17,7 +17,8 @@ import torch
 from edgeserve.arch.spec import ModelFormatError, ModelSpec
 from edgeserve.blocks.arena import Slot, TileArena
 from edgeserve.blocks.pack import BLOCKS_FILE, TaskPack
-from edgeserve.blocks.targets import Target, linear_targets
+from edgeserve.blocks.targets import Target, linear_targets, vector_targets
+from edgeserve.blocks.vectors import TaskVectors, prepare_vectors
 from edgeserve.checkpoint import HashCache, TensorInfo, read_header
 from edgeserve.loader import LoadReport, scan_checkpoint
 from edgeserve.pool import Unit
@@ -73,13 +74,22 @@ class TaskSource:
                 raise ModelFormatError(f"{folder}: block rows {br} do not divide the offset "
                                        f"of '{name}' in its fused unit ({target.row})")
         path = folder / BLOCKS_FILE
-        blocks = {t.name: t for t in read_header(path)} if pack.keys else {}
+        blocks = {t.name: t for t in read_header(path)} if pack.keys or pack.vectors else {}
         for key in pack.keys:
             info = blocks.get(key)
             if info is None:
                 raise ModelFormatError(f"{path}: lacks block {key}")
             if info.shape != (br, bc):
                 raise ModelFormatError(f"{path}: block {key} is {info.shape}, not {(br, bc)}")
+        vectors = vector_targets(spec)
+        for name, key in pack.vectors.items():
+            if name not in vectors:
+                raise ModelFormatError(f"{folder}: task changes '{name}', which is not a norm "
+                                       f"or bias of its base '{pack.base}'")
+            info = blocks.get(key)
+            if info is None or info.shape != (vectors[name].shape[0],):
+                raise ModelFormatError(f"{path}: lacks vector {key} of {vectors[name].shape[0]} "
+                                       f"values for '{name}'")
         return cls(pack, folder, blocks)
 
     @property
@@ -95,6 +105,7 @@ class TaskBlocks:
     arena: TileArena
     slots: dict[str, Slot]
     targets: dict[str, Target]              # checkpoint name -> pool unit and first row
+    vectors: TaskVectors | None = None      # its norms and biases, if it changes any
     _index: dict[str, Index] = field(default_factory=dict)
     _epoch: int = -1
 
@@ -104,11 +115,19 @@ class TaskBlocks:
 
     @property
     def units(self) -> list[Unit]:
-        return list({id(s.chunk.unit): s.chunk.unit for s in self.slots.values()}.values())
+        units = {id(s.chunk.unit): s.chunk.unit for s in self.slots.values()}
+        if self.vectors is not None:
+            units[id(self.vectors.unit)] = self.vectors.unit
+        return list(units.values())
 
     @property
     def nbytes(self) -> int:
-        return len(self.slots) * self.arena.tile_bytes
+        vectors = self.vectors.unit.nbytes if self.vectors is not None else 0
+        return len(self.slots) * self.arena.tile_bytes + vectors
+
+    def vector(self, unit: str) -> torch.Tensor | None:
+        """The task's whole value of a norm or bias unit, if it changed it."""
+        return self.vectors.view(unit) if self.vectors is not None else None
 
     def index(self, unit: str) -> Index | None:
         pool = self.arena.pool
@@ -139,6 +158,9 @@ class TaskBlocks:
         self.arena.release(self.slots)
         self.slots = {}
         self._index = {}
+        if self.vectors is not None:
+            self.vectors.release()
+            self.vectors = None
 
 
 def zero_key(arena: TileArena) -> str:
@@ -146,7 +168,8 @@ def zero_key(arena: TileArena) -> str:
 
 
 def prepare(source: TaskSource, spec: ModelSpec, arena: TileArena, owner: str,
-            report: LoadReport) -> tuple[TaskBlocks, list[DiskJob], list[str]]:
+            report: LoadReport, units: dict[str, Unit]
+            ) -> tuple[TaskBlocks, list[DiskJob], list[str]]:
     """Pin the task's blocks (engine thread): resident ones are reused, the rest get slots
     and disk jobs. Returns the blocks, the jobs and the keys those jobs fill.
 
@@ -158,6 +181,13 @@ def prepare(source: TaskSource, spec: ModelSpec, arena: TileArena, owner: str,
     if source.has_zero:
         keys.append(zero_key(arena))
     slots, fresh = arena.acquire(keys, owner)
+    try:
+        vectors, vector_jobs = prepare_vectors(source.pack.vectors, blocks, spec, arena.pool,
+                                               arena.dtype, units, owner, report)
+    except BaseException:
+        arena.forget(fresh)
+        arena.release(slots)
+        raise
     if zero_key(arena) in fresh:
         arena.view(slots[zero_key(arena)]).zero_()
     runs: list[list[str]] = []
@@ -174,7 +204,8 @@ def prepare(source: TaskSource, spec: ModelSpec, arena: TileArena, owner: str,
     report.bytes_from_disk += moved
     report.bytes_from_device += len(source.pack.keys) * arena.tile_bytes - moved
     report.bytes_total += len(source.pack.keys) * arena.tile_bytes
-    return TaskBlocks(source, arena, slots, linear_targets(spec)), jobs, fresh
+    return (TaskBlocks(source, arena, slots, linear_targets(spec), vectors), jobs + vector_jobs,
+            fresh)
 
 
 def _job(arena: TileArena, slots: dict[str, Slot], blocks: dict[str, TensorInfo],

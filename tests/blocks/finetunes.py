@@ -90,11 +90,24 @@ def make_lora(base: Path, out: Path, seed: int, rank: int = 4, alpha: float = 8.
     return out
 
 
+def make_full_finetune(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
+    """base with every tensor changed a little (norms, biases and embeddings too), as a
+    full fine-tune changes them."""
+    tensors = _copy_base(base, out)
+    gen = torch.Generator().manual_seed(seed)
+    for name, w in tensors.items():
+        tensors[name] = w + (torch.randn(w.shape, generator=gen) * scale).to(w.dtype)
+    return _save(out, tensors)
+
+
 def reconstruct(base: Path, pack_dir: Path, out: Path) -> Path:
-    """The checkpoint a task pack stands for: the base with the pack's blocks written in."""
+    """The checkpoint a task pack stands for: the base with the pack's blocks and vectors
+    written in."""
     pack = TaskPack.read(pack_dir)
     tensors = _copy_base(base, out)
-    blocks = load_file(str(pack_dir / BLOCKS_FILE)) if pack.keys else {}
+    blocks = load_file(str(pack_dir / BLOCKS_FILE)) if pack.keys or pack.vectors else {}
+    for name, key in pack.vectors.items():
+        tensors[name] = blocks[key].to(tensors[name].dtype)
     br, bc = pack.block
     for name, weight in pack.weights.items():
         w = tensors[name].clone()

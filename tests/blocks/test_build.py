@@ -19,9 +19,10 @@ from edgeserve.cli import main
 
 
 def linears(path) -> dict[str, torch.Tensor]:
-    """The packable weights: the layers' linears and the head."""
+    """The weights packed as blocks: the layers' linears, the head and the embeddings."""
     return {k: v for k, v in load_file(str(path / "model.safetensors")).items()
-            if v.dim() == 2 and (k == "lm_head.weight" or any(f".{n}." in k for n in LINEARS))}
+            if v.dim() == 2 and (k in ("lm_head.weight", "model.embed_tokens.weight")
+                                 or any(f".{n}." in k for n in LINEARS))}
 
 
 def merged_lora(base, adapter) -> dict[str, torch.Tensor]:
@@ -109,7 +110,7 @@ def test_errors_are_clear(store, finetunes, tmp_path):
         pack_tasks(store / "base", [fts["task-a"]], store, block=BLOCK, names=["taken"])
 
 
-def test_unpacked_tensors_that_differ_are_reported(store, finetunes, tmp_path):
+def test_changed_norms_are_packed_whole(store, finetunes, tmp_path):
     _, fts = finetunes
     from safetensors.torch import save_file
 
@@ -118,9 +119,13 @@ def test_unpacked_tensors_that_differ_are_reported(store, finetunes, tmp_path):
     tensors = load_file(str(ft / "model.safetensors"))
     tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.5
     save_file(tensors, str(ft / "model.safetensors"), metadata={"format": "pt"})
-    (report,) = pack_tasks(store / "base", [ft], store, block=BLOCK, budget=1.0)
-    assert list(report.unpacked) == ["model.norm.weight"]
-    assert report.unpacked["model.norm.weight"] == pytest.approx(0.5, rel=1e-5)
+    (report,) = pack_tasks(store / "base", [ft], store, block=BLOCK, budget=0.1)
+    assert report.unpacked == {}
+    pack = TaskPack.read(store / "normed")
+    assert list(pack.vectors) == ["model.norm.weight"]
+    rebuilt = load_file(str(reconstruct(store / "base", store / "normed", tmp_path / "r")
+                            / "model.safetensors"))
+    assert torch.equal(rebuilt["model.norm.weight"], tensors["model.norm.weight"])
 
 
 def test_command_line(store, finetunes, capsys):

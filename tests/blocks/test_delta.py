@@ -52,6 +52,9 @@ class _Task:
     def index(self, unit: str):
         return self._index
 
+    def vector(self, unit: str):
+        return None
+
 
 def dense_over(w, arena, index):
     """The dense weight an arena's blocks at index make over w."""
@@ -70,7 +73,7 @@ def test_rows_of_different_tasks_get_their_own_blocks():
     x = torch.randn(4, 1, w.shape[1])
     delta = TaskDelta([(torch.tensor([0, 2]), _Task(arena_a, index_a)),
                        (torch.tensor([1]), _Task(arena_b, index_b))])
-    y = delta("u", x, x @ w.T, w)
+    y = delta.linear("u", x, x @ w.T, w, None)
     torch.testing.assert_close(y[[0, 2]], x[[0, 2]] @ dense_a.T, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y[1], x[1] @ dense_b.T, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y[3], x[3] @ w.T, rtol=1e-5, atol=1e-5)     # the base's row

@@ -13,7 +13,7 @@ from hf_models import ARCHS, hf_greedy, reference
 from safetensors.torch import load_file, save_file
 
 from blocks.conftest import BLOCK
-from blocks.finetunes import make_finetune, reconstruct
+from blocks.finetunes import make_finetune, make_full_finetune, reconstruct
 from edgeserve import EdgeServer
 from edgeserve.batch import build_batch
 from edgeserve.blocks.build import pack_tasks
@@ -247,3 +247,36 @@ async def test_every_dense_architecture(arch, tiny_store, tmp_path):
         with torch.no_grad():
             expected = ref(torch.tensor([ids])).logits[0]
         assert rel_err(await logits_of(es, "t", ids), expected) < 1e-4
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+async def test_full_finetunes_are_exact_at_full_budget(arch, tiny_store, tmp_path):
+    """Every tensor changed (norms, biases, q/k norms, embeddings, a tied head): a 100%
+    pack serves the fine-tuned checkpoint itself."""
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store / arch, store / "base")
+    ft = make_full_finetune(store / "base", tmp_path / "ft", 4)
+    (report,) = pack_tasks(store / "base", [ft], store, block=(8, 8), budget=1.0, names=["t"])
+    assert report.change_error == 0 and report.unpacked == {}
+    ids = list(range(3, 20))
+    async with server(store) as es:
+        await es.load("t")
+        with torch.no_grad():
+            expected = reference(ft)(torch.tensor([ids])).logits[0]
+        assert rel_err(await logits_of(es, "t", ids), expected) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama-bias", "qwen2"])
+async def test_concurrent_full_finetunes_with_their_base(arch, tiny_store, tmp_path):
+    """Rows of the base and of two full fine-tunes in one batch: each row gets its own
+    biases, norms, embeddings and head."""
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store / arch, store / "base")
+    fts = [make_full_finetune(store / "base", tmp_path / f"ft{i}", 10 + i) for i in range(2)]
+    pack_tasks(store / "base", fts, store, block=(8, 8), budget=1.0, names=["t0", "t1"])
+    jobs = [("base", store / "base", [5, 9, 2]), ("t0", fts[0], [7, 1, 4, 4]),
+            ("t1", fts[1], [3, 8]), ("t0", fts[0], [11, 12])]
+    async with server(store) as es:
+        outs = await asyncio.gather(*[es.complete(m, p, max_tokens=8, temperature=0,
+                                                  ignore_eos=True) for m, _, p in jobs])
+    assert [o.token_ids for o in outs] == [hf_greedy(path, p, 8) for _, path, p in jobs]
