@@ -2,7 +2,7 @@
 
 A Llama base of about 310 MB in fp32 (random weights, made locally) and 8 fine-tunes of it,
 each the base plus: a change common to every task on 5% of the linear weights' blocks (the
-same values for all: tasks tuned from one intermediate), the task's own change on 10% of
+same values for all: tasks tuned from one intermediate), the task's own change on 15% of
 the blocks at random, and small dense noise. They are packed twice with a budget of 10% of
 the blocks: aligned (tasks share consensus blocks) and unaligned (each its own top blocks).
 
@@ -41,7 +41,7 @@ from edgeserve.config import Config, EngineConfig, PoolConfig, TierConfig
 OUT = Path(__file__).parent / "out" / "tasks-store"
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TASKS, BUDGET = 8, 0.1
-COMMON, OWN, SCALE, NOISE = 0.05, 0.10, 0.02, 1e-4    # shares of blocks; change std; noise std
+COMMON, OWN, SCALE, NOISE = 0.05, 0.15, 0.02, 1e-4    # shares of blocks; change std; noise std
 FULL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
             num_attention_heads=16, num_key_value_heads=4, vocab_size=16000)
 SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,   # vocab: 16 | it

@@ -26,11 +26,12 @@ from edgeserve.tiers import DiskJob
 
 
 def base_fingerprint(model_dir: Path, spec: ModelSpec, hashes: HashCache) -> str:
-    """A hash of the base's linear weights, which packs change (content hashes, cached)."""
+    """A hash of the base tensors that packs change (content hashes, cached)."""
     tensors = scan_checkpoint(model_dir)
     per_file: dict[Path, dict[str, str]] = {}
     h = hashlib.blake2b(digest_size=16)
-    for name in sorted(n for n in linear_targets(spec) if n in tensors):
+    names = set(linear_targets(spec)) | set(vector_targets(spec))
+    for name in sorted(n for n in names if n in tensors):
         path = tensors[name].path
         if path not in per_file:
             per_file[path] = hashes.get(path)
