@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -97,6 +98,11 @@ class TaskSource:
     def has_zero(self) -> bool:
         return any(w.zero for w in self.pack.weights.values())
 
+    @cached_property
+    def ordered_keys(self) -> list[str]:
+        """The pack's blocks in file order."""
+        return sorted(self.pack.keys, key=lambda k: self.blocks[k].start)
+
 
 @dataclass(eq=False)
 class TaskBlocks:
@@ -177,10 +183,10 @@ def prepare(source: TaskSource, spec: ModelSpec, arena: TileArena, owner: str,
     Blocks are given slots in file order, so blocks adjacent in the pack land adjacent in
     the pool and each such run is one read (straight into the pool where no conversion is
     needed) rather than one copy per block."""
-    blocks = source.blocks
-    keys = sorted(source.pack.keys, key=lambda k: blocks[k].start)
+    blocks, zero = source.blocks, zero_key(arena)
+    keys = list(source.ordered_keys)
     if source.has_zero:
-        keys.append(zero_key(arena))
+        keys.append(zero)
     slots, fresh = arena.acquire(keys, owner)
     try:
         vectors, vector_jobs = prepare_vectors(source.pack.vectors, blocks, spec, arena.pool,
@@ -189,17 +195,22 @@ def prepare(source: TaskSource, spec: ModelSpec, arena: TileArena, owner: str,
         arena.forget(fresh)
         arena.release(slots)
         raise
-    if zero_key(arena) in fresh:
-        arena.view(slots[zero_key(arena)]).zero_()
+    if zero in fresh:
+        arena.view(slots[zero]).zero_()
     runs: list[list[str]] = []
     most = max(1, READ_RUN // arena.tile_bytes)     # blocks per read: reads run in parallel
-    for key in (k for k in fresh if k != zero_key(arena)):
-        last = runs[-1][-1] if runs else None
-        if last is not None and len(runs[-1]) < most and blocks[key].start == blocks[last].end \
-                and arena.offset(slots[key]) == arena.offset(slots[last]) + arena.tile_bytes:
+    last: Slot | None = None
+    for key in fresh:
+        if key == zero:
+            continue
+        slot = slots[key]
+        # Adjacent in the pool: the next slot of the same chunk (slots go out in order).
+        if last is not None and len(runs[-1]) < most and slot.chunk is last.chunk \
+                and slot.index == last.index + 1 and blocks[key].start == blocks[runs[-1][-1]].end:
             runs[-1].append(key)
         else:
             runs.append([key])
+        last = slot
     jobs = [_job(arena, slots, blocks, run) for run in runs]
     moved = sum(map(len, runs)) * arena.tile_bytes
     report.bytes_from_disk += moved
