@@ -106,7 +106,8 @@ class TaskSource:
 
 @dataclass(eq=False)
 class TaskBlocks:
-    """The blocks one loaded task holds; index(unit) says where they go in a forward."""
+    """What one loaded task holds: its blocks (index(unit) says where they go in a forward)
+    and its vectors (vector(unit))."""
 
     source: TaskSource
     arena: TileArena
