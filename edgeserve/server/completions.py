@@ -15,7 +15,7 @@ from edgeserve.server import sse
 from edgeserve.server.app import SERVER, invalid
 from edgeserve.server.choices import Choices
 from edgeserve.server.logprobs import CompletionLogprobBuilder, TokenText
-from edgeserve.server.openai import check_model, checked_sampling, json_response, seeded, usage
+from edgeserve.server.openai import check_model, checked_sampling, respond, seeded, usage
 from edgeserve.server.wire import (
     MAX_CHOICES,
     CompletionChoice,
@@ -45,13 +45,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         for prompt in prompts for i in range(n)]
     choices = Choices(streams, [p for p in range(len(prompts)) for _ in range(n)])
     chunks = _CompletionChunks(req.model, TokenText(server, req.model), len(streams))
-    if req.stream:
-        return await sse.stream(request, choices, chunks, loading=loading,
-                                include_usage=req.include_usage)
-    try:
-        return json_response(await _collect(choices, chunks))
-    finally:
-        await choices.aclose()
+    return await respond(request, choices, chunks, _collect, stream=bool(req.stream),
+                         loading=loading, include_usage=req.include_usage)
 
 
 def _prompts(req: CompletionRequest) -> list[Prompt]:

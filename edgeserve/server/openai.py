@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -36,6 +36,8 @@ from edgeserve.server.wire import (
 )
 from edgeserve.store import StoredModel, UnknownModel
 
+C = TypeVar("C", bound=sse.Chunks)
+
 
 def add_routes(app: web.Application) -> None:
     from edgeserve.server import completions  # it imports the helpers below
@@ -48,6 +50,19 @@ def add_routes(app: web.Application) -> None:
 
 def json_response(obj: Any) -> web.Response:
     return web.Response(body=encode(obj), content_type="application/json")
+
+
+async def respond(request: web.Request, choices: Choices, chunks: C,
+                  collect: Callable[[Choices, C], Awaitable[Any]], *, stream: bool,
+                  loading: bool, include_usage: bool) -> web.StreamResponse:
+    """The answer to a generation request: its SSE stream, or the collected body."""
+    if stream:
+        return await sse.stream(request, choices, chunks, loading=loading,
+                                include_usage=include_usage)
+    try:
+        return json_response(await collect(choices, chunks))
+    finally:
+        await choices.aclose()
 
 
 def usage(u: ResultUsage) -> Usage:
@@ -110,13 +125,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         for i in range(req.choices)]
     choices = Choices(streams, [0] * req.choices, renamed={"prompt": "messages"})
     chunks = _ChatChunks(req.model, TokenText(server, req.model))
-    if req.stream:
-        return await sse.stream(request, choices, chunks, loading=loading,
-                                include_usage=req.include_usage)
-    try:
-        return json_response(await _collect(choices, chunks))
-    finally:
-        await choices.aclose()
+    return await respond(request, choices, chunks, _collect, stream=bool(req.stream),
+                         loading=loading, include_usage=req.include_usage)
 
 
 def _chat_sampling(req: ChatRequest) -> dict[str, Any]:
