@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ class ResidentModel:
                 self.offload.attach(self._runner)
         return self._runner
 
-    @property
+    @cached_property
     def batch_group(self) -> str:
         """Models whose sequences may share a forward: a base and its tasks."""
         return f"{self.base or self.id}|{self.pool.device}|{self.dtype}"

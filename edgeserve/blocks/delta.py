@@ -38,21 +38,18 @@ def block_delta(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: torch.
     return y + corr.view(*lead, r)
 
 
-def embed_blocks(x: torch.Tensor, tokens: torch.Tensor, vocab: int, tiles: torch.Tensor,
-                 index: Index) -> torch.Tensor:
+def embed_blocks(x: torch.Tensor, tokens: torch.Tensor, table: torch.Tensor,
+                 tiles: torch.Tensor) -> torch.Tensor:
     """x (.., C) = embeddings of tokens (..,), with the rows that fall in the task's blocks
-    of the embedding matrix (vocab x C) taken from those blocks."""
-    rows_idx, cols_idx, addr = index
+    of the embedding matrix taken from those blocks. table (R/br, C/bc): each block's
+    address in tiles, -1 where the task keeps the base's."""
     br, bc = int(tiles.shape[1]), int(tiles.shape[2])
-    cols = x.shape[-1] // bc
-    table = torch.full(((vocab // br) * cols,), -1, dtype=torch.int64, device=x.device)
-    table[rows_idx * cols + cols_idx] = addr
     tok = tokens.reshape(-1)
-    where = table[(tok // br)[:, None] * cols + torch.arange(cols, device=x.device)]  # (N, cols)
+    where = table[tok // br]                                            # (N, C/bc)
     n, c = (where >= 0).nonzero(as_tuple=True)
     if n.numel() == 0:
         return x
-    out = x.reshape(-1, cols, bc).clone()
+    out = x.reshape(-1, table.shape[1], bc).clone()
     out[n, c] = tiles[where[n, c], tok[n] % br].to(x.dtype)
     return out.view(x.shape)
 
@@ -68,20 +65,15 @@ class TaskDelta:
                b: torch.Tensor | None) -> torch.Tensor:
         bias = unit.removesuffix("weight") + "bias"
         for rows, task in self.groups:
-            index, new_bias = task.index(unit), task.vector(bias)
-            if index is None and (new_bias is None or b is None):
+            index = task.index(unit)
+            new_bias = task.vector(bias) if b is not None else None
+            if index is None and new_bias is None:
                 continue
-
-            def apply(y: torch.Tensor, x: torch.Tensor, task: TaskBlocks = task,
-                      index: Index | None = index, new_bias: torch.Tensor | None = new_bias
-                      ) -> torch.Tensor:
-                if index is not None:
-                    y = _apply(y, x, w, task, index)
-                if new_bias is not None and b is not None:
-                    y = y + (new_bias - b).to(y.dtype)
-                return y
-
-            y = apply(y, x) if rows is None else y.index_copy(0, rows, apply(y[rows], x[rows]))
+            if rows is None:
+                y = _linear(y, x, w, b, task, index, new_bias)
+            else:
+                y = y.index_copy(0, rows, _linear(y[rows], x[rows], w, b, task, index,
+                                                  new_bias))
         return y
 
     def norm(self, unit: str, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
@@ -101,13 +93,24 @@ class TaskDelta:
             index = task.index(unit)
             if index is None:
                 continue
+            table = task.embed_table(unit, vocab, x.shape[-1])
             tiles = task.arena.tiles
             if rows is None:
-                x = embed_blocks(x, tokens, vocab, tiles, index)
+                x = embed_blocks(x, tokens, table, tiles)
             else:
-                x = x.index_copy(0, rows, embed_blocks(x[rows], tokens[rows], vocab, tiles,
-                                                       index))
+                x = x.index_copy(0, rows, embed_blocks(x[rows], tokens[rows], table, tiles))
         return x
+
+
+def _linear(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+            task: TaskBlocks, index: Index | None, new_bias: torch.Tensor | None
+            ) -> torch.Tensor:
+    """One task's rows of a linear: its blocks, then its bias's difference."""
+    if index is not None:
+        y = _apply(y, x, w, task, index)
+    if new_bias is not None and b is not None:
+        y = y + (new_bias - b).to(y.dtype)
+    return y
 
 
 def _apply(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, task: TaskBlocks,

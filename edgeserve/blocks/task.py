@@ -115,6 +115,7 @@ class TaskBlocks:
     targets: dict[str, Target]              # checkpoint name -> pool unit and first row
     vectors: TaskVectors | None = None      # its norms and biases, if it changes any
     _index: dict[str, Index] = field(default_factory=dict)
+    _tables: dict[str, torch.Tensor] = field(default_factory=dict)    # embed_table's
     _epoch: int = -1
 
     @property
@@ -140,9 +141,24 @@ class TaskBlocks:
     def index(self, unit: str) -> Index | None:
         pool = self.arena.pool
         if self._epoch != pool.epoch:       # compaction moved chunks or weights: re-address
-            self._index = self._build()
+            self._index, self._tables = self._build(), {}
             self._epoch = pool.epoch
         return self._index.get(unit)
+
+    def embed_table(self, unit: str, rows: int, cols: int) -> torch.Tensor:
+        """(rows/br, cols/bc) address of each of the task's blocks of an embedding matrix
+        (rows x cols) in arena.tiles, -1 where it keeps the base's; built with the index."""
+        index = self.index(unit)
+        table = self._tables.get(unit)
+        if table is None:
+            assert index is not None
+            br, bc = self.pack.block
+            r, c, addr = index
+            table = torch.full((rows // br, cols // bc), -1, dtype=torch.int64,
+                               device=addr.device)
+            table[r, c] = addr
+            self._tables[unit] = table
+        return table
 
     def _build(self) -> dict[str, Index]:
         pack, arena = self.pack, self.arena
@@ -165,7 +181,7 @@ class TaskBlocks:
     def release(self) -> None:
         self.arena.release(self.slots)
         self.slots = {}
-        self._index = {}
+        self._index, self._tables = {}, {}
         if self.vectors is not None:
             self.vectors.release()
             self.vectors = None
