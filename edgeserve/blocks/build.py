@@ -189,12 +189,12 @@ def _consensus(base: Checkpoint, sources: list[WeightSource], grids: list[_Grid]
     """Shared candidates (their tiles into shared, members' losses into residual)."""
     out: list[SharedCandidate] = []
     for g in tqdm(grids, desc="aligning tasks", unit="weight", disable=None):
-        w = base.get(g.name)
+        shape = torch.Size(base.tensors[g.name].shape)
         span = slice(g.offset, g.offset + g.rows * g.cols)
         changed = candidates(e[:, span], zero[:, span])                  # (T, P)
         if int(changed.sum(0).max()) < 2:
             continue
-        ft = torch.stack([blocks_of(_load(s, g.name, w.shape), block) for s in sources])
+        ft = torch.stack([blocks_of(_load(s, g.name, shape), block) for s in sources])
         step = max(1, CONSENSUS_BYTES // (ft.shape[0] * ft.shape[2] * 8))
         for lo in range(0, ft.shape[1], step):       # positions in slices: bounded memory
             part = slice(lo, lo + step)

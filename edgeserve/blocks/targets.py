@@ -9,6 +9,7 @@ each name maps to a unit and the first row it occupies there.
 from __future__ import annotations
 
 import re
+from functools import cache
 from typing import NamedTuple
 
 from edgeserve.arch import weight_plan
@@ -30,8 +31,10 @@ class Target(NamedTuple):
     shape: tuple[int, int]      # the tensor's own shape
 
 
+@cache
 def linear_targets(spec: ModelSpec) -> dict[str, Target]:
-    """Checkpoint tensor name -> where it lives, for every weight packed as blocks."""
+    """Checkpoint tensor name -> where it lives, for every weight packed as blocks (computed
+    once per spec: callers only read it)."""
     out = {}
     for unit_name, unit in weight_plan(spec).items():
         if not LINEAR_UNIT.match(unit_name) or len(unit.shape) != 2:
@@ -41,9 +44,10 @@ def linear_targets(spec: ModelSpec) -> dict[str, Target]:
     return out
 
 
+@cache
 def vector_targets(spec: ModelSpec) -> dict[str, Target]:
     """Checkpoint tensor name -> where it lives, for every 1-D tensor packed whole
-    (shape (n, 1))."""
+    (shape (n, 1)); computed once per spec: callers only read it."""
     out = {}
     for unit_name, unit in weight_plan(spec).items():
         if not VECTOR_UNIT.match(unit_name) or len(unit.shape) != 1:
