@@ -39,8 +39,9 @@ class ExpertImportance:
         return self._blend(mass, torch.bincount(flat, minlength=experts).to(torch.float64))
 
     def _blend(self, mass: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        mass = mass / mass.sum() if mass.sum() > 0 else mass
-        count = count / count.sum() if count.sum() > 0 else count
+        """Over the last dim (experts): each normalised to sum 1 (0 stays 0), then blended."""
+        mass = mass / mass.sum(-1, keepdim=True).clamp(min=1e-300)
+        count = count / count.sum(-1, keepdim=True).clamp(min=1e-300)
         return self.mass_weight * mass + (1 - self.mass_weight) * count
 
     def score(self, layer: int, expert: int) -> float:
@@ -48,6 +49,4 @@ class ExpertImportance:
 
     def table(self) -> list[list[float]]:
         """[layer][expert] importance of every expert at once (one computation)."""
-        mass = self.mass / self.mass.sum(1, keepdim=True).clamp(min=1e-300)
-        count = self.count / self.count.sum(1, keepdim=True).clamp(min=1e-300)
-        return (self.mass_weight * mass + (1 - self.mass_weight) * count).tolist()
+        return self._blend(self.mass, self.count).tolist()
