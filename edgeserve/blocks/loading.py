@@ -86,6 +86,8 @@ class TaskLoader:
             raise
         finally:
             ctx.pool.thaw()
+        if blocks.vectors is not None:
+            blocks.vectors.fresh = False
         return blocks
 
 
@@ -95,5 +97,9 @@ def _stamp(path: Path) -> tuple[str, int, int]:
 
 
 def _undo(blocks: TaskBlocks, fresh: list[str]) -> None:
+    """A failed fill: what it was reading is not kept under its content key."""
     blocks.arena.forget(fresh)
+    if blocks.vectors is not None:
+        blocks.vectors.abort()
+        blocks.vectors = None
     blocks.release()

@@ -31,6 +31,7 @@ class TaskVectors:
     unit: Unit
     dtype: torch.dtype
     layout: dict[str, tuple[int, int]]          # pool unit name -> (first element, length)
+    fresh: bool = False                         # allocated by this load, not yet filled
     _views: dict[str, torch.Tensor] = field(default_factory=dict)
     _epoch: int = -1
 
@@ -46,6 +47,13 @@ class TaskVectors:
     def release(self) -> None:
         if self.unit.alive:
             self.pool.unpin(self.unit)
+
+    def abort(self) -> None:
+        """The load failed: a unit it allocated holds no valid bytes, so it goes at once."""
+        if self.fresh:
+            self.pool.release(self.unit)
+        else:
+            self.release()
 
 
 def prepare_vectors(vectors: dict[str, str], blocks: dict[str, TensorInfo], spec: ModelSpec,
@@ -87,4 +95,4 @@ def prepare_vectors(vectors: dict[str, str], blocks: dict[str, TensorInfo], spec
     report.bytes_total += nbytes
     report.bytes_from_disk += moved
     report.bytes_from_device += nbytes - moved
-    return TaskVectors(pool, unit, dtype, layout), jobs
+    return TaskVectors(pool, unit, dtype, layout, fresh=True), jobs
