@@ -26,6 +26,7 @@ The checkpoint tensors they are made of depend on its layout:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -150,26 +151,30 @@ class MoeModel(DenseModel):
     def run_experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor,
                     gates: torch.Tensor) -> torch.Tensor:
         """sum over a of gates[:, a] * expert_{ids[:, a]}(x), expert by expert: the tokens
-        routed to an expert are gathered, go through its fused gate/up and its down matmul,
-        and are scattered back with index_add_. x (N, D), ids and gates (N, A) -> (N, D)."""
+        routed to an expert are gathered and go through its fused gate/up and its down
+        matmul. The experts are computed in `expert_order`, but their outputs are summed
+        in pick order, so the result does not depend on that order.
+        x (N, D), ids and gates (N, A) -> (N, D)."""
         top_k = ids.shape[1]
         flat = ids.flatten()                                        # (N * A,)
         order = torch.argsort(flat, stable=True)                    # grouped by expert
         counts = torch.bincount(flat, minlength=self.spec.num_experts).tolist()
         tokens = order // top_k                                     # token of each pick
         weights = gates.flatten()[order].to(x.dtype)[:, None]
-        out = torch.zeros_like(x)
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = tokens[start:start + count]
+        starts = list(itertools.accumulate(counts, initial=0))
+        picked = [e for e, count in enumerate(counts) if count]
+        ys = x.new_empty(flat.shape[0], x.shape[1])                 # (N * A, D)
+        for e in self.expert_order(layer, picked):
+            span = slice(starts[e], starts[e + 1])
             gate_up, down = self.expert_weights(layer, e)
-            gate, up = F.linear(x[rows], gate_up).chunk(2, dim=-1)  # (n, I) each
-            y = F.linear(F.silu(gate) * up, down)                   # (n, D)
-            out.index_add_(0, rows, y * weights[start:start + count])
-            start += count
-        return out
+            gate, up = F.linear(x[tokens[span]], gate_up).chunk(2, dim=-1)  # (n, I) each
+            torch.mul(F.linear(F.silu(gate) * up, down), weights[span], out=ys[span])
+        return torch.zeros_like(x).index_add_(0, tokens, ys)
+
+    def expert_order(self, layer: int, experts: list[int]) -> list[int]:
+        """The order to compute a layer's picked experts in (an expert cache puts those
+        still being copied in last)."""
+        return experts
 
 
 def _experts_of(spec: ModelSpec, w: dict[str, torch.Tensor], p: str

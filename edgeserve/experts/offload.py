@@ -17,6 +17,7 @@ import torch
 
 from edgeserve.arch.moe import ExpertWeights, MoeModel, route
 from edgeserve.experts.cache import Expert, ExpertCache
+from edgeserve.experts.copies import CopyQueue
 from edgeserve.experts.similarity import cached_similarity
 from edgeserve.model import ResidentModel
 from edgeserve.pool import PoolFull, Unit, UnitKind
@@ -37,13 +38,14 @@ class ExpertOffload:
         layers = [n for n in range(spec.num_layers) if spec.sparse_layers[n]]
         self.first_layer, self.layers = layers[0], layers
         self.prefetching = prefetch
+        self.copies = CopyQueue(torch.device(self.pool.device))
         views = model_views(model)
         self.host: dict[Expert, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in layers:
             for e in range(spec.num_experts):
                 g, d = _names(layer, e)
-                self.host[(layer, e)] = (views[g].to("cpu", copy=True),
-                                         views[d].to("cpu", copy=True))
+                self.host[(layer, e)] = (self.copies.host_copy(views[g]),
+                                         self.copies.host_copy(views[d]))
         sizes = next(iter(self.host.values()))
         expert_bytes = sum(t.numel() * t.element_size() for t in sizes)
         capacity = max(spec.experts_per_token, int(budget * len(self.host)))
@@ -87,21 +89,27 @@ class ExpertOffload:
         """Make a (re)built runner take its experts from here."""
         compute = runner.run_experts
         runner.expert_weights = self.weights
+        runner.expert_order = self.order  # type: ignore[method-assign]
 
         def run(layer: int, x: torch.Tensor, ids: torch.Tensor,
                 gates: torch.Tensor) -> torch.Tensor:
             out = compute(layer, x, self.route(layer, ids, gates), gates)
             self.prefetch(runner, layer, x)
+            if layer == self.layers[-1]:
+                self.copies.drain()         # unused guesses: nothing after may overtake them
             return out
 
         runner.run_experts = run  # type: ignore[method-assign]
+
+    def order(self, layer: int, experts: list[int]) -> list[int]:
+        """Resident experts first: they compute while the copies of the others run."""
+        return sorted(experts, key=lambda e: self.copies.is_pending((layer, e)))
 
     def route(self, layer: int, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Carry out the cache's decision for this layer; ids with substitutes applied."""
         routed = self.cache.route(layer, ids, gates)
         for key in routed.evict:
-            for unit in self.units.pop(key):
-                self._drop(unit)
+            self._evict(key)
         for e in routed.fetch:
             self._fetch((layer, e))
         if routed.substituted:
@@ -115,9 +123,8 @@ class ExpertOffload:
 
     def prefetch(self, runner: MoeModel, layer: int, x: torch.Tensor) -> None:
         """Guess the next sparse layer's experts by applying its router to this layer's
-        input, and copy in now the missing ones that a miss could not substitute (on CUDA
-        that copy overlaps the layers in between; here it is counted for prefetch
-        accuracy)."""
+        input, and start now the copies of the missing ones that a miss could not
+        substitute (on CUDA they run beside the layers in between)."""
         after = [n for n in self.layers if n > layer]
         if not after or not self.prefetching:
             return
@@ -132,8 +139,7 @@ class ExpertOffload:
         wanted = sorted(set(ids.flatten().tolist()))
         demand = self.cache.importance.demand(ids, gates).tolist()
         for key in self.cache.prefetch(after[0], wanted, demand):
-            for unit in self.units.pop(key, ()):
-                self._drop(unit)
+            self._evict(key)
         for e in wanted:
             if (after[0], e) in self.cache.resident and (after[0], e) not in self.units:
                 self._fetch((after[0], e))
@@ -144,10 +150,9 @@ class ExpertOffload:
         self.pool.freeze()
         try:
             for data in self.host[key]:
-                unit = self.pool.allocate(UnitKind.EXPERT, data.numel() * data.element_size(),
-                                          owner=self.model.id)
-                pair.append(unit)
-                self.pool.view(unit, data.dtype, data.shape).copy_(data)
+                pair.append(self.pool.allocate(UnitKind.EXPERT,
+                                               data.numel() * data.element_size(),
+                                               owner=self.model.id))
         except PoolFull:        # no room without moving units: use the host copy this time
             for unit in pair:
                 self.pool.release(unit)
@@ -155,6 +160,8 @@ class ExpertOffload:
             return
         finally:
             self.pool.thaw()
+        self.copies.start(key, [(self.pool.view(unit, data.dtype, data.shape), data)
+                                for unit, data in zip(pair, self.host[key], strict=True)])
         self.units[key] = (pair[0], pair[1])
 
     def weights(self, layer: int, e: int) -> ExpertWeights:
@@ -162,10 +169,16 @@ class ExpertOffload:
             g_host, d_host = self.host[(layer, e)]
             device = self.pool.device
             return g_host.to(device), d_host.to(device)
+        self.copies.ready((layer, e))
         g, d = self.units[(layer, e)]
         host_g, host_d = self.host[(layer, e)]
         return (self.pool.view(g, host_g.dtype, host_g.shape),
                 self.pool.view(d, host_d.dtype, host_d.shape))
+
+    def _evict(self, key: Expert) -> None:
+        self.copies.settle(key)             # a copy may still be writing its units
+        for unit in self.units.pop(key, ()):
+            self._drop(unit)
 
     def _drop(self, unit: Unit) -> None:
         # A unit another model shares (equal bytes) stays for it.
@@ -174,10 +187,8 @@ class ExpertOffload:
             self.pool.release(unit)
 
     def release(self) -> None:
-        for pair in self.units.values():
-            for unit in pair:
-                self._drop(unit)
-        self.units.clear()
+        for key in list(self.units):
+            self._evict(key)
 
     def stats(self) -> dict[str, Any]:
         s = self.cache.stats
@@ -185,6 +196,7 @@ class ExpertOffload:
         accuracy = s.prefetch_hits / s.prefetches if s.prefetches else 0.0
         return asdict(s) | {"hit_rate": s.hit_rate, "bytes_moved_per_token": per_token,
                             "prefetch_accuracy": accuracy,
+                            "overlapped_copies": self.copies.started,
                             "capacity": self.cache.capacity, "policy": self.cache.policy}
 
 
