@@ -7,7 +7,7 @@ during that decode, and accuracy against the full model: teacher-forced decode s
 a fixed prompt set, top-1 agreement and mean KL(full || cached). One JSON line each, then
 the ratios the targets are stated in.
 
-    .venv/bin/python bench/moe.py [--tokens 32]
+    .venv/bin/python bench/moe.py [--tokens 32] [--device cuda:0]
 """
 
 from __future__ import annotations
@@ -69,11 +69,12 @@ def forced_logits(model: ResidentModel, prompt: list[int], tokens: list[int]) ->
 THRESHOLD = [0.1]
 PREFETCH = [True]
 STREAMS = [8]
+DEVICE = ["cpu"]
 
 
 async def measure(budget: float, policy: str, tokens: int,
                   reference: dict[str, object] | None) -> dict[str, object]:
-    cfg = Config(models=OUT, device="cpu", pool=PoolConfig(pool_size=1 << 30),
+    cfg = Config(models=OUT, device=DEVICE[0], dtype="float32", pool=PoolConfig(pool_size=1 << 30),
                  experts=ExpertConfig(budget, policy, THRESHOLD[0], PREFETCH[0]))
     async with EdgeServer(config=cfg) as es:
         await es.load(MODEL)
@@ -138,7 +139,9 @@ def main() -> None:
                         help="gate weight below which a miss may be substituted")
     parser.add_argument("--no-prefetch", action="store_true")
     parser.add_argument("--streams", type=int, default=8, help="concurrent decode streams")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda:0 on a GPU")
     args = parser.parse_args()
+    DEVICE[0] = args.device
     THRESHOLD[0] = args.threshold
     PREFETCH[0] = not args.no_prefetch
     STREAMS[0] = args.streams
