@@ -41,6 +41,7 @@ from edgeserve.pool import BlockPool, PoolFull, Unit, UnitKind
 from edgeserve.store import ModelStore
 from edgeserve.tiers import DiskLoader, HostTier
 from edgeserve.tokenizer import Tokenizer
+from edgeserve.tokenizer_cache import TokenizerCache
 
 log = logging.getLogger("edgeserve.scheduler")
 WEIGHT_KINDS = (UnitKind.WEIGHT, UnitKind.EXPERT)   # immutable units worth keeping
@@ -79,6 +80,7 @@ class Scheduler:
             pool.on_evict.append(self._forget_chunk)
         self.models: dict[str, ResidentModel] = {}
         self.tasks = TaskLoader(engine, self.disk)
+        self.tokenizer_cache = TokenizerCache()
         self.tokenizers: dict[str, Tokenizer | None] = {}
         self.residency: dict[str, Residency] = {}
         self._loading: dict[str, asyncio.Task[LoadReport]] = {}
@@ -118,7 +120,7 @@ class Scheduler:
         tokenizer = None
         for folder in (path, weights):
             if (folder / "tokenizer.json").is_file():
-                tokenizer = await asyncio.to_thread(Tokenizer.from_dir, folder)
+                tokenizer = await asyncio.to_thread(self.tokenizer_cache.load, folder)
                 break
         async with self._load_lock:
             pool = self.choose_pool()
