@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from operator import attrgetter
 
 import torch
 
@@ -73,9 +74,10 @@ class TileArena:
         The new blocks of one load go to chunks of their own, so that a task's blocks leave
         together when it is no longer used (a chunk goes only when none of its blocks is)."""
         wanted = list(dict.fromkeys(keys))
-        slots = {k: self.table[k] for k in wanted if k in self.table}
+        table = self.table
+        slots = {k: s for k in wanted if (s := table.get(k)) is not None}
         self._pin(slots.values())           # first, so that allocating never evicts them
-        missing = [k for k in wanted if k not in slots]
+        missing = [k for k in wanted if k not in slots] if slots else wanted
         new: list[Chunk] = []
         try:
             left = len(missing)
@@ -91,17 +93,17 @@ class TileArena:
                 self.pool.release(done.unit)
             self.release(slots)
             raise
-        chunks = iter(new)
-        chunk: Chunk | None = None
-        for key in missing:
-            if chunk is None or len(chunk.keys) == chunk.slots:
-                chunk = next(chunks)
-                self.chunks[chunk.unit.id] = chunk
-            slots[key] = self.table[key] = Slot(chunk, len(chunk.keys))
-            chunk.keys.append(key)
-        for done in new:                    # the pin allocate() took, now held per block
-            self.pool.pin(done.unit, len(done.keys) - 1)
-        return {k: slots[k] for k in wanted}, missing
+        first = 0
+        for chunk in new:                   # missing keys fill the new chunks in order
+            chunk.keys = missing[first:first + chunk.slots]
+            first += len(chunk.keys)
+            self.chunks[chunk.unit.id] = chunk
+            placed = dict(zip(chunk.keys, map(Slot, itertools.repeat(chunk),
+                                              range(len(chunk.keys))), strict=True))
+            table.update(placed)
+            slots.update(placed)
+            self.pool.pin(chunk.unit, len(chunk.keys) - 1)   # allocate()'s pin, now per block
+        return slots, missing
 
     def release(self, slots: dict[str, Slot]) -> None:
         """Unpin blocks; they stay resident (and shared) until their chunk is evicted."""
@@ -116,11 +118,7 @@ class TileArena:
     @staticmethod
     def _per_chunk(slots: Iterable[Slot]) -> list[tuple[Chunk, int]]:
         """Each chunk among slots, with how many of them it holds (one pin per block)."""
-        counts: dict[int, list[Any]] = {}
-        for slot in slots:
-            entry = counts.setdefault(id(slot.chunk), [slot.chunk, 0])
-            entry[1] += 1
-        return [(chunk, n) for chunk, n in counts.values()]
+        return list(Counter(map(attrgetter("chunk"), slots)).items())
 
     def drop_unused(self) -> int:
         """Evict every chunk no loaded task uses; returns how many went."""

@@ -9,6 +9,7 @@ switching from one task to another moves exactly the new task's missing blocks.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -102,6 +103,13 @@ class TaskSource:
     def ordered_keys(self) -> list[str]:
         """The pack's blocks in file order."""
         return sorted(self.pack.keys, key=lambda k: self.blocks[k].start)
+
+    @cached_property
+    def follows(self) -> dict[str, str]:
+        """key -> the key of the block whose bytes end where its bytes begin."""
+        keys, blocks = self.ordered_keys, self.blocks
+        return {key: prev for prev, key in itertools.pairwise(keys)
+                if blocks[key].start == blocks[prev].end}
 
 
 @dataclass(eq=False)
@@ -216,18 +224,21 @@ def prepare(source: TaskSource, spec: ModelSpec, arena: TileArena, owner: str,
         arena.view(slots[zero]).zero_()
     runs: list[list[str]] = []
     most = max(1, READ_RUN // arena.tile_bytes)     # blocks per read: reads run in parallel
-    last: Slot | None = None
+    follows = source.follows
+    run: list[str] = []
+    chunk = None
     for key in fresh:
         if key == zero:
             continue
         slot = slots[key]
-        # Adjacent in the pool: the next slot of the same chunk (slots go out in order).
-        if last is not None and len(runs[-1]) < most and slot.chunk is last.chunk \
-                and slot.index == last.index + 1 and blocks[key].start == blocks[runs[-1][-1]].end:
-            runs[-1].append(key)
+        # Fresh blocks take the slots of their chunks in order: a block that follows the
+        # last one in the file and in the same chunk is adjacent to it in the pool too.
+        if slot.chunk is chunk and len(run) < most and follows.get(key) == run[-1]:
+            run.append(key)
         else:
-            runs.append([key])
-        last = slot
+            run = [key]
+            runs.append(run)
+            chunk = slot.chunk
     jobs = [_job(arena, slots, blocks, run) for run in runs]
     moved = sum(map(len, runs)) * arena.tile_bytes
     report.bytes_from_disk += moved
