@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from edgeserve.arch.dense import rms_norm
 from edgeserve.blocks.task import Index, TaskBlocks
@@ -26,10 +27,10 @@ from edgeserve.kernels.block_delta import block_delta_cuda
 def block_delta(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: torch.Tensor,
                 index: Index) -> torch.Tensor:
     """The torch path: y (.., R) plus the blocks' differences applied to x (.., C)."""
-    rows_idx, cols_idx, addr = index
+    rows_idx, cols_idx, addr, w_rows = index
     br, bc = int(tiles.shape[1]), int(tiles.shape[2])
     r, c = w.shape
-    d = tiles.index_select(0, addr) - w.view(r // br, br, c // bc, bc)[rows_idx, :, cols_idx, :]
+    d = tiles.index_select(0, addr) - F.embedding(w_rows, w.view(-1, bc)).view(-1, br, bc)
     lead = x.shape[:-1]
     xb = x.reshape(-1, c // bc, bc).index_select(1, cols_idx).transpose(0, 1)   # (n, N, bc)
     out = torch.bmm(xb, d.to(x.dtype).transpose(1, 2))                          # (n, N, br)
@@ -121,7 +122,7 @@ def _apply(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, task: TaskBlocks,
         return block_delta(y, x, w, arena.tiles, index)
 
     if y.is_cuda and arena.pool.slab is not None:
-        return block_delta_cuda(y, x, w, arena.pool.slab, arena.step, index, arena.shape,
+        return block_delta_cuda(y, x, w, arena.pool.slab, arena.step, index[:3], arena.shape,
                                 torch_path)
     return torch_path()
 

@@ -43,8 +43,10 @@ def base_fingerprint(model_dir: Path, spec: ModelSpec, hashes: HashCache) -> str
 
 READ_RUN = 2 << 20          # bytes of adjacent blocks read by one request at most
 
-# unit name -> (row blocks, column blocks, addresses in arena.tiles), each (n,) int64
-Index = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# unit name -> (row blocks, column blocks, addresses in arena.tiles), each (n,) int64, and
+# the blocks' rows in the base weight seen as (R * C/bc, bc) rows of one block's width,
+# (n * br,) int64: gathered as embedding rows, the fastest gather torch has on the CPU
+Index = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,7 @@ class TaskBlocks:
         if table is None:
             assert index is not None
             br, bc = self.pack.block
-            r, c, addr = index
+            r, c, addr = index[:3]
             table = torch.full((rows // br, cols // bc), -1, dtype=torch.int64,
                                device=addr.device)
             table[r, c] = addr
@@ -172,19 +174,24 @@ class TaskBlocks:
         pack, arena = self.pack, self.arena
         br = pack.block[0]
         rows: dict[str, list[tuple[int, int, int]]] = {}
+        columns: dict[str, int] = {}
         zero = self.slots.get(zero_key(arena))
         for name, weight in pack.weights.items():
             target = self.targets[name]
             first = target.row // br
+            columns[target.unit] = target.shape[1]
             out = rows.setdefault(target.unit, [])
             out.extend((first + r, c, arena.address(self.slots[k])) for r, c, k in weight.blocks)
             if weight.zero:
                 assert zero is not None
                 out.extend((first + r, c, arena.address(zero)) for r, c in weight.zero)
         device = torch.device(arena.pool.device)
-        return {unit: tuple(torch.tensor(col, dtype=torch.int64, device=device)  # type: ignore
-                            for col in zip(*entries, strict=True))
-                for unit, entries in rows.items() if entries}
+        index = {}
+        for unit, entries in rows.items():
+            if entries:
+                r, c, addr = torch.tensor(entries, dtype=torch.int64, device=device).T
+                index[unit] = block_index(r, c, addr, pack.block, columns[unit])
+        return index
 
     def release(self) -> None:
         self.arena.release(self.slots)
@@ -193,6 +200,15 @@ class TaskBlocks:
         if self.vectors is not None:
             self.vectors.release()
             self.vectors = None
+
+
+def block_index(rows: torch.Tensor, cols: torch.Tensor, addr: torch.Tensor,
+                block: tuple[int, int], columns: int) -> Index:
+    """The Index of blocks (rows[i], cols[i]) at addr[i], over a weight of `columns`."""
+    br, bc = block
+    within = torch.arange(br, dtype=torch.int64, device=rows.device)
+    w_rows = (rows[:, None] * br + within) * (columns // bc) + cols[:, None]
+    return rows.contiguous(), cols.contiguous(), addr.contiguous(), w_rows.reshape(-1)
 
 
 def zero_key(arena: TileArena) -> str:

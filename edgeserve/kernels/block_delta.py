@@ -71,7 +71,7 @@ def _launch(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, slab: torch.Tenso
     import cupy
     import numpy
 
-    rows, cols, addr = index
+    rows, cols, addr = (t.contiguous() for t in index)       # passed as raw pointers
     br, bc = block
     n_in, n_out = w.shape[1], w.shape[0]
     xs = x.reshape(-1, n_in).contiguous()

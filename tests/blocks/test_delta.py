@@ -8,6 +8,7 @@ import torch
 
 from edgeserve.blocks.arena import TileArena
 from edgeserve.blocks.delta import TaskDelta, block_delta
+from edgeserve.blocks.task import block_index
 from edgeserve.pool import BlockPool
 
 
@@ -31,7 +32,8 @@ def setup(device: str, dtype: torch.dtype, block=(8, 16), shape=(48, 64), n=9, s
         cols.append(c)
         addr.append(arena.address(slots[key]))
         dense[r * block[0]:(r + 1) * block[0], c * block[1]:(c + 1) * block[1]] = tile
-    index = tuple(torch.tensor(v, device=device) for v in (rows, cols, addr))
+    index = block_index(*(torch.tensor(v, device=device) for v in (rows, cols, addr)),
+                        block=block, columns=shape[1])
     return w, arena, index, dense
 
 
@@ -58,7 +60,7 @@ class _Task:
 
 def dense_over(w, arena, index):
     """The dense weight an arena's blocks at index make over w."""
-    rows, cols, addr = index
+    rows, cols, addr = index[:3]
     br, bc = arena.shape
     dense = w.clone()
     for r, c, a in zip(rows.tolist(), cols.tolist(), addr.tolist(), strict=True):
@@ -88,7 +90,7 @@ def test_cuda_kernel_equals_torch_path(dtype, tokens):
     w, arena, index, _ = setup("cuda", dtype, block=(16, 16), shape=(64, 96), n=12)
     x = torch.randn(tokens, w.shape[1], device="cuda").to(dtype)
     y = x @ w.T
-    fast = _launch(y, x, w, arena.pool.slab, arena.step, index, arena.shape)
+    fast = _launch(y, x, w, arena.pool.slab, arena.step, index[:3], arena.shape)
     slow = block_delta(y, x, w, arena.tiles, index)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert float((fast.float() - slow.float()).abs().max()) <= tol * float(slow.abs().max())
