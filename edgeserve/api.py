@@ -79,8 +79,6 @@ class EdgeServer:
                 block_size=(parse_size(block_size) if block_size is not None
                             else cfg.pool.block_size)))
         if expert_budget is not None or expert_policy is not None:
-            if expert_budget is not None and not 0 < expert_budget <= 1:
-                raise ValueError(f"expert budget must be in (0, 1], got {expert_budget}")
             cfg = replace(cfg, experts=replace(
                 cfg.experts, budget=expert_budget if expert_budget is not None
                 else cfg.experts.budget, policy=expert_policy or cfg.experts.policy))

@@ -59,14 +59,27 @@ class TierConfig:
     policy: str = "edgeserve"      # see edgeserve.eviction.POLICIES
 
 
+# How a MoE model's experts are cached (see experts/cache.py).
+EXPERT_POLICIES = ("lru", "importance", "importance+substitution")
+
+
 @dataclass(frozen=True, slots=True)
 class ExpertConfig:
     """MoE models: the share of experts kept on the device, and how the rest are served."""
 
     budget: float = 1.0            # 1.0: every expert resident
-    policy: str = "importance+substitution"   # lru | importance | importance+substitution
+    policy: str = "importance+substitution"   # one of EXPERT_POLICIES
     threshold: float = 0.1         # gate weight below which a miss may be substituted
     prefetch: bool = True          # guess the next layer's experts from its router
+
+    def __post_init__(self) -> None:
+        if not 0 < self.budget <= 1:
+            raise ValueError(f"expert budget must be in (0, 1], got {self.budget}")
+        if self.policy not in EXPERT_POLICIES:
+            raise ValueError(f"expert policy {self.policy!r} is not one of "
+                             f"{', '.join(EXPERT_POLICIES)}")
+        if not self.threshold >= 0:
+            raise ValueError(f"expert threshold must be at least 0, got {self.threshold}")
 
 
 @dataclass(frozen=True, slots=True)

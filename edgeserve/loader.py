@@ -91,6 +91,8 @@ class LoadContext:
 class Prepared:
     units: dict[str, Unit]                                  # unit name -> pinned unit
     fresh: list[Unit] = field(default_factory=list)         # allocated by this load
+    # units kept in host memory, not in the pool: name -> (content key, values)
+    host: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
     from_host: list[tuple[torch.Tensor, Unit]] = field(default_factory=list)
     from_disk: list[DiskJob] = field(default_factory=list)
 
@@ -139,17 +141,21 @@ class Sources:
 
 
 def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
-            report: LoadReport, sources: Sources | None = None) -> Prepared:
+            report: LoadReport, sources: Sources | None = None,
+            host_only: frozenset[str] = frozenset()) -> Prepared:
     """Pin the resident units, allocate the missing ones (engine thread). Raises PoolFull
-    before allocating anything when the missing units cannot fit even after eviction."""
+    before allocating anything when the missing units cannot fit even after eviction.
+    The units named in host_only are read into host memory instead (a MoE model's experts
+    beyond its budget: pinned on CUDA, for copies beside the computation)."""
     sources = sources or Sources.scan(model_dir, spec, ctx, owner)
     tensors, keys = sources.tensors, sources.keys
-    plan, pool = weight_plan(spec), ctx.pool
+    pool = ctx.pool
+    plan = {n: u for n, u in weight_plan(spec).items() if n not in host_only}
     out = Prepared({})
     try:
         counted: set[int] = set()
-        for name, key in keys.items():        # pin first: this load never evicts its own
-            unit = pool.lookup(key)
+        for name in plan:                     # pin first: this load never evicts its own
+            unit = pool.lookup(keys[name])
             if unit is not None:
                 pool.pin(unit)
                 out.units[name] = unit
@@ -178,10 +184,26 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
             for part, first, rows in planned.slices():
                 out.from_disk.append(DiskJob(tensors[part], view[first:first + rows]))
             report.bytes_from_disk += nbytes
+        out.host = _host_units(weight_plan(spec), host_only, sources, ctx, out.from_disk)
+        report.bytes_from_disk += sum(t.nbytes for _, t in out.host.values())
     except BaseException:
         abort(out, pool)
         raise
     report.bytes_total = sum(u.nbytes for u in {id(u): u for u in out.units.values()}.values())
+    return out
+
+
+def _host_units(plan: dict[str, WeightUnit], names: frozenset[str], sources: Sources,
+                ctx: LoadContext, jobs: list[DiskJob]) -> dict[str, tuple[str, torch.Tensor]]:
+    """Host tensors for the named units, adding the disk jobs that fill them to jobs."""
+    pinned = torch.device(ctx.pool.device).type == "cuda"
+    out = {}
+    for name in sorted(names):
+        planned = plan[name]
+        data = torch.empty(planned.shape, dtype=ctx.dtype, pin_memory=pinned)
+        for part, first, rows in planned.slices():
+            jobs.append(DiskJob(sources.tensors[part], data[first:first + rows]))
+        out[name] = (sources.keys[name], data)
     return out
 
 

@@ -24,7 +24,7 @@ from edgeserve.checkpoint import HashCache
 from edgeserve.config import ExpertConfig, TierConfig
 from edgeserve.engine import Engine
 from edgeserve.eviction import Demand, PolicyContext, create_policy
-from edgeserve.experts.offload import ExpertOffload
+from edgeserve.experts.offload import ExpertOffload, host_only_units
 from edgeserve.loader import (
     LoadContext,
     LoadReport,
@@ -126,7 +126,8 @@ class Scheduler:
             pool = self.choose_pool()
             ctx = self.context(pool)
             report = LoadReport(model_id, pool.device)
-            prepared = await self._prepare(model_id, weights, spec, ctx, report)
+            host_only = host_only_units(spec, self.experts.budget)
+            prepared = await self._prepare(model_id, weights, spec, ctx, report, host_only)
             pool.freeze()
             try:
                 with _progress(model_id, report.bytes_from_disk + report.bytes_from_host) as bar:
@@ -151,8 +152,13 @@ class Scheduler:
                     raise
             if spec.family == "moe" and self.experts.budget < 1.0:
                 e = self.experts
-                model.offload = await self.engine.run(ExpertOffload, model, e.budget, e.policy,
-                                                      e.threshold, e.prefetch)
+                try:
+                    model.offload = await self.engine.run(ExpertOffload, model, e.budget,
+                                                          e.policy, e.threshold, e.prefetch,
+                                                          prepared.host)
+                except BaseException:
+                    await self.engine.run(model.release, self.policy.retain)
+                    raise
             for unit in model.distinct_units + (model.task.units if model.task else []):
                 self.ctx.users.setdefault(unit.key or "", set()).add(model_id)
         report.seconds = time.perf_counter() - start
@@ -167,7 +173,8 @@ class Scheduler:
         return report
 
     async def _prepare(self, model_id: str, path: Path, spec: ModelSpec, ctx: LoadContext,
-                       report: LoadReport) -> Prepared:
+                       report: LoadReport, host_only: frozenset[str] = frozenset()
+                       ) -> Prepared:
         """Pin and allocate the model's units, unloading idle models while memory is short
         (and waiting for busy ones to go idle, up to BUSY_WAIT seconds)."""
         deadline = time.monotonic() + BUSY_WAIT
@@ -176,7 +183,7 @@ class Scheduler:
             attempt = replace(report)
             try:
                 prepared = await self.engine.run(prepare, path, spec, ctx, model_id, attempt,
-                                                 sources)
+                                                 sources, host_only)
             except PoolFull as e:
                 await self._make_room(ctx.pool, model_id, deadline, e)
                 continue

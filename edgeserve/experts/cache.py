@@ -13,14 +13,16 @@ or a resident substitute) plus the fetches and evictions to carry out. Policies:
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from dataclasses import dataclass, field
 
 import torch
 
+from edgeserve.config import EXPERT_POLICIES
 from edgeserve.experts.importance import ExpertImportance
 
-POLICIES = ("lru", "importance", "importance+substitution")
+POLICIES = EXPERT_POLICIES
 Expert = tuple[int, int]          # (layer, expert)
 
 
@@ -68,6 +70,7 @@ class ExpertCache:
         self._last_use: dict[Expert, int] = {}
         self._clock = itertools.count()
         self._prefetched: set[Expert] = set()
+        self._heap: list[tuple[float, int, Expert]] | None = None   # this call's victims
 
     def warm(self, experts: list[Expert]) -> None:
         """Mark experts resident at load time (up to the capacity)."""
@@ -78,6 +81,7 @@ class ExpertCache:
     def route(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> Routed:
         """ids, weights (N, A): the router's picks for this layer's tokens."""
         self.importance.observe(layer, ids, weights)
+        self._heap = None
         picked = ids.reshape(-1).tolist()
         top_weight: dict[int, float] = {}
         for e, w in zip(picked, weights.reshape(-1).tolist(), strict=True):
@@ -125,22 +129,51 @@ class ExpertCache:
             victim = self._victim(protected)
             if victim is None:
                 break           # every resident expert is in use by this layer: overflow
-            self.resident.discard(victim)
-            self._prefetched.discard(victim)
+            self.forget(victim)
             evicted.append(victim)
         self.resident.add(key)
         self._last_use[key] = next(self._clock)
         self.stats.bytes_moved += self.expert_bytes
         return evicted
 
+    def forget(self, key: Expert) -> None:
+        """key is no longer on the device (evicted, or its copy could not be placed)."""
+        self.resident.discard(key)
+        self._prefetched.discard(key)
+
+    def trim(self) -> list[Expert]:
+        """Back within the capacity once the experts in use are done: a layer that needed
+        more experts than the capacity holds overflowed it. Returns the evictions."""
+        evicted = []
+        self._heap = None
+        while len(self.resident) > self.capacity:
+            victim = self._victim(set())
+            assert victim is not None
+            self.forget(victim)
+            evicted.append(victim)
+        return evicted
+
     def _victim(self, protected: set[Expert]) -> Expert | None:
-        candidates = [k for k in self.resident if k not in protected]
-        if not candidates:
-            return None
-        if self.policy == "lru":
-            return min(candidates, key=self._last_use.__getitem__)
-        table = self.importance.table()
-        return min(candidates, key=lambda k: (table[k[0]][k[1]], self._last_use[k]))
+        """The expert to evict next (left resident): the least recently used one (lru),
+        or the least important, then least recently used. The candidates of a call (route,
+        prefetch, trim) go in a heap once, so that a call evicting many experts does not
+        scan every resident one each time: scores do not change within a call, and an
+        expert used since goes back in at its new place."""
+        if self._heap is None:
+            table = self.importance.table() if self.policy != "lru" else None
+            self._heap = [(table[k[0]][k[1]] if table is not None else 0.0,
+                           self._last_use[k], k) for k in self.resident if k not in protected]
+            heapq.heapify(self._heap)
+        heap = self._heap
+        while heap:
+            score, used, key = heap[0]
+            if key not in self.resident or key in protected:
+                heapq.heappop(heap)
+            elif used != self._last_use[key]:
+                heapq.heapreplace(heap, (score, self._last_use[key], key))
+            else:
+                return key
+        return None
 
     def prefetch(self, layer: int, experts: list[int],
                  demand: list[float] | None = None) -> list[Expert]:
@@ -151,6 +184,7 @@ class ExpertCache:
         more of it (demand[e], on the scale of importance scores) than the victim's
         importance: a speculative copy never pushes out an expert that matters more."""
         evicted: list[Expert] = []
+        self._heap = None
         protected = {(layer, x) for x in experts}
         for e in experts:
             key = (layer, e)

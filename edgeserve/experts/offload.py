@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from edgeserve.arch.moe import ExpertWeights, MoeModel, route
-from edgeserve.experts.cache import Expert, ExpertCache
+from edgeserve.arch.spec import ModelSpec
+from edgeserve.experts.cache import POLICIES, Expert, ExpertCache
 from edgeserve.experts.copies import CopyQueue
 from edgeserve.experts.similarity import cached_similarity
 from edgeserve.model import ResidentModel
@@ -28,46 +29,96 @@ def _names(layer: int, e: int) -> tuple[str, str]:
     return p + "gate_up_proj.weight", p + "down_proj.weight"
 
 
+def sparse_layers(spec: ModelSpec) -> list[int]:
+    return [n for n in range(spec.num_layers) if spec.sparse_layers[n]]
+
+
+def kept_experts(spec: ModelSpec, budget: float) -> list[Expert]:
+    """The experts on the device when a model is loaded: as many as the budget holds (at
+    least one token's worth), spread over the layers."""
+    experts = [(layer, e) for layer in sparse_layers(spec) for e in range(spec.num_experts)]
+    capacity = max(spec.experts_per_token, int(budget * len(experts)))
+    return sorted(experts, key=lambda k: (k[1], k[0]))[:capacity]
+
+
+def host_only_units(spec: ModelSpec, budget: float) -> frozenset[str]:
+    """The expert units a load with this budget puts in host memory, not in the pool (none
+    where the experts cannot be offloaded: ExpertOffload says why)."""
+    if spec.family != "moe" or spec.expert_layout != "per_expert" or budget >= 1:
+        return frozenset()
+    kept = set(kept_experts(spec, budget))
+    return frozenset(n for layer in sparse_layers(spec) for e in range(spec.num_experts)
+                     if (layer, e) not in kept for n in _names(layer, e))
+
+
 class ExpertOffload:
     def __init__(self, model: ResidentModel, budget: float, policy: str,
-                 threshold: float = 0.1, prefetch: bool = True) -> None:
+                 threshold: float = 0.1, prefetch: bool = True,
+                 host: dict[str, tuple[str, torch.Tensor]] | None = None) -> None:
+        """host: expert units a load put in host memory rather than in the pool (see
+        host_only_units), by name: (content key, values)."""
         spec = model.spec
-        if spec.family != "moe" or spec.expert_layout != "per_expert":
-            raise ValueError(f"{model.id}: expert offload needs a per-expert MoE checkpoint")
+        _check(model, budget, policy)
         self.model, self.pool = model, model.pool
-        layers = [n for n in range(spec.num_layers) if spec.sparse_layers[n]]
-        self.first_layer, self.layers = layers[0], layers
+        layers = sparse_layers(spec)
+        # A config may make every layer dense (mlp_only_layers): then nothing is offloaded.
+        self.first_layer, self.layers = (layers[0] if layers else -1), layers
         self.prefetching = prefetch
         self.copies = CopyQueue(torch.device(self.pool.device))
-        views = model_views(model)
         self.host: dict[Expert, tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer in layers:
-            for e in range(spec.num_experts):
-                g, d = _names(layer, e)
-                self.host[(layer, e)] = (self.copies.host_copy(views[g]),
-                                         self.copies.host_copy(views[d]))
-        sizes = next(iter(self.host.values()))
+        keys = self._host_copies(host or {})
+        sizes = next(iter(self.host.values()), ())
         expert_bytes = sum(t.numel() * t.element_size() for t in sizes)
-        capacity = max(spec.experts_per_token, int(budget * len(self.host)))
-        self.cache = ExpertCache(spec.num_layers, spec.num_experts, capacity, policy,
-                                 expert_bytes, self._similarity(layers), threshold)
+        keep = [k for k in kept_experts(spec, budget)
+                if all(n in model.units for n in _names(*k))]
+        # Similarity is costly for large experts and only substitution uses it.
+        similarity = self._similarity(layers, keys) if policy.endswith("substitution") \
+            else None
+        self.cache = ExpertCache(spec.num_layers, spec.num_experts,
+                                 max(spec.experts_per_token, int(budget * len(self.host))),
+                                 policy, expert_bytes, similarity, threshold)
         self.units: dict[Expert, tuple[Unit, Unit]] = {}
-        keep = sorted(self.host, key=lambda k: (k[1], k[0]))[:capacity]   # spread over layers
         for key in self.host:
-            pair = tuple(model.units.pop(n) for n in _names(*key))
-            if key in keep:
-                self.units[key] = (pair[0], pair[1])
+            g, d = (model.units.pop(n, None) for n in _names(*key))
+            if key in keep and g is not None and d is not None:
+                self.units[key] = (g, d)
             else:
-                for unit in pair:
-                    self._drop(unit)
+                for unit in (g, d):
+                    if unit is not None:
+                        self._drop(unit)
         self.cache.warm(keep)
         self.tokens = 0
         model.invalidate()            # rebuilt without the released experts, then attached
 
-    def _similarity(self, layers: list[int]) -> torch.Tensor:
+    def _host_copies(self, given: dict[str, tuple[str, torch.Tensor]]) -> dict[str, str]:
+        """Every expert's values in host memory (self.host): copied from its pool units, or
+        as the load gave them. Returns each expert unit's content key."""
+        model = self.model
+        views = model_views(model)
+        keys: dict[str, str] = {}
+        for layer in self.layers:
+            for e in range(model.spec.num_experts):
+                pair = []
+                for name in _names(layer, e):
+                    if name in model.units:
+                        keys[name] = model.units[name].key or ""
+                        pair.append(self.copies.host_copy(views[name]))
+                    elif name in given:
+                        keys[name], data = given[name]
+                        pair.append(data)
+                    else:
+                        raise ValueError(f"{model.id}: expert unit '{name}' is neither "
+                                         "loaded nor given")
+                self.host[(layer, e)] = (pair[0], pair[1])
+        return keys
+
+    def _similarity(self, layers: list[int], unit_keys: dict[str, str]) -> torch.Tensor:
         """(L, E, E), computed once per model and cached in the store by content."""
         spec, model = self.model.spec, self.model
-        keys = sorted(model.units[n].key or "" for key in self.host for n in _names(*key))
+        if not layers:
+            return torch.full((spec.num_layers, spec.num_experts, spec.num_experts),
+                              float("-inf"))
+        keys = sorted(unit_keys.values())
         digest = hashlib.blake2b("|".join(keys).encode(), digest_size=12).hexdigest()
         cached = cached_similarity(model.path.parent, digest)
         if cached is not None and cached.shape[0] == spec.num_layers:
@@ -96,6 +147,8 @@ class ExpertOffload:
             out = compute(layer, x, self.route(layer, ids, gates), gates)
             self.prefetch(runner, layer, x)
             if layer == self.layers[-1]:
+                for key in self.cache.trim():   # a layer's overflow leaves: within budget
+                    self._evict(key)
                 self.copies.drain()         # unused guesses: nothing after may overtake them
             return out
 
@@ -156,7 +209,7 @@ class ExpertOffload:
         except PoolFull:        # no room without moving units: use the host copy this time
             for unit in pair:
                 self.pool.release(unit)
-            self.cache.resident.discard(key)
+            self.cache.forget(key)
             return
         finally:
             self.pool.thaw()
@@ -194,10 +247,32 @@ class ExpertOffload:
         s = self.cache.stats
         per_token = s.bytes_moved / self.tokens if self.tokens else 0.0
         accuracy = s.prefetch_hits / s.prefetches if s.prefetches else 0.0
+        units = {u.id: u for pair in list(self.units.values()) for u in pair}.values()
         return asdict(s) | {"hit_rate": s.hit_rate, "bytes_moved_per_token": per_token,
                             "prefetch_accuracy": accuracy,
                             "overlapped_copies": self.copies.started,
-                            "capacity": self.cache.capacity, "policy": self.cache.policy}
+                            "capacity": self.cache.capacity, "policy": self.cache.policy,
+                            "resident_experts": len(self.units),
+                            "resident_bytes": sum(u.nblocks for u in units)
+                            * self.pool.block_size}
+
+
+def _check(model: ResidentModel, budget: float, policy: str) -> None:
+    """Refuse bad settings before anything is copied or released."""
+    spec = model.spec
+    if spec.family != "moe":
+        raise ValueError(f"{model.id}: expert offload needs a mixture-of-experts model")
+    if spec.expert_layout != "per_expert":
+        raise ValueError(
+            f"{model.id}: expert offload needs one tensor per expert, but this checkpoint "
+            f"stores each layer's experts stacked in (E, ...) tensors; save it with "
+            f"save_pretrained(save_original_format=True), or serve it with expert budget 1")
+    if model.offload is not None:
+        raise ValueError(f"{model.id}: its experts are offloaded already")
+    if not 0 < budget <= 1:
+        raise ValueError(f"expert budget must be in (0, 1], got {budget}")
+    if policy not in POLICIES:
+        raise ValueError(f"expert policy {policy!r} is not one of {', '.join(POLICIES)}")
 
 
 def model_views(model: ResidentModel) -> dict[str, torch.Tensor]:
