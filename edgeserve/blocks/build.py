@@ -17,7 +17,13 @@ import torch
 from tqdm import tqdm
 
 from edgeserve.arch.spec import ModelFormatError
-from edgeserve.blocks.pack import PackedWeight, TaskPack, block_key
+from edgeserve.blocks.pack import (
+    SAFETENSORS_DTYPES,
+    PackedWeight,
+    TaskPack,
+    block_key,
+    parse_block,
+)
 from edgeserve.blocks.select import (
     Selection,
     SharedCandidate,
@@ -28,7 +34,7 @@ from edgeserve.blocks.select import (
     select_aligned,
     select_unaligned,
 )
-from edgeserve.blocks.sources import Checkpoint, WeightSource, open_source
+from edgeserve.blocks.sources import Checkpoint, WeightSource, is_buffer, open_source
 from edgeserve.blocks.targets import Target, linear_targets, vector_targets
 from edgeserve.blocks.task import base_fingerprint
 from edgeserve.checkpoint import HashCache
@@ -70,17 +76,22 @@ def blocks_of(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
 
 
 def pack_tasks(base_dir: Path, finetuned: list[Path], store: Path, *,
-               block: tuple[int, int] = (64, 64), budget: float = 0.1, aligned: bool = True,
-               names: list[str] | None = None) -> list[PackReport]:
+               block: tuple[int, int] | int | str = (64, 64), budget: float = 0.1,
+               aligned: bool = True, names: list[str] | None = None) -> list[PackReport]:
+    block = parse_block(block)
     spec = read_spec(base_dir)
     base = Checkpoint(base_dir)
-    sources = [open_source(d, base) for d in finetuned]
     ids = names or [d.name for d in finetuned]
+    if len(ids) != len(finetuned):
+        raise ValueError(f"{len(ids)} task ids for {len(finetuned)} fine-tuned folders")
     _check_ids(ids, base_dir.name, store)
+    sources = [open_source(d, base, spec) for d in finetuned]
     targets = {n: t for n, t in linear_targets(spec).items() if n in base.tensors}
     grids = _grids(targets, block)
     dtypes = {src.dtype(n) for src in sources for n in targets}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    if dtype not in SAFETENSORS_DTYPES:
+        dtype = torch.float32
     total = sum(g.rows * g.cols for g in grids)
     k = budget_blocks(budget, total)
 
@@ -94,9 +105,10 @@ def pack_tasks(base_dir: Path, finetuned: list[Path], store: Path, *,
     else:
         sel = select_unaligned(e, zero, k)
     lost = errors(e, zero, sel, residual)
-    vectors = _vectors(base, sources, [n for n in vector_targets(spec) if n in base.tensors],
-                       dtype)
-    unpacked = _unpacked(base, sources, {g.name for g in grids} | set(vector_targets(spec)))
+    vectors = _vectors(base, sources, [n for n in vector_targets(spec) if n in base.tensors])
+    unserved = {"lm_head.weight"} if spec.tie_embeddings else set()   # a tied base's head
+    unpacked = _unpacked(base, sources,
+                         {g.name for g in grids} | set(vector_targets(spec)) | unserved)
     fingerprint = base_fingerprint(base_dir, spec, HashCache(store))
     change_error = [math.sqrt(lost[t] / change[t]) if change[t] > 0 else 0.0
                     for t in range(len(ids))]
@@ -160,6 +172,12 @@ def _load(src: WeightSource, name: str, shape: torch.Size) -> torch.Tensor:
     return w
 
 
+def _as_saved(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The base's tensor as a fine-tune saved in dtype holds it unchanged: rounding it to a
+    coarser dtype (a bf16 fine-tune of an fp32 base) is no change."""
+    return w if w.dtype == dtype else w.to(dtype)
+
+
 def _energies(base: Checkpoint, sources: list[WeightSource], grids: list[_Grid],
               block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, list[float],
                                                 list[float]]:
@@ -174,8 +192,11 @@ def _energies(base: Checkpoint, sources: list[WeightSource], grids: list[_Grid],
         base_nonzero = (wb != 0).any(-1)
         span = slice(g.offset, g.offset + g.rows * g.cols)
         for t, src in enumerate(sources):
-            ft = blocks_of(_load(src, g.name, w.shape).to(torch.float64), block)
-            e[t, span] = (ft - wb).pow(2).sum(-1)
+            ft_w = _load(src, g.name, w.shape)
+            ref = wb if ft_w.dtype == w.dtype else \
+                blocks_of(_as_saved(w, ft_w.dtype).to(torch.float64), block)
+            ft = blocks_of(ft_w.to(torch.float64), block)
+            e[t, span] = (ft - ref).pow(2).sum(-1)
             zero[t, span] = ~(ft != 0).any(-1) & base_nonzero
             change[t] += float(e[t, span].sum())
             weight[t] += float(ft.pow(2).sum())
@@ -249,16 +270,18 @@ def _seed(ft: torch.Tensor, changed: torch.Tensor) -> tuple[torch.Tensor, torch.
     return torch.where(exact[:, None], picked, mean), exact
 
 
-def _vectors(base: Checkpoint, sources: list[WeightSource], names: list[str],
-             dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
-    """Per task: the 1-D tensors (norm weights, biases) it changed, whole, in dtype."""
+def _vectors(base: Checkpoint, sources: list[WeightSource], names: list[str]
+             ) -> list[dict[str, torch.Tensor]]:
+    """Per task: the 1-D tensors (norm weights, biases) it changed, whole, as saved (in
+    float32 where the pack format has no such dtype)."""
     out: list[dict[str, torch.Tensor]] = [{} for _ in sources]
     for name in names:
         w = base.get(name)
         for t, src in enumerate(sources):
             v = _load(src, name, w.shape)
-            if not torch.equal(v, w):
-                out[t][name] = v.to(dtype).contiguous()
+            if not torch.equal(v, _as_saved(w, v.dtype)):
+                keep = v.dtype if v.dtype in SAFETENSORS_DTYPES else torch.float32
+                out[t][name] = v.to(keep).contiguous()
     return out
 
 
@@ -267,13 +290,14 @@ def _unpacked(base: Checkpoint, sources: list[WeightSource], packed: set[str]
     """Per task: tensors outside the packed weights that differ from the base
     (name -> relative change); they are served as the base's."""
     out: list[dict[str, float]] = [{} for _ in sources]
-    for name in sorted(base.names() - packed):
-        w = base.get(name).to(torch.float64)
+    for name in sorted(n for n in base.names() - packed if not is_buffer(n)):
+        w = base.get(name)
         for t, src in enumerate(sources):
-            if name in src.names():
-                ft = src.get(name).to(torch.float64)
-                if ft.shape == w.shape and not torch.equal(ft, w):
-                    out[t][name] = float((ft - w).norm() / w.norm().clamp(min=1e-30))
+            ft = _load(src, name, w.shape)
+            ref = _as_saved(w, ft.dtype).to(torch.float64)
+            if not torch.equal(ft.to(torch.float64), ref):
+                out[t][name] = float((ft.to(torch.float64) - ref).norm()
+                                     / ref.norm().clamp(min=1e-30))
     return out
 
 
@@ -313,9 +337,19 @@ def _write(base: Checkpoint, sources: list[WeightSource], ids: list[str], grids:
         pack = TaskPack(task, base_id, block, str(dtype).removeprefix("torch."), weights,
                         budget, aligned, error[t], fingerprint, keyed)
         pack.write(folder, tiles, first={block_key(shared[p]) for p in sel.shared[t]})
-        src_dir = getattr(sources[t], "folder", None)
-        for name in COPIED:
-            if src_dir is not None and (src_dir / name).is_file():
-                shutil.copyfile(src_dir / name, folder / name)
+        _copy_tokenizer(getattr(sources[t], "folder", None), folder)
         out.append((pack, folder))
     return out
+
+
+def _copy_tokenizer(src_dir: Path | None, folder: Path) -> None:
+    """The fine-tune's tokenizer files into the pack; a previous pack's that it lacks go (the
+    base's are used instead). The fine-tune may be the pack's own folder (an adapter kept in
+    the store under the task's id)."""
+    for name in COPIED:
+        src, dst = (src_dir / name if src_dir is not None else None), folder / name
+        if src is not None and src.is_file():
+            if not dst.exists() or not src.samefile(dst):
+                shutil.copyfile(src, dst)
+        elif dst.is_file():
+            dst.unlink()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgeserve.blocks.pack import parse_block
+from edgeserve.blocks.pack import TaskPack, is_task_dir, parse_block
 from edgeserve.config import Config, format_size
 from edgeserve.store import ModelStore, UnknownModel
 
@@ -60,13 +60,17 @@ def add_parser(sub: argparse._SubParsersAction, cfg: Config) -> None:
 def _base(store: ModelStore, text: str) -> Path:
     """BASE as an id of the store, or as the path of a model folder inside it."""
     try:
-        return store.path(text)
+        path = store.path(text)
     except UnknownModel:
         path = Path(text)
         if path.is_dir() and path.resolve().parent == store.root.resolve():
             return store.path(path.name)
         raise ValueError(f"base {text!r} is not a model of the store {store.root} (tasks are "
                          f"served over a base in the same store; see --models)") from None
+    if is_task_dir(path):
+        raise ValueError(f"base {text!r} is a task pack, not a model: pack over its base "
+                         f"'{TaskPack.read(path).base}'")
+    return path
 
 
 def run_pack(args: argparse.Namespace) -> int:
