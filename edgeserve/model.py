@@ -89,8 +89,10 @@ class ResidentModel:
 
     @property
     def resident_bytes(self) -> int:
-        """Weight bytes held in the pool, whole blocks counted."""
-        return sum(u.nblocks for u in self.distinct_units) * self.pool.block_size
+        """Weight bytes held in the pool, whole blocks counted (experts on the device
+        included when an expert cache holds them)."""
+        experts = self.offload.resident_bytes if self.offload is not None else 0
+        return sum(u.nblocks for u in self.distinct_units) * self.pool.block_size + experts
 
     @property
     def distinct_units(self) -> list[Unit]:

@@ -243,18 +243,22 @@ class ExpertOffload:
         for key in list(self.units):
             self._evict(key)
 
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the experts on the device, whole blocks counted."""
+        units = {u.id: u for pair in list(self.units.values()) for u in pair}.values()
+        return sum(u.nblocks for u in units) * self.pool.block_size
+
     def stats(self) -> dict[str, Any]:
         s = self.cache.stats
         per_token = s.bytes_moved / self.tokens if self.tokens else 0.0
         accuracy = s.prefetch_hits / s.prefetches if s.prefetches else 0.0
-        units = {u.id: u for pair in list(self.units.values()) for u in pair}.values()
         return asdict(s) | {"hit_rate": s.hit_rate, "bytes_moved_per_token": per_token,
                             "prefetch_accuracy": accuracy,
                             "overlapped_copies": self.copies.started,
                             "capacity": self.cache.capacity, "policy": self.cache.policy,
                             "resident_experts": len(self.units),
-                            "resident_bytes": sum(u.nblocks for u in units)
-                            * self.pool.block_size}
+                            "resident_bytes": self.resident_bytes}
 
 
 def _check(model: ResidentModel, budget: float, policy: str) -> None:

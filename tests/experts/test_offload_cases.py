@@ -256,7 +256,11 @@ async def test_a_pool_too_small_for_every_expert_loads_within_the_budget(store):
         assert await generate(es, "mixtral") == expected
         stats = experts_stats(es, "mixtral")
         assert stats["misses"] > 0 and stats["resident_experts"] <= stats["capacity"]
-        es.pools["cpu"].check_integrity()
+        pool = es.pools["cpu"]
+        held = pool.bytes_by_kind()
+        assert es.stats()["devices"]["cpu"]["models"]["mixtral"]["bytes"] == \
+            held["weight"] + held["expert"]              # its experts on the device counted
+        pool.check_integrity()
 
 
 async def test_a_model_whose_experts_cannot_be_offloaded_leaves_nothing_pinned(store):
