@@ -18,8 +18,12 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def _copy_base(base: Path, out: Path) -> dict[str, torch.Tensor]:
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(base, out, ignore=shutil.ignore_patterns("*.safetensors"))
-    return load_file(str(base / "model.safetensors"))
+    shutil.copytree(base, out, ignore=shutil.ignore_patterns("*.safetensors",
+                                                          "model.safetensors.index.json"))
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(base.glob("*.safetensors")):        # sharded or not: saved as one
+        tensors |= load_file(str(shard))
+    return tensors
 
 
 def _save(out: Path, tensors: dict[str, torch.Tensor]) -> Path:
