@@ -111,3 +111,48 @@ def errors(e: torch.Tensor, zero: torch.Tensor, sel: Selection,
         lost += sum(residual.get((t, g), 0.0) for g in sel.shared[t])
         out.append(max(lost, 0.0))
     return out
+
+
+def agree(ft: torch.Tensor, changed: torch.Tensor, e: torch.Tensor, limit: torch.Tensor,
+           dtype: torch.dtype, block: tuple[int, int], first: int,
+           shared: dict[int, torch.Tensor], residual: dict[tuple[int, int], float]
+           ) -> list[SharedCandidate]:
+    """Consensus blocks of positions first.. (ft (T, P, E) float64, e and changed (T, P))."""
+    consensus, exact = seed(ft, changed)
+    member = changed
+    for _ in range(2):
+        cons = consensus.to(dtype).to(torch.float64)
+        r = (ft - cons).pow(2).sum(-1)                                   # (T, P)
+        gain = e - r
+        member = changed & (r <= limit) & (gain >= limit / 2)
+        weights = member.to(torch.float64)
+        mean = (ft * weights[..., None]).sum(0) / weights.sum(0).clamp(min=1)[:, None]
+        consensus = torch.where(exact[:, None], consensus, mean)
+    out = []
+    for p in (member.sum(0) >= 2).nonzero().flatten().tolist():
+        tasks = member[:, p].nonzero().flatten().tolist()
+        pos = first + p
+        out.append(SharedCandidate(pos, tuple(tasks), tuple(float(gain[t, p]) for t in tasks)))
+        shared[pos] = cons[p].to(dtype).reshape(block)
+        for t in tasks:
+            residual[(t, pos)] = float(r[t, p])
+    return out
+
+
+def seed(ft: torch.Tensor, changed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First consensus per position: the value most tasks changed it to exactly, if two
+    agree (exact, (P,) True), else the mean of the tasks that changed it."""
+    tasks = ft.shape[0]
+    agree = torch.zeros(changed.shape, dtype=torch.long)
+    for s in range(tasks):
+        for t in range(s + 1, tasks):
+            eq = (ft[s] == ft[t]).all(-1) & changed[s] & changed[t]
+            agree[s] += eq
+            agree[t] += eq
+    best, leader = agree.max(0)
+    exact = best >= 1
+    picked = ft[leader, torch.arange(ft.shape[1])].to(torch.float64)
+    weights = changed.to(torch.float64)
+    mean = (ft.to(torch.float64) * weights[..., None]).sum(0) / \
+        weights.sum(0).clamp(min=1)[:, None]
+    return torch.where(exact[:, None], picked, mean), exact
