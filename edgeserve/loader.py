@@ -189,7 +189,8 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
     except BaseException:
         abort(out, pool)
         raise
-    report.bytes_total = sum(u.nbytes for u in {id(u): u for u in out.units.values()}.values())
+    report.bytes_total = sum(u.nbytes for u in {id(u): u for u in out.units.values()}.values()) \
+        + sum(t.nbytes for _, t in out.host.values())          # read into host memory
     return out
 
 

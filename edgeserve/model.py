@@ -81,7 +81,12 @@ class ResidentModel:
 
     def forward(self, batch: StepBatch, all_logits: bool = False) -> torch.Tensor:
         runner = self.runner
-        return runner.forward(batch, self.kv.view, all_logits)
+        try:
+            return runner.forward(batch, self.kv.view, all_logits)
+        finally:
+            if self.offload is not None:
+                with torch.inference_mode():
+                    self.offload.end_forward()    # also when the forward failed midway
 
     @property
     def weight_bytes(self) -> int:

@@ -59,3 +59,19 @@ async def test_models_with_equal_tokenizers_share_one(demo_dir: Path, tmp_path: 
         out = await es.chat("two", [{"role": "user", "content": "hi"}], max_tokens=3,
                             temperature=0, ignore_eos=True)
         assert len(out.token_ids) == 3
+
+
+def test_a_file_rewritten_with_its_old_size_and_mtime_is_read_again(demo_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    import os
+
+    cache = TokenizerCache()
+    copy = copy_tokenizer(demo_dir, tmp_path / "copy")
+    template = copy / "chat_template.jinja"
+    template.write_text("{{ 'A' }}")
+    first = cache.load(copy)
+    stat = template.stat()
+    template.write_text("{{ 'B' }}")                     # same size
+    os.utime(template, ns=(stat.st_atime_ns, stat.st_mtime_ns))   # same mtime
+    again = cache.load(copy)
+    assert again is not first and again.render_chat([{"role": "user", "content": "x"}]) == "B"

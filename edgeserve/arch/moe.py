@@ -153,7 +153,7 @@ class MoeModel(DenseModel):
         """sum over a of gates[:, a] * expert_{ids[:, a]}(x), expert by expert: the tokens
         routed to an expert are gathered and go through its fused gate/up and its down
         matmul. The experts are computed in `expert_order`, but their outputs are summed
-        in pick order, so the result does not depend on that order.
+        in expert order, so the result does not depend on that order.
         x (N, D), ids and gates (N, A) -> (N, D)."""
         top_k = ids.shape[1]
         flat = ids.flatten()                                        # (N * A,)
@@ -169,7 +169,11 @@ class MoeModel(DenseModel):
             gate_up, down = self.expert_weights(layer, e)
             gate, up = F.linear(x[tokens[span]], gate_up).chunk(2, dim=-1)  # (n, I) each
             torch.mul(F.linear(F.silu(gate) * up, down), weights[span], out=ys[span])
-        return torch.zeros_like(x).index_add_(0, tokens, ys)
+        out = torch.zeros_like(x)
+        for e in picked:        # by expert: rows unique per call, deterministic on CUDA too
+            span = slice(starts[e], starts[e + 1])
+            out.index_add_(0, tokens[span], ys[span])
+        return out
 
     def expert_order(self, layer: int, experts: list[int]) -> list[int]:
         """The order to compute a layer's picked experts in (an expert cache puts those

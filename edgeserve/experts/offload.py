@@ -146,13 +146,19 @@ class ExpertOffload:
                 gates: torch.Tensor) -> torch.Tensor:
             out = compute(layer, x, self.route(layer, ids, gates), gates)
             self.prefetch(runner, layer, x)
-            if layer == self.layers[-1]:
-                for key in self.cache.trim():   # a layer's overflow leaves: within budget
-                    self._evict(key)
-                self.copies.drain()         # unused guesses: nothing after may overtake them
             return out
 
         runner.run_experts = run  # type: ignore[method-assign]
+
+    def end_forward(self) -> None:
+        """After every forward, finished or failed: a layer's overflow leaves (back within
+        the budget), and nothing queued after may overtake a copy still in flight (an
+        unused guess, or a copy a failed forward never waited for)."""
+        for key in [k for k in self.cache.resident if k not in self.units]:
+            self.cache.forget(key)          # admitted, but a failure came before its copy
+        for key in self.cache.trim():
+            self._evict(key)
+        self.copies.drain()
 
     def order(self, layer: int, experts: list[int]) -> list[int]:
         """Resident experts first: they compute while the copies of the others run."""

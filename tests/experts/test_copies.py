@@ -112,6 +112,35 @@ async def test_copies_beside_the_computation_are_waited_for(moe_store, prefetch)
         es.pools["cpu"].check_integrity()
 
 
+async def test_a_forward_failing_midway_leaves_no_copy_unordered(moe_store):  # noqa: F811
+    async with EdgeServer(models=moe_store, device="cpu", pool_size="64MiB",
+                          block_size="4KiB") as es:
+        await es.load("mixtral")
+        reference = await generate(es)
+        offload: ExpertOffload = await offloaded(es, 0.5, "lru")
+        late = offload.copies = LateCopies()
+        runner = es.models["mixtral"].runner
+        run = runner.run_experts
+        failed: list[int] = []
+
+        def failing(layer, x, ids, gates):
+            out = run(layer, x, ids, gates)      # routed, copies started, prefetch issued
+            if not failed:
+                failed.append(layer)
+                raise RuntimeError("out of memory, say")
+            return out
+
+        runner.run_experts = failing
+        with pytest.raises(Exception, match="out of memory"):
+            await es.complete("mixtral", [3, 1, 4, 1, 5], max_tokens=2, temperature=0)
+        assert failed and not late.held              # every copy ordered before what follows
+        assert set(offload.cache.resident) == set(offload.units)
+        assert len(offload.units) <= offload.cache.capacity
+        runner.run_experts = run
+        assert await generate(es) == reference
+        es.pools["cpu"].check_integrity()
+
+
 def test_cpu_copies_are_plain_copies():
     queue = CopyQueue(torch.device("cpu"))
     dst, src = torch.zeros(4), torch.arange(4.0)

@@ -253,6 +253,12 @@ async def test_a_pool_too_small_for_every_expert_loads_within_the_budget(store):
     config = Config(models=store, device="cpu", pool=PoolConfig(size // 4096 * 4096, 4096),
                     experts=ExpertConfig(budget=0.4, policy="lru"))
     async with EdgeServer(config=config) as es:
+        report = await es.load("mixtral")
+        # every expert read, those beyond the budget into host memory; units are exact
+        # bytes, the pool's kinds whole blocks
+        assert report.bytes_total == report.bytes_from_disk
+        assert kinds["weight"] + kinds["expert"] - 64 * 4096 < report.bytes_total <= \
+            kinds["weight"] + kinds["expert"]
         assert await generate(es, "mixtral") == expected
         stats = experts_stats(es, "mixtral")
         assert stats["misses"] > 0 and stats["resident_experts"] <= stats["capacity"]
