@@ -27,7 +27,7 @@ from edgeserve.arch import WeightUnit, weight_plan
 from edgeserve.arch.spec import ModelFormatError, ModelSpec, load_spec
 from edgeserve.checkpoint import HashCache, TensorInfo, read_header
 from edgeserve.pool import BlockPool, PoolFull, Unit
-from edgeserve.tiers import DiskJob, DiskLoader, HostTier
+from edgeserve.tiers import DiskJob, DiskLoader, HostSlab, HostTier
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -91,8 +91,7 @@ class LoadContext:
 class Prepared:
     units: dict[str, Unit]                                  # unit name -> pinned unit
     fresh: list[Unit] = field(default_factory=list)         # allocated by this load
-    # units kept in host memory, not in the pool: name -> (content key, values)
-    host: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
+    host: HostUnits | None = None     # units read into host memory instead of the pool
     from_host: list[tuple[torch.Tensor, Unit]] = field(default_factory=list)
     from_disk: list[DiskJob] = field(default_factory=list)
 
@@ -184,28 +183,43 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
             for part, first, rows in planned.slices():
                 out.from_disk.append(DiskJob(tensors[part], view[first:first + rows]))
             report.bytes_from_disk += nbytes
-        out.host = _host_units(weight_plan(spec), host_only, sources, ctx, out.from_disk)
-        report.bytes_from_disk += sum(t.nbytes for _, t in out.host.values())
+        if host_only:
+            out.host = _host_units(weight_plan(spec), host_only, sources, ctx, out.from_disk)
+            report.bytes_from_disk += out.host.nbytes
     except BaseException:
         abort(out, pool)
         raise
     report.bytes_total = sum(u.nbytes for u in {id(u): u for u in out.units.values()}.values()) \
-        + sum(t.nbytes for _, t in out.host.values())          # read into host memory
+        + (out.host.nbytes if out.host is not None else 0)       # read into host memory
     return out
+
+
+@dataclass
+class HostUnits:
+    """Units a load read into host memory rather than the pool (a MoE model's experts beyond
+    its budget), in one slab: name -> (content key, values)."""
+
+    slab: HostSlab
+    tensors: dict[str, tuple[str, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for _, t in self.tensors.values())
 
 
 def _host_units(plan: dict[str, WeightUnit], names: frozenset[str], sources: Sources,
-                ctx: LoadContext, jobs: list[DiskJob]) -> dict[str, tuple[str, torch.Tensor]]:
+                ctx: LoadContext, jobs: list[DiskJob]) -> HostUnits:
     """Host tensors for the named units, adding the disk jobs that fill them to jobs."""
-    pinned = torch.device(ctx.pool.device).type == "cuda"
+    ordered = sorted(names)
+    slab = HostSlab([math.prod(plan[n].shape) * ctx.dtype.itemsize for n in ordered])
     out = {}
-    for name in sorted(names):
+    for name in ordered:
         planned = plan[name]
-        data = torch.empty(planned.shape, dtype=ctx.dtype, pin_memory=pinned)
+        data = slab.take(planned.shape, ctx.dtype)
         for part, first, rows in planned.slices():
             jobs.append(DiskJob(sources.tensors[part], data[first:first + rows]))
         out[name] = (sources.keys[name], data)
-    return out
+    return HostUnits(slab, out)
 
 
 def _check_room(plan: dict[str, WeightUnit], have: dict[str, Unit], keys: dict[str, str],

@@ -156,6 +156,7 @@ class Scheduler:
                     model.offload = await self.engine.run(ExpertOffload, model, e.budget,
                                                           e.policy, e.threshold, e.prefetch,
                                                           prepared.host)
+                    await asyncio.to_thread(model.offload.pin_host)
                 except BaseException:
                     await self.engine.run(model.release, self.policy.retain)
                     raise

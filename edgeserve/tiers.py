@@ -10,7 +10,10 @@ their unit with no staging at all.
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +22,62 @@ from dataclasses import dataclass
 import torch
 
 from edgeserve.checkpoint import TensorInfo, chunks, read_into
+
+log = logging.getLogger(__name__)
+
+
+class HostSlab:
+    """Host tensors carved from one buffer of exactly their size (64-byte aligned), which can
+    be page-locked as a whole for copies that run beside the computation on CUDA.
+
+    Pinning through torch's allocator would round each tensor up to a power of two and keep
+    the locked pages cached after release; here `pin` registers the buffer itself (a few
+    seconds for tens of GB: call it off the engine thread) and `unpin` gives the pages back.
+    Unpinned, copies from it are correct but wait for the host."""
+
+    ALIGN = 64
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.nbytes = sum(-(-n // self.ALIGN) * self.ALIGN for n in sizes)
+        self.buffer = torch.empty(self.nbytes, dtype=torch.uint8)
+        self.used = 0
+        self.pinned = False
+        self._unregister: weakref.finalize | None = None
+
+    def take(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape) * dtype.itemsize
+        if self.used + n > self.nbytes:
+            raise ValueError(f"host slab of {self.nbytes} bytes has no room for {n} more")
+        out = self.buffer[self.used:self.used + n].view(dtype).view(shape)
+        self.used += -(-n // self.ALIGN) * self.ALIGN
+        return out
+
+    def pin(self) -> bool:
+        """Page-lock the buffer for CUDA copies; False where that is not possible."""
+        if self.pinned or self.nbytes == 0 or not torch.cuda.is_available():
+            return self.pinned
+        ptr = self.buffer.data_ptr()
+        error = int(torch.cuda.cudart().cudaHostRegister(ptr, self.nbytes, 0))
+        if error != 0:
+            log.warning("could not page-lock %d bytes of host memory (cudaError %d): copies "
+                        "from it will wait for the host", self.nbytes, error)
+            return False
+        self.pinned = True
+        # Registered pages must be handed back before the buffer is freed.
+        self._unregister = weakref.finalize(self, _host_unregister, ptr)
+        return True
+
+    def unpin(self) -> None:
+        if self._unregister is not None:
+            self._unregister()
+            self._unregister = None
+        self.pinned = False
+
+
+def _host_unregister(ptr: int) -> None:
+    error = int(torch.cuda.cudart().cudaHostUnregister(ptr))
+    if error != 0:
+        log.warning("could not unlock host memory at %#x (cudaError %d)", ptr, error)
 
 
 class HostTier:

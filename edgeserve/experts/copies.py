@@ -35,11 +35,6 @@ class CopyQueue:
     def overlaps(self) -> bool:
         return self.stream is not None
 
-    def host_copy(self, t: torch.Tensor) -> torch.Tensor:
-        """A host-memory copy of t from which copies can run beside the computation."""
-        host = t.to("cpu", copy=True)
-        return host.pin_memory() if self.overlaps else host
-
     def start(self, key: Hashable, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy each (destination, source) pair: key's weights are in place once
         `ready(key)` has returned."""

@@ -20,8 +20,10 @@ from edgeserve.arch.spec import ModelSpec
 from edgeserve.experts.cache import POLICIES, Expert, ExpertCache
 from edgeserve.experts.copies import CopyQueue
 from edgeserve.experts.similarity import cached_similarity
+from edgeserve.loader import HostUnits
 from edgeserve.model import ResidentModel
 from edgeserve.pool import PoolFull, Unit, UnitKind
+from edgeserve.tiers import HostSlab
 
 
 def _names(layer: int, e: int) -> tuple[str, str]:
@@ -54,9 +56,9 @@ def host_only_units(spec: ModelSpec, budget: float) -> frozenset[str]:
 class ExpertOffload:
     def __init__(self, model: ResidentModel, budget: float, policy: str,
                  threshold: float = 0.1, prefetch: bool = True,
-                 host: dict[str, tuple[str, torch.Tensor]] | None = None) -> None:
+                 host: HostUnits | None = None) -> None:
         """host: expert units a load put in host memory rather than in the pool (see
-        host_only_units), by name: (content key, values)."""
+        host_only_units)."""
         spec = model.spec
         _check(model, budget, policy)
         self.model, self.pool = model, model.pool
@@ -66,7 +68,8 @@ class ExpertOffload:
         self.prefetching = prefetch
         self.copies = CopyQueue(torch.device(self.pool.device))
         self.host: dict[Expert, tuple[torch.Tensor, torch.Tensor]] = {}
-        keys = self._host_copies(host or {})
+        self.slabs = [host.slab] if host is not None else []
+        keys = self._host_copies(host.tensors if host is not None else {})
         sizes = next(iter(self.host.values()), ())
         expert_bytes = sum(t.numel() * t.element_size() for t in sizes)
         keep = [k for k in kept_experts(spec, budget)
@@ -95,6 +98,10 @@ class ExpertOffload:
         as the load gave them. Returns each expert unit's content key."""
         model = self.model
         views = model_views(model)
+        names = [n for layer in self.layers for e in range(model.spec.num_experts)
+                 for n in _names(layer, e)]
+        slab = HostSlab([views[n].nbytes for n in names if n in model.units])
+        self.slabs.append(slab)
         keys: dict[str, str] = {}
         for layer in self.layers:
             for e in range(model.spec.num_experts):
@@ -102,7 +109,8 @@ class ExpertOffload:
                 for name in _names(layer, e):
                     if name in model.units:
                         keys[name] = model.units[name].key or ""
-                        pair.append(self.copies.host_copy(views[name]))
+                        pair.append(slab.take(views[name].shape, views[name].dtype))
+                        pair[-1].copy_(views[name])
                     elif name in given:
                         keys[name], data = given[name]
                         pair.append(data)
@@ -245,9 +253,20 @@ class ExpertOffload:
         if unit.pins == 0:
             self.pool.release(unit)
 
+    def pin_host(self) -> bool:
+        """Page-lock the experts' host memory, so that their copies to a CUDA device run
+        beside the computation (seconds for a large model: call it off the engine thread).
+        Until then copies are correct but wait for the host."""
+        if not self.copies.overlaps:
+            return False
+        return all([slab.pin() for slab in self.slabs])
+
     def release(self) -> None:
         for key in list(self.units):
             self._evict(key)
+        self.copies.drain()
+        for slab in self.slabs:
+            slab.unpin()
 
     @property
     def resident_bytes(self) -> int:

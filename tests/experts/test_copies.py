@@ -15,8 +15,10 @@ import torch
 
 from edgeserve import EdgeServer
 from edgeserve.arch.moe import MoeModel
+from edgeserve.config import Config, ExpertConfig, PoolConfig
 from edgeserve.experts.copies import CopyQueue
 from edgeserve.experts.offload import ExpertOffload
+from edgeserve.tiers import HostSlab
 
 from .test_offload import generate, moe_store, offloaded  # noqa: F401
 
@@ -146,24 +148,47 @@ def test_cpu_copies_are_plain_copies():
     dst, src = torch.zeros(4), torch.arange(4.0)
     queue.start("k", [(dst, src)])
     assert torch.equal(dst, src) and not queue.is_pending("k") and not queue.overlaps
-    assert not queue.host_copy(src).is_pinned()
     queue.ready("k")
     queue.settle("k")
     queue.drain()
 
 
+def test_host_slab_carves_exact_aligned_tensors():
+    slab = HostSlab([10, 64, 3 * 4])
+    assert slab.nbytes == 64 + 64 + 64
+    a = slab.take((5,), torch.float16)
+    b = slab.take((4, 4), torch.float32)
+    c = slab.take((3,), torch.float32)
+    assert [t.data_ptr() - slab.buffer.data_ptr() for t in (a, b, c)] == [0, 64, 128]
+    a.fill_(1)
+    b.fill_(2)
+    assert float(a.sum()) == 5 and float(b.sum()) == 32 and c.shape == (3,)
+    with pytest.raises(ValueError, match="no room"):
+        slab.take((1,), torch.float32)
+    if not torch.cuda.is_available():
+        assert slab.pin() is False and not slab.pinned      # nothing to page-lock for
+    slab.unpin()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("policy", ["lru", "importance+substitution"])
 async def test_cuda_copies_run_beside_the_computation(moe_store, policy):  # noqa: F811
-    async with EdgeServer(models=moe_store, device="cuda:0", pool_size="64MiB",
-                          block_size="4KiB", dtype="float32") as es:
-        await es.load("mixtral")
+    def config(budget: float) -> Config:      # threshold 0: nothing is substituted
+        return Config(models=moe_store, device="cuda:0", dtype="float32",
+                      pool=PoolConfig(64 << 20, 4096),
+                      experts=ExpertConfig(budget, policy, threshold=0.0))
+
+    async with EdgeServer(config=config(1.0)) as es:
         reference = await generate(es)
-        offload: ExpertOffload = await offloaded(es, 0.5, policy, threshold=0.0)
-        assert offload.copies.overlaps
-        assert all(t.is_pinned() for pair in offload.host.values() for t in pair)
+    async with EdgeServer(config=config(0.5)) as es:
+        await es.load("mixtral")
+        offload = es.models["mixtral"].offload
+        assert offload.copies.overlaps and offload.slabs
+        assert all(slab.pinned for slab in offload.slabs)    # page-locked by the load
         assert await generate(es) == reference
         stats = offload.stats()
         assert stats["misses"] > 0 and stats["overlapped_copies"] >= stats["misses"]
         assert not offload.copies.pending                # every copy waited for
         es.pools["cuda:0"].check_integrity()
+        await es.unload("mixtral")
+        assert not any(slab.pinned for slab in offload.slabs)    # pages given back
