@@ -23,6 +23,8 @@ from edgeserve.arch.dense import rms_norm
 from edgeserve.blocks.task import Index, TaskBlocks
 from edgeserve.kernels.block_delta import block_delta_cuda
 
+FEW_ROWS = 8        # up to this many rows (decode): x @ V^T - x @ W^T, not x @ (V - W)^T
+
 
 def block_delta(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: torch.Tensor,
                 index: Index) -> torch.Tensor:
@@ -30,10 +32,17 @@ def block_delta(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: torch.
     rows_idx, cols_idx, addr, w_rows = index
     br, bc = int(tiles.shape[1]), int(tiles.shape[2])
     r, c = w.shape
-    d = tiles.index_select(0, addr) - F.embedding(w_rows, w.view(-1, bc)).view(-1, br, bc)
+    new = tiles.index_select(0, addr).to(x.dtype)                               # (n, br, bc)
+    old = F.embedding(w_rows, w.view(-1, bc)).view(-1, br, bc).to(x.dtype)
     lead = x.shape[:-1]
     xb = x.reshape(-1, c // bc, bc).index_select(1, cols_idx).transpose(0, 1)   # (n, N, bc)
-    out = torch.bmm(xb, d.to(x.dtype).transpose(1, 2))                          # (n, N, br)
+    if x.dtype == torch.float32 and xb.shape[1] <= FEW_ROWS:
+        # Few rows: two products cost less than forming V - W (in fp32 their difference
+        # keeps the change's precision; in 16-bit types it would not).
+        out = torch.baddbmm(torch.bmm(xb, new.transpose(1, 2)), xb, old.transpose(1, 2),
+                            alpha=-1)                                           # (n, N, br)
+    else:
+        out = torch.bmm(xb, (new - old).transpose(1, 2))
     corr = torch.zeros(xb.shape[1], r // br, br, dtype=y.dtype, device=y.device)
     corr.index_add_(1, rows_idx, out.transpose(0, 1).to(y.dtype))
     return y + corr.view(*lead, r)

@@ -37,7 +37,7 @@ def setup(device: str, dtype: torch.dtype, block=(8, 16), shape=(48, 64), n=9, s
     return w, arena, index, dense
 
 
-@pytest.mark.parametrize("lead", [(1, 1), (3, 5), (2, 1)])
+@pytest.mark.parametrize("lead", [(1, 1), (3, 5), (2, 1), (4, 8)])    # both sides of FEW_ROWS
 def test_torch_path_equals_the_dense_weight(lead):
     w, arena, index, dense = setup("cpu", torch.float32)
     x = torch.randn(*lead, w.shape[1])
