@@ -107,7 +107,7 @@ class ResidentModel:
         """Stop using the weights. Retained units stay resident (and shared) until evicted;
         otherwise a unit no other model uses goes back to the pool at once."""
         if self.offload is not None:
-            self.offload.release()
+            self.offload.release(retain)
             self.offload = None
         if self.task is not None:
             self.task.release()

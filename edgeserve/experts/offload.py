@@ -261,9 +261,16 @@ class ExpertOffload:
             return False
         return all([slab.pin() for slab in self.slabs])
 
-    def release(self) -> None:
+    def release(self, retain: bool = False) -> None:
+        """Stop using the experts. With retain, those the load placed (keyed by content)
+        stay resident like any retained weight, for a reload to find; fetched ones go."""
         for key in list(self.units):
-            self._evict(key)
+            self.copies.settle(key)
+            for unit in self.units.pop(key):
+                if retain and unit.key is not None and unit.alive:
+                    self.pool.unpin(unit)
+                else:
+                    self._drop(unit)
         self.copies.drain()
         for slab in self.slabs:
             slab.unpin()

@@ -278,3 +278,23 @@ async def test_a_model_whose_experts_cannot_be_offloaded_leaves_nothing_pinned(s
         assert "mixtral-stacked" not in es.models
         assert all(u.pins == 0 for u in pool.units.values())
         pool.check_integrity()
+
+
+async def test_a_reload_finds_the_experts_it_kept_resident(store):
+    expected = await reference(store, "mixtral")
+    async with server(store, "mixtral", expert_budget=0.5, expert_policy="lru") as es:
+        first = await es.load("mixtral")
+        model = es.models["mixtral"]
+        placed = model.weight_bytes + sum(u.nbytes for pair in model.offload.units.values()
+                                          for u in pair)      # weights + experts kept at load
+        await es.unload("mixtral")
+        pool = es.pools["cpu"]
+        assert all(u.pins == 0 for u in pool.units.values())
+        again = await es.load("mixtral")
+        assert again.bytes_from_device == placed            # found resident, not read again
+        assert again.bytes_from_disk == first.bytes_from_disk - placed
+        assert await generate(es, "mixtral") == expected
+        await es.unload("mixtral")                          # experts fetched since: released
+        assert all(u.key is not None for u in pool.units.values() if u.kind == "expert")
+        assert await generate(es, "mixtral") == expected
+        pool.check_integrity()
