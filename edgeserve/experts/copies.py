@@ -1,18 +1,18 @@
 """Expert copies into the pool that run beside the computation.
 
-On CUDA an expert's bytes go from pinned host memory to its pool units on a copy stream of
-their own, and an event marks each copy's end. The computation waits for that event only
-when it reaches the expert: the experts already resident are computed while the copy is in
-flight (the miss of this layer, or the prefetch of a coming one). Elsewhere a copy is a
-plain copy, done when it is started.
+On CUDA an expert's bytes go from page-locked host memory (tiers.HostSlab) to its pool
+units on a copy stream of their own, and an event marks each copy's end. The computation
+waits for that event only when it reaches the expert: the experts already resident are
+computed while the copy is in flight (the miss of this layer, or the prefetch of a coming
+one). Elsewhere a copy is a plain copy, done when it is started.
 
 Rules that keep the bytes right:
 - a copy starts after everything the computation has queued so far (the units it writes
   may have held an expert that work still queued reads);
 - `ready(key)` before computing with an expert;
 - `settle(key)` before an expert's units are released (a copy may still be writing);
-- `drain()` at the end of a forward, so that whatever runs after it on the device (other
-  models, pool compaction, other threads) comes after every copy.
+- `drain()` at the end of every forward, finished or failed, so that whatever runs after it
+  on the device (other models, pool compaction, other threads) comes after every copy.
 """
 
 from __future__ import annotations

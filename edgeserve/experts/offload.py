@@ -1,10 +1,11 @@
 """A MoE model with only a budget of its experts on the device.
 
-Every expert's bytes are kept in host memory; the ExpertCache decides which experts are
-pool units (kind `expert`) at any time. Before a sparse layer computes, its routing goes
-through the cache: evictions release units, misses allocate units and copy the expert in,
-and low-weight misses may be served by a similar resident expert (substitution). Runs on
-the engine's step thread, like every forward.
+Every expert's bytes are kept in host memory (those beyond the budget read there straight
+from disk at load); the ExpertCache decides which experts are pool units (kind `expert`) at
+any time. Before a sparse layer computes, its routing goes through the cache: evictions
+release units, misses allocate units and start copying the expert in (beside the
+computation on CUDA, see copies.py), and low-weight misses may be served by a similar
+resident expert (substitution). Runs on the engine's step thread, like every forward.
 """
 
 from __future__ import annotations
