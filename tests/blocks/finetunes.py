@@ -20,13 +20,19 @@ def _copy_base(base: Path, out: Path) -> dict[str, torch.Tensor]:
         shutil.rmtree(out)
     shutil.copytree(base, out, ignore=shutil.ignore_patterns("*.safetensors",
                                                           "model.safetensors.index.json"))
+    return load_weights(base)          # sharded or not: saved as one
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder, from all its safetensors files."""
     tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(base.glob("*.safetensors")):        # sharded or not: saved as one
+    for shard in sorted(folder.glob("*.safetensors")):
         tensors |= load_file(str(shard))
     return tensors
 
 
-def _save(out: Path, tensors: dict[str, torch.Tensor]) -> Path:
+def save_weights(out: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """tensors as the folder's single model.safetensors."""
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     return out
@@ -56,7 +62,7 @@ def make_finetune(base: Path, out: Path, seed: int, *, block: int = 16, fraction
             c = int(torch.randint(cols, (1,), generator=gen))
             w[r * block:(r + 1) * block, c * block:(c + 1) * block] = 0
         tensors[name] = w
-    return _save(out, tensors)
+    return save_weights(out, tensors)
 
 
 def common_change(base: Path, seed: int, *, block: int = 16, fraction: float = 0.2,
@@ -101,7 +107,7 @@ def make_full_finetune(base: Path, out: Path, seed: int, scale: float = 0.02) ->
     gen = torch.Generator().manual_seed(seed)
     for name, w in tensors.items():
         tensors[name] = w + (torch.randn(w.shape, generator=gen) * scale).to(w.dtype)
-    return _save(out, tensors)
+    return save_weights(out, tensors)
 
 
 def reconstruct(base: Path, pack_dir: Path, out: Path) -> Path:
@@ -120,4 +126,4 @@ def reconstruct(base: Path, pack_dir: Path, out: Path) -> Path:
         for r, c in weight.zero:
             w[r * br:(r + 1) * br, c * bc:(c + 1) * bc] = 0
         tensors[name] = w
-    return _save(out, tensors)
+    return save_weights(out, tensors)

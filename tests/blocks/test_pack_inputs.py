@@ -14,7 +14,13 @@ import torch
 from hf_models import make_model
 from safetensors.torch import load_file, save_file
 
-from blocks.finetunes import make_finetune, make_full_finetune, reconstruct
+from blocks.finetunes import (
+    load_weights,
+    make_finetune,
+    make_full_finetune,
+    reconstruct,
+    save_weights,
+)
 from edgeserve.arch.spec import ModelFormatError
 from edgeserve.blocks.build import pack_tasks
 from edgeserve.blocks.command import parse_budget
@@ -24,19 +30,6 @@ from edgeserve.cli import main
 BLOCK = (16, 16)
 
 
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out |= load_file(str(f))
-    return out
-
-
-def save(folder: Path, values: dict[str, torch.Tensor]) -> Path:
-    save_file({k: v.contiguous() for k, v in values.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
-    return folder
-
-
 def variant(src: Path, out: Path, values: dict[str, torch.Tensor],
             config: dict | None = None) -> Path:
     """A copy of the model folder src with other tensors (and config fields)."""
@@ -44,7 +37,7 @@ def variant(src: Path, out: Path, values: dict[str, torch.Tensor],
     if config:
         cfg = json.loads((out / "config.json").read_text()) | config
         (out / "config.json").write_text(json.dumps(cfg))
-    return save(out, values)
+    return save_weights(out, values)
 
 
 def shard(folder: Path) -> Path:
@@ -99,7 +92,7 @@ def in_store(tmp_path: Path, base: Path) -> Path:
 
 def test_a_bf16_copy_of_an_fp32_base_is_no_change(tmp_path, zoo):
     store = in_store(tmp_path, zoo["llama"])
-    base = tensors(store / "base")
+    base = load_weights(store / "base")
     ft = variant(store / "base", tmp_path / "bf16", {k: v.bfloat16() for k, v in base.items()},
                  {"torch_dtype": "bfloat16", "dtype": "bfloat16"})
     (report,) = pack_tasks(store / "base", [ft], store, block=BLOCK, budget=1.0)
@@ -111,9 +104,9 @@ def test_a_bf16_copy_of_an_fp32_base_is_no_change(tmp_path, zoo):
 def test_a_fine_tune_in_another_dtype_packs_its_real_changes(tmp_path, zoo, saved, base_name):
     store = in_store(tmp_path, zoo[base_name])
     ft32 = make_full_finetune(store / "base", tmp_path / "full", 9)
-    values = tensors(ft32)
+    values = load_weights(ft32)
     # Only some blocks changed for real: the rest is the base, rounded to the saved dtype.
-    base = tensors(store / "base")
+    base = load_weights(store / "base")
     for name, v in values.items():
         if v.dim() == 2 and "layers.1." not in name:
             values[name] = base[name]
@@ -132,7 +125,7 @@ def test_a_fine_tune_in_another_dtype_packs_its_real_changes(tmp_path, zoo, save
 def test_sharded_base_and_fine_tune(tmp_path, zoo):
     store = in_store(tmp_path, zoo["llama"])
     ft = make_finetune(store / "base", tmp_path / "ft", 11)
-    want = tensors(ft)
+    want = load_weights(ft)
     shard(store / "base")
     shard(ft)
     (report,) = pack_tasks(store / "base", [ft], store, block=BLOCK, budget=1.0)
@@ -151,7 +144,7 @@ def test_full_fine_tunes_of_each_architecture_are_exact(tmp_path, zoo, arch, ali
                          aligned=aligned)
     for r, ft in zip(reports, fts, strict=True):
         assert r.change_error == 0 and not r.unpacked, r
-        assert_same(rebuilt(store, r.task, tmp_path), tensors(ft))
+        assert_same(rebuilt(store, r.task, tmp_path), load_weights(ft))
     if arch == "qwen2":
         assert any(n.endswith("q_proj.bias") for n in TaskPack.read(store / "t0").vectors)
     if arch == "qwen3":
@@ -162,7 +155,7 @@ def test_prefixed_tensor_names(tmp_path, zoo):
     """One prefix on every name (a wrapper's state dict) is read without it; names prefixed
     only in part are a clear error."""
     store = in_store(tmp_path, zoo["llama"])
-    values = tensors(make_finetune(store / "base", tmp_path / "ft", 11))
+    values = load_weights(make_finetune(store / "base", tmp_path / "ft", 11))
     ft = variant(store / "base", tmp_path / "pre", {"_orig_mod." + k: v for k, v in values.items()})
     (report,) = pack_tasks(store / "base", [ft], store, block=BLOCK, budget=1.0)
     assert report.blocks > 0 and report.change_error == 0
@@ -178,7 +171,7 @@ def test_prefixed_tensor_names(tmp_path, zoo):
 @pytest.mark.parametrize("block", [BLOCK, (32, 48)])     # 32x48: tiles no embedding row
 def test_a_resized_vocabulary_is_an_error_naming_the_tensor(tmp_path, zoo, block):
     store = in_store(tmp_path, zoo["qwen2"])                # tied: the embeddings only
-    values = tensors(store / "base")
+    values = load_weights(store / "base")
     values["model.embed_tokens.weight"] = torch.randn(336, 64)
     ft = variant(store / "base", tmp_path / "vocab", values, {"vocab_size": 336})
     with pytest.raises(ModelFormatError, match=r"'model\.embed_tokens\.weight' has shape"):
@@ -194,7 +187,7 @@ def test_a_resized_vocabulary_is_an_error_naming_the_tensor(tmp_path, zoo, block
 ])
 def test_a_changed_architecture_is_an_error(tmp_path, zoo, change, match):
     store = in_store(tmp_path, zoo["llama"])
-    values, config = tensors(store / "base"), None
+    values, config = load_weights(store / "base"), None
     if change == "extra layer":
         values["model.layers.2.self_attn.q_proj.weight"] = torch.randn(64, 64)
     elif change == "no head":
@@ -211,7 +204,7 @@ def test_a_changed_architecture_is_an_error(tmp_path, zoo, change, match):
 
 def test_a_head_saved_beside_tied_embeddings(tmp_path, zoo):
     store = in_store(tmp_path, zoo["qwen2"])
-    values = tensors(store / "base")
+    values = load_weights(store / "base")
     values["lm_head.weight"] = values["model.embed_tokens.weight"].clone()
     tied = variant(store / "base", tmp_path / "tied", values)     # ignored, as transformers does
     (report,) = pack_tasks(store / "base", [tied], store, block=BLOCK)
@@ -254,7 +247,7 @@ def merged(base: dict[str, torch.Tensor], values: dict[str, torch.Tensor], modul
 
 def test_lora_scales_ranks_and_names_as_peft_saves_them(tmp_path, zoo):
     store = in_store(tmp_path, zoo["llama"])
-    base = tensors(store / "base")
+    base = load_weights(store / "base")
     q0, v1, o0 = ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
                   "model.layers.0.self_attn.o_proj")
     values = pair(q0, 64, 64, 4, 1) | pair(v1, 32, 64, 8, 2) | pair(o0, 64, 64, 4, 3, ".default")
@@ -276,7 +269,7 @@ def test_lora_scales_ranks_and_names_as_peft_saves_them(tmp_path, zoo):
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_lora_modules_to_save_replace_the_base(tmp_path, zoo, wrapped):
     store = in_store(tmp_path, zoo["llama"])
-    base = tensors(store / "base")
+    base = load_weights(store / "base")
     q0 = "model.layers.0.self_attn.q_proj"
     head = base["lm_head.weight"] + 0.5 * torch.randn(320, 64)
     key = "lm_head.modules_to_save.default.weight" if wrapped else "lm_head.weight"
@@ -292,7 +285,7 @@ def test_lora_of_embeddings_and_trained_biases(tmp_path, zoo):
     """Qwen2 (tied, q/k/v biases): lora_embedding_A/B on the embeddings; bias='all' saves
     the biases whole (a targeted layer's under base_layer)."""
     store = in_store(tmp_path, zoo["qwen2"])
-    base = tensors(store / "base")
+    base = load_weights(store / "base")
     g = torch.Generator().manual_seed(7)
     emb_a, emb_b = torch.randn(4, 320, generator=g), torch.randn(64, 4, generator=g)
     q0 = "model.layers.0.self_attn.q_proj"
@@ -342,7 +335,7 @@ def test_a_non_square_block_is_exact_at_full_budget(tmp_path, zoo):
     ft = make_finetune(store / "base", tmp_path / "ft", 11, prune=1)
     (report,) = pack_tasks(store / "base", [ft], store, block="16x8", budget=1.0)
     assert TaskPack.read(store / "ft").block == (16, 8) and report.change_error == 0
-    assert_same(rebuilt(store, "ft", tmp_path), tensors(ft))
+    assert_same(rebuilt(store, "ft", tmp_path), load_weights(ft))
     with pytest.raises(ValueError, match="must be positive"):
         pack_tasks(store / "base", [ft], store, block=(0, 16))
 
