@@ -126,11 +126,11 @@ class ExpertCache:
     def _admit(self, key: Expert, protected: set[Expert]) -> list[Expert]:
         evicted = []
         while len(self.resident) >= self.capacity:
-            victim = self._victim(protected)
-            if victim is None:
+            found = self._victim(protected)
+            if found is None:
                 break           # every resident expert is in use by this layer: overflow
-            self.forget(victim)
-            evicted.append(victim)
+            self.forget(found[1])
+            evicted.append(found[1])
         self.resident.add(key)
         self._last_use[key] = next(self._clock)
         self.stats.bytes_moved += self.expert_bytes
@@ -147,18 +147,18 @@ class ExpertCache:
         evicted = []
         self._heap = None
         while len(self.resident) > self.capacity:
-            victim = self._victim(set())
-            assert victim is not None
-            self.forget(victim)
-            evicted.append(victim)
+            found = self._victim(set())
+            assert found is not None
+            self.forget(found[1])
+            evicted.append(found[1])
         return evicted
 
-    def _victim(self, protected: set[Expert]) -> Expert | None:
-        """The expert to evict next (left resident): the least recently used one (lru),
-        or the least important, then least recently used. The candidates of a call (route,
-        prefetch, trim) go in a heap once, so that a call evicting many experts does not
-        scan every resident one each time: scores do not change within a call, and an
-        expert used since goes back in at its new place."""
+    def _victim(self, protected: set[Expert]) -> tuple[float, Expert] | None:
+        """The expert to evict next (left resident), with its importance (0 with lru): the
+        least recently used one (lru), or the least important, then least recently used.
+        The candidates of a call (route, prefetch, trim) go in a heap once, so that a call
+        evicting many experts does not scan every resident one each time: scores do not
+        change within a call, and an expert used since goes back in at its new place."""
         if self._heap is None:
             table = self.importance.table() if self.policy != "lru" else None
             self._heap = [(table[k[0]][k[1]] if table is not None else 0.0,
@@ -172,7 +172,7 @@ class ExpertCache:
             elif used != self._last_use[key]:
                 heapq.heapreplace(heap, (score, self._last_use[key], key))
             else:
-                return key
+                return score, key
         return None
 
     def prefetch(self, layer: int, experts: list[int],
@@ -192,8 +192,8 @@ class ExpertCache:
                 continue
             if demand is not None and self.policy != "lru" and \
                     len(self.resident) >= self.capacity:
-                victim = self._victim(protected)
-                if victim is None or self.importance.score(*victim) >= demand[e]:
+                found = self._victim(protected)
+                if found is None or found[0] >= demand[e]:
                     continue
             evicted += self._admit(key, protected)
             self._prefetched.add(key)

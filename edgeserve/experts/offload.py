@@ -18,10 +18,11 @@ import torch
 
 from edgeserve.arch.moe import ExpertWeights, MoeModel, route
 from edgeserve.arch.spec import ModelSpec
-from edgeserve.experts.cache import POLICIES, Expert, ExpertCache
+from edgeserve.config import ExpertConfig
+from edgeserve.experts.cache import Expert, ExpertCache
 from edgeserve.experts.copies import CopyQueue
 from edgeserve.experts.similarity import cached_similarity
-from edgeserve.loader import HostUnits
+from edgeserve.loader import HostUnits, weight_views
 from edgeserve.model import ResidentModel
 from edgeserve.pool import PoolFull, Unit, UnitKind
 from edgeserve.tiers import HostSlab
@@ -36,12 +37,16 @@ def sparse_layers(spec: ModelSpec) -> list[int]:
     return [n for n in range(spec.num_layers) if spec.sparse_layers[n]]
 
 
+def capacity(spec: ModelSpec, budget: float) -> int:
+    """Experts the budget holds on the device: at least one token's worth."""
+    experts = len(sparse_layers(spec)) * spec.num_experts
+    return max(spec.experts_per_token, int(budget * experts))
+
+
 def kept_experts(spec: ModelSpec, budget: float) -> list[Expert]:
-    """The experts on the device when a model is loaded: as many as the budget holds (at
-    least one token's worth), spread over the layers."""
+    """The experts on the device when a model is loaded, spread over the layers."""
     experts = [(layer, e) for layer in sparse_layers(spec) for e in range(spec.num_experts)]
-    capacity = max(spec.experts_per_token, int(budget * len(experts)))
-    return sorted(experts, key=lambda k: (k[1], k[0]))[:capacity]
+    return sorted(experts, key=lambda k: (k[1], k[0]))[:capacity(spec, budget)]
 
 
 def host_only_units(spec: ModelSpec, budget: float) -> frozenset[str]:
@@ -78,8 +83,7 @@ class ExpertOffload:
         # Similarity is costly for large experts and only substitution uses it.
         similarity = self._similarity(layers, keys) if policy.endswith("substitution") \
             else None
-        self.cache = ExpertCache(spec.num_layers, spec.num_experts,
-                                 max(spec.experts_per_token, int(budget * len(self.host))),
+        self.cache = ExpertCache(spec.num_layers, spec.num_experts, capacity(spec, budget),
                                  policy, expert_bytes, similarity, threshold)
         self.units: dict[Expert, tuple[Unit, Unit]] = {}
         for key in self.host:
@@ -243,15 +247,16 @@ class ExpertOffload:
         return (self.pool.view(g, host_g.dtype, host_g.shape),
                 self.pool.view(d, host_d.dtype, host_d.shape))
 
-    def _evict(self, key: Expert) -> None:
+    def _evict(self, key: Expert, retain: bool = False) -> None:
         self.copies.settle(key)             # a copy may still be writing its units
         for unit in self.units.pop(key, ()):
-            self._drop(unit)
+            self._drop(unit, retain)
 
-    def _drop(self, unit: Unit) -> None:
-        # A unit another model shares (equal bytes) stays for it.
+    def _drop(self, unit: Unit, retain: bool = False) -> None:
+        """Unpin; the unit goes unless another model shares it (equal bytes) or, with
+        retain, it is keyed by content (placed by the load) for a reload to find."""
         self.pool.unpin(unit)
-        if unit.pins == 0:
+        if unit.pins == 0 and not (retain and unit.key is not None):
             self.pool.release(unit)
 
     def pin_host(self) -> bool:
@@ -266,12 +271,7 @@ class ExpertOffload:
         """Stop using the experts. With retain, those the load placed (keyed by content)
         stay resident like any retained weight, for a reload to find; fetched ones go."""
         for key in list(self.units):
-            self.copies.settle(key)
-            for unit in self.units.pop(key):
-                if retain and unit.key is not None and unit.alive:
-                    self.pool.unpin(unit)
-                else:
-                    self._drop(unit)
+            self._evict(key, retain)
         self.copies.drain()
         for slab in self.slabs:
             slab.unpin()
@@ -306,13 +306,8 @@ def _check(model: ResidentModel, budget: float, policy: str) -> None:
             f"save_pretrained(save_original_format=True), or serve it with expert budget 1")
     if model.offload is not None:
         raise ValueError(f"{model.id}: its experts are offloaded already")
-    if not 0 < budget <= 1:
-        raise ValueError(f"expert budget must be in (0, 1], got {budget}")
-    if policy not in POLICIES:
-        raise ValueError(f"expert policy {policy!r} is not one of {', '.join(POLICIES)}")
+    ExpertConfig(budget, policy)            # raises on a budget or policy out of range
 
 
 def model_views(model: ResidentModel) -> dict[str, torch.Tensor]:
-    from edgeserve.loader import weight_views
-
     return weight_views(model.pool, model.units, model.spec, model.dtype)

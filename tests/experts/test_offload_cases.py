@@ -209,13 +209,15 @@ def test_trim_and_forget():
 class _ScanCache(ExpertCache):
     """The victim found by a scan of every resident expert each time (the reference)."""
 
-    def _victim(self, protected: set[tuple[int, int]]) -> tuple[int, int] | None:
+    def _victim(self, protected: set[tuple[int, int]]
+                ) -> tuple[float, tuple[int, int]] | None:
         candidates = [k for k in self.resident if k not in protected]
         if not candidates:
             return None
         table = self.importance.table()
         score = (lambda k: 0.0) if self.policy == "lru" else (lambda k: table[k[0]][k[1]])
-        return min(candidates, key=lambda k: (score(k), self._last_use[k]))
+        key = min(candidates, key=lambda k: (score(k), self._last_use[k]))
+        return score(key), key
 
 
 @pytest.mark.parametrize("policy", ["lru", "importance", "importance+substitution"])
