@@ -145,11 +145,11 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
     """Pin the resident units, allocate the missing ones (engine thread). Raises PoolFull
     before allocating anything when the missing units cannot fit even after eviction.
     The units named in host_only are read into host memory instead (a MoE model's experts
-    beyond its budget: pinned on CUDA, for copies beside the computation)."""
+    beyond its budget)."""
     sources = sources or Sources.scan(model_dir, spec, ctx, owner)
     tensors, keys = sources.tensors, sources.keys
-    pool = ctx.pool
-    plan = {n: u for n, u in weight_plan(spec).items() if n not in host_only}
+    pool, whole = ctx.pool, weight_plan(spec)
+    plan = {n: u for n, u in whole.items() if n not in host_only}
     out = Prepared({})
     try:
         counted: set[int] = set()
@@ -184,7 +184,7 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
                 out.from_disk.append(DiskJob(tensors[part], view[first:first + rows]))
             report.bytes_from_disk += nbytes
         if host_only:
-            out.host = _host_units(weight_plan(spec), host_only, sources, ctx, out.from_disk)
+            out.host = _host_units(whole, host_only, sources, ctx, out.from_disk)
             report.bytes_from_disk += out.host.nbytes
     except BaseException:
         abort(out, pool)

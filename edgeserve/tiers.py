@@ -38,7 +38,7 @@ class HostSlab:
     ALIGN = 64
 
     def __init__(self, sizes: list[int]) -> None:
-        self.nbytes = sum(-(-n // self.ALIGN) * self.ALIGN for n in sizes)
+        self.nbytes = sum(map(self._aligned, sizes))
         self.buffer = torch.empty(self.nbytes, dtype=torch.uint8)
         self.used = 0
         self.pinned = False
@@ -49,8 +49,12 @@ class HostSlab:
         if self.used + n > self.nbytes:
             raise ValueError(f"host slab of {self.nbytes} bytes has no room for {n} more")
         out = self.buffer[self.used:self.used + n].view(dtype).view(shape)
-        self.used += -(-n // self.ALIGN) * self.ALIGN
+        self.used += self._aligned(n)
         return out
+
+    @classmethod
+    def _aligned(cls, n: int) -> int:
+        return -(-n // cls.ALIGN) * cls.ALIGN
 
     def pin(self) -> bool:
         """Page-lock the buffer for CUDA copies; False where that is not possible."""

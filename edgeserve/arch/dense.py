@@ -18,7 +18,7 @@ from edgeserve.arch.spec import ModelSpec
 from edgeserve.batch import StepBatch
 from edgeserve.pool import UnitKind
 
-EMBED = "model.embed_tokens.weight"
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"     # unit names
 
 
 class WeightUnit(NamedTuple):
@@ -48,10 +48,10 @@ def fused(parts: dict[str, int], *inner: int, kind: UnitKind = UnitKind.WEIGHT) 
 def base_plan(spec: ModelSpec) -> dict[str, WeightUnit]:
     """Embeddings, the final norm and the head."""
     d = spec.hidden_size
-    plan = {"model.embed_tokens.weight": one("model.embed_tokens.weight", spec.vocab_size, d),
+    plan = {EMBED: one(EMBED, spec.vocab_size, d),
             "model.norm.weight": one("model.norm.weight", d)}
     if not spec.tie_embeddings:
-        plan["lm_head.weight"] = one("lm_head.weight", spec.vocab_size, d)
+        plan[HEAD] = one(HEAD, spec.vocab_size, d)
     return plan
 
 
@@ -160,9 +160,9 @@ class DenseModel:
 
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> None:
         self.spec = spec
-        self.embed = weights["model.embed_tokens.weight"]
+        self.embed = weights[EMBED]
         self.norm = weights["model.norm.weight"]
-        self.lm_head = self.embed if spec.tie_embeddings else weights["lm_head.weight"]
+        self.lm_head = self.embed if spec.tie_embeddings else weights[HEAD]
         self.layers = [self._layer(weights, f"model.layers.{n}.") for n in range(spec.num_layers)]
         self.inv_freq = rope.inv_freq(spec.rope, spec.head_dim).to(self.embed.device)
 
@@ -196,7 +196,7 @@ class DenseModel:
             x = x + self._feed_forward(n, h, batch)
         x = norm(x if all_logits else x[torch.arange(batch.size), batch.last], self.norm,
                  spec.rms_norm_eps, batch, "model.norm.weight")
-        head = EMBED if spec.tie_embeddings else "lm_head.weight"
+        head = EMBED if spec.tie_embeddings else HEAD
         return linear(x, self.lm_head, None, batch, head).float()
 
     def _feed_forward(self, n: int, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from edgeserve.arch.dense import HEAD
 from edgeserve.arch.spec import ModelFormatError
 from edgeserve.blocks.pack import (
     SAFETENSORS_DTYPES,
@@ -107,7 +108,7 @@ def pack_tasks(base_dir: Path, finetuned: list[Path], store: Path, *,
         sel = select_unaligned(e, zero, k)
     lost = errors(e, zero, sel, residual)
     vectors = _vectors(base, sources, [n for n in vector_targets(spec) if n in base.tensors])
-    unserved = {"lm_head.weight"} if spec.tie_embeddings else set()   # a tied base's head
+    unserved = {HEAD} if spec.tie_embeddings else set()   # a tied base's head
     unpacked = _unpacked(base, sources,
                          {g.name for g in grids} | set(vector_targets(spec)) | unserved)
     fingerprint = base_fingerprint(base_dir, spec, HashCache(store))

@@ -14,7 +14,8 @@ Legend: N = tokens of the rows, n = blocks, br x bc = block, R x C = weight.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,39 +78,33 @@ class TaskDelta:
         for rows, task in self.groups:
             index = task.index(unit)
             new_bias = task.vector(bias) if b is not None else None
-            if index is None and new_bias is None:
-                continue
-            if rows is None:
-                y = _linear(y, x, w, b, task, index, new_bias)
-            else:
-                y = y.index_copy(0, rows, _linear(y[rows], x[rows], w, b, task, index,
-                                                  new_bias))
+            if index is not None or new_bias is not None:
+                y = _on_rows(y, rows, _linear, (y, x), w, b, task, index, new_bias)
         return y
 
     def norm(self, unit: str, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
         for rows, task in self.groups:
             weight = task.vector(unit)
-            if weight is None:
-                continue
-            if rows is None:
-                y = rms_norm(x, weight, eps)
-            else:
-                y = y.index_copy(0, rows, rms_norm(x[rows], weight, eps))
+            if weight is not None:
+                y = _on_rows(y, rows, rms_norm, (x,), weight, eps)
         return y
 
     def embed(self, unit: str, tokens: torch.Tensor, x: torch.Tensor,
               vocab: int) -> torch.Tensor:
         for rows, task in self.groups:
-            index = task.index(unit)
-            if index is None:
-                continue
-            table = task.embed_table(unit, vocab, x.shape[-1])
-            tiles = task.arena.tiles
-            if rows is None:
-                x = embed_blocks(x, tokens, table, tiles)
-            else:
-                x = x.index_copy(0, rows, embed_blocks(x[rows], tokens[rows], table, tiles))
+            if task.index(unit) is not None:
+                table = task.embed_table(unit, vocab, x.shape[-1])
+                x = _on_rows(x, rows, embed_blocks, (x, tokens), table, task.arena.tiles)
         return x
+
+
+def _on_rows(out: torch.Tensor, rows: torch.Tensor | None, f: Callable[..., torch.Tensor],
+             per_row: tuple[torch.Tensor, ...], *rest: Any) -> torch.Tensor:
+    """out with a group's rows replaced by f over those rows of per_row (every row: rows
+    None), the rest of f's arguments as given."""
+    if rows is None:
+        return f(*per_row, *rest)
+    return out.index_copy(0, rows, f(*(t[rows] for t in per_row), *rest))
 
 
 def _linear(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
@@ -126,14 +121,10 @@ def _linear(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor |
 def _apply(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, task: TaskBlocks,
            index: Index) -> torch.Tensor:
     arena = task.arena
-
-    def torch_path() -> torch.Tensor:
-        return block_delta(y, x, w, arena.tiles, index)
-
     if y.is_cuda and arena.pool.slab is not None:
         return block_delta_cuda(y, x, w, arena.pool.slab, arena.step, index[:3], arena.shape,
-                                torch_path)
-    return torch_path()
+                                lambda: block_delta(y, x, w, arena.tiles, index))
+    return block_delta(y, x, w, arena.tiles, index)
 
 
 def task_delta(tasks: Sequence[TaskBlocks | None]) -> TaskDelta | None:

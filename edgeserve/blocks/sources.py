@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from edgeserve.arch.dense import EMBED, HEAD
 from edgeserve.arch.spec import ModelFormatError, ModelSpec
 from edgeserve.blocks.pack import is_task_dir
 from edgeserve.checkpoint import TensorInfo, read_header, read_into
@@ -24,7 +25,6 @@ from edgeserve.loader import read_spec, scan_checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
 # Config fields a fine-tune may change: they do not change what the weights compute (the
 # architecture's name alone neither: a "llamafied" Mistral computes as the Mistral).
 FREE_FIELDS = ("architecture", "checkpoint_dtype", "bos_token_id", "eos_token_ids",
