@@ -111,12 +111,10 @@ class Choices:
                      sum(u.completion_tokens for u in self._usage.values()))
 
     async def aclose(self) -> None:
-        if self._direct is not None:
-            close = getattr(self._direct, "aclose", None)
-            if close is not None:
-                await close()           # closing the stream cancels its sequence
-        elif not self._tasks:           # never read: close the streams themselves
-            for stream in self._streams:
+        if self._direct is not None or not self._tasks:
+            # Read directly, or never read: close the streams themselves (closing a stream
+            # cancels its sequence).
+            for stream in [self._direct] if self._direct is not None else self._streams:
                 close = getattr(stream, "aclose", None)
                 if close is not None:
                     await close()
