@@ -18,6 +18,7 @@ from edgeserve.blocks.arena import TileArena, arena_stats
 from edgeserve.config import Config, PoolConfig, from_env, parse_size
 from edgeserve.device import DeviceInfo, cpu_info, discover
 from edgeserve.engine import Engine
+from edgeserve.kv.stats import kv_bytes, prefix_stats
 from edgeserve.loader import LoadReport, parse_dtype
 from edgeserve.mailbox import Mailbox
 from edgeserve.metrics import Metrics, live_gauges
@@ -65,7 +66,8 @@ class EdgeServer:
                  pool_size: str | int | None = None, *, block_size: str | int | None = None,
                  dtype: str | None = None, host_size: str | int | None = None,
                  policy: str | None = None, expert_budget: float | None = None,
-                 expert_policy: str | None = None, config: Config | None = None) -> None:
+                 expert_policy: str | None = None, prefix_cache: bool | None = None,
+                 config: Config | None = None) -> None:
         cfg = config or from_env(models=models, device=device, dtype=dtype)
         if host_size is not None or policy is not None:
             cfg = replace(cfg, tiers=replace(
@@ -82,6 +84,8 @@ class EdgeServer:
             cfg = replace(cfg, experts=replace(
                 cfg.experts, budget=expert_budget if expert_budget is not None
                 else cfg.experts.budget, policy=expert_policy or cfg.experts.policy))
+        if prefix_cache is not None:
+            cfg = replace(cfg, engine=replace(cfg.engine, prefix_cache=prefix_cache))
         self.config = cfg
         self.store = ModelStore(cfg.models)
         self.pools: dict[str, BlockPool] = {}
@@ -188,6 +192,12 @@ class EdgeServer:
         """Unload model_id this long after its last request; None or negative: keep."""
         self.scheduler.keep_alive(model_id, seconds)
 
+    async def reset_prefix_cache(self) -> int:
+        """Drop every retained KV page, on the devices and in the host tier (pages of
+        running requests stay); returns the number dropped from the devices."""
+        scheduler = self.scheduler
+        return await self._engine.run(scheduler.kv_host.clear, list(self.pools.values()))
+
     def tokenizer(self, model_id: str) -> Tokenizer | None:
         return self._scheduler.tokenizers.get(model_id) if self._scheduler else None
 
@@ -256,8 +266,8 @@ class EdgeServer:
                 if event.error is not None:
                     raise GenerationError(str(event.error)) from event.error
                 timer.tokens(len(event.token_ids))
-                usage = (Usage(event.prompt_tokens, event.completion_tokens)
-                         if event.finish_reason else None)
+                usage = (Usage(event.prompt_tokens, event.completion_tokens,
+                               event.cached_tokens) if event.finish_reason else None)
                 if event.finish_reason:
                     timer.finish(event)
                 yield Delta(event.text, event.token_ids, event.finish_reason, usage,
@@ -296,6 +306,9 @@ class EdgeServer:
         return {"devices": devices,
                 "host": self.host.stats() if self.host is not None else None,
                 "policy": self._scheduler.policy.name if self._scheduler else None,
+                "prefix_cache": prefix_stats(self.config.engine.prefix_cache,
+                                             self._scheduler.kv_host if self._scheduler
+                                             else None),
                 "loads": dict(self._scheduler.totals) if self._scheduler else {},
                 "requests": {"running": engine.num_running if engine else 0,
                              "waiting": engine.num_waiting if engine else 0}}
@@ -322,6 +335,7 @@ def _pool_stats(pool: BlockPool, models: list[ResidentModel],
                           "task_bytes": m.task.nbytes if m.task is not None else 0}
                    for m in models},
         "tasks": arena_stats(arenas),
+        "kv": kv_bytes(pool),
         "weight_bytes_unique": sum(u.nblocks * block for u in weights),
         "retained_bytes": sum(u.nblocks * block for u in weights if u.pins == 0),
         "evictions": pool.evictions}
@@ -363,5 +377,8 @@ class _RequestTimer:
         if seq.started_at is not None:
             m.queue.labels(self.model).observe(seq.started_at - seq.arrival)
         m.prompt_tokens.labels(self.model).inc(event.prompt_tokens)
+        if seq.prefix.queried:
+            m.prefix_queries.labels(self.model).inc(event.prompt_tokens)
+            m.prefix_hits.labels(self.model).inc(event.cached_tokens)
         m.generation_tokens.labels(self.model).inc(event.completion_tokens)
         m.requests.labels(self.model, event.finish_reason or "").inc()

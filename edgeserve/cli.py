@@ -102,6 +102,10 @@ def _engine_args(p: argparse.ArgumentParser, cfg: Config) -> None:
                    help="MoE models: share of experts kept on the device (default: 1.0, all)")
     p.add_argument("--expert-policy", choices=EXPERT_POLICIES, default=cfg.experts.policy,
                    help="MoE expert cache policy (default: %(default)s)")
+    p.add_argument("--prefix-cache", choices=("on", "off"),
+                   default="on" if cfg.engine.prefix_cache else "off",
+                   help="keep full KV pages and reuse them for prompts with the same prefix "
+                        "(default: %(default)s)")
 
 
 def _log_arg(p: argparse.ArgumentParser, default: str) -> None:
@@ -164,7 +168,8 @@ def run_async(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
 def _edge_server(args: argparse.Namespace) -> EdgeServer:
     return EdgeServer(args.models, args.device, args.pool_size, block_size=args.block_size,
                       dtype=args.dtype, host_size=args.host_size, policy=args.policy,
-                      expert_budget=args.expert_budget, expert_policy=args.expert_policy)
+                      expert_budget=args.expert_budget, expert_policy=args.expert_policy,
+                      prefix_cache=args.prefix_cache == "on")
 
 
 def _serve(args: argparse.Namespace) -> int:

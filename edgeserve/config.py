@@ -26,6 +26,16 @@ def parse_size(value: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def parse_switch(value: str, name: str) -> bool:
+    """'on' / 'off' (also 1/0, true/false, yes/no)."""
+    v = value.strip().lower()
+    if v in ("on", "1", "true", "yes"):
+        return True
+    if v in ("off", "0", "false", "no"):
+        return False
+    raise ValueError(f"{name} must be on or off, got {value!r}")
+
+
 def format_size(n: int) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if abs(n) >= scale:
@@ -88,6 +98,7 @@ class EngineConfig:
     max_queue: int = 1024          # waiting sequences before new requests are refused
     prefill_chunk: int = 2048      # prompt tokens prefilled in one forward
     batch_tasks: bool = True       # tasks of one base share forwards (else they take turns)
+    prefix_cache: bool = True      # full KV pages kept under their prefix keys and reused
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +134,9 @@ def from_env(**overrides: object) -> Config:
         pool=pool,
         api_key=env.get("EDGESERVE_API_KEY") or None,
     )
+    if "EDGESERVE_PREFIX_CACHE" in env:
+        cfg = replace(cfg, engine=replace(cfg.engine, prefix_cache=parse_switch(
+            env["EDGESERVE_PREFIX_CACHE"], "EDGESERVE_PREFIX_CACHE")))
     changes = {k: v for k, v in overrides.items() if v is not None}
     if "models" in changes:
         changes["models"] = Path(str(changes["models"]))

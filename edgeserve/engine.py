@@ -183,20 +183,31 @@ class Engine:
 
     def _admit(self, waiting: list[Sequence], num_running: int) -> list[Sequence]:
         admitted: list[Sequence] = []
-        chunk = self.config.prefill_chunk
+        chunk, reuse = self.config.prefill_chunk, self.config.prefix_cache
         for seq in waiting:
-            model = seq.model
+            kv = seq.model.kv
             if num_running + len(admitted) >= self.config.max_batch:
                 break
-            first = len(seq.pending(chunk))
-            if not model.kv.can_grow(seq.pages, first):
+            if reuse:
+                if kv.blocked(seq):
+                    continue    # its prefix is being computed now: admit it when it is done
+                seq.cached = kv.reuse(seq)
+            first = seq.cached + len(seq.pending(chunk))
+            if not kv.can_grow(seq.pages, first):
+                kv.finish(seq)
+                seq.cached = 0
                 if not self._running and not admitted:
-                    self._fail(seq, PoolFull(model.pool.device, model.kv.layout.page_bytes
-                                             * model.kv.layout.pages_for(first),
-                                             model.pool.free_bytes))
+                    self._fail(seq, PoolFull(seq.model.pool.device, kv.layout.page_bytes
+                                             * kv.layout.pages_for(first),
+                                             seq.model.pool.free_bytes))
                     continue
                 break   # first come, first served: later ones wait too
-            model.kv.grow(seq.pages, first)
+            kv.grow(seq.pages, first)
+            if reuse:
+                kv.announce(seq)
+            if not seq.prefix.queried:
+                seq.prefix.queried = True
+                seq.prefix.cached_prompt = min(seq.cached, len(seq.prompt))
             if seq.started_at is None:
                 seq.started_at = time.monotonic()
             self._waiting.remove(seq)
@@ -208,6 +219,7 @@ class Engine:
     def _forward(self, seqs: list[Sequence], limit: int) -> None:
         model = seqs[0].model
         chunks = [(seq.pending(limit), seq.cached, seq.pages) for seq in seqs]
+        began, substitutions = time.perf_counter(), model.substitutions
         try:
             batch = build_batch(chunks, model.kv.layout.page_tokens,
                                 torch.device(model.pool.device))
@@ -221,7 +233,14 @@ class Engine:
         done = [i for i, seq in enumerate(seqs)
                 if seq.cached + len(chunks[i][0]) == seq.length]
         for seq, (ids, _, _) in zip(seqs, chunks, strict=True):
+            if model.substitutions != substitutions:
+                seq.model.kv.inexact(seq, seq.cached)
             seq.cached += len(ids)
+            if self.config.prefix_cache:
+                seq.model.kv.publish(seq)
+        if limit > 1:
+            model.kv.observe_prefill(sum(len(ids) for ids, _, _ in chunks),
+                                     time.perf_counter() - began)
         if not done:
             return
         logits = logits[done]
@@ -244,7 +263,7 @@ class Engine:
     # ---- endings ----------------------------------------------------------------------
     def _retire(self, seq: Sequence) -> None:
         seq.status = Status.FINISHED
-        seq.model.kv.release(seq.pages)
+        seq.model.kv.finish(seq)
         if seq in self._running:
             self._running.remove(seq)
         if seq in self._waiting:
@@ -252,7 +271,7 @@ class Engine:
 
     def _preempt(self, seq: Sequence) -> None:
         log.info("preempting sequence %d of %s (KV memory is short)", seq.id, seq.model.id)
-        seq.model.kv.release(seq.pages)
+        seq.model.kv.finish(seq)
         seq.cached = 0
         seq.status = Status.WAITING
         self._running.remove(seq)

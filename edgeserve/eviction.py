@@ -18,7 +18,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from edgeserve.pool import Unit
+from edgeserve.pool import Unit, UnitKind
 from edgeserve.tiers import HostTier
 
 
@@ -54,7 +54,12 @@ class PolicyContext:
 
     def reuse(self, unit: Unit) -> float:
         models = self.users.get(unit.key or "", set()) or ({unit.owner} if unit.owner else set())
-        return sum(self.demand.score(m) for m in models)
+        score = sum(self.demand.score(m) for m in models)
+        if unit.kind is UnitKind.KV:
+            # A prefix page is worth its model's demand and its own decayed hits.
+            age = max(0.0, time.monotonic() - unit.last_use)
+            score += unit.uses * math.exp(-self.demand.decay * age)
+        return score
 
     def comes_back_from(self, unit: Unit) -> str:
         return "host" if self.host is not None and self.host.fits(unit.nbytes) else "disk"
@@ -80,6 +85,10 @@ class CostAware(EvictionPolicy):
 
     def value(self, unit: Unit, ctx: PolicyContext) -> float:
         reload_cost = unit.nbytes / ctx.bandwidth[ctx.comes_back_from(unit)]
+        if unit.kind is UnitKind.KV:
+            # A page comes back by recomputing its tokens, or from the host tier if kept.
+            host = reload_cost if ctx.comes_back_from(unit) == "host" else math.inf
+            reload_cost = min(unit.reload_cost, host)
         return reload_cost * ctx.reuse(unit) / max(1, unit.nbytes)
 
     def unit_order(self, units: list[Unit], ctx: PolicyContext) -> list[Unit]:

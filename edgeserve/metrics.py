@@ -28,6 +28,12 @@ class Metrics:
                                      registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", model,
                                          registry=r)
+        self.prefix_queries = Counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", model,
+            registry=r)
+        self.prefix_hits = Counter(
+            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", model,
+            registry=r)
         self.requests = Counter("vllm:request_success", "Requests finished, by reason.",
                                 [*model, "finished_reason"], registry=r)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.",
@@ -78,13 +84,18 @@ def live_gauges(stats: dict[str, Any], queues: dict[str, tuple[int, int]]) -> li
     pools = stats["devices"]
     by_model: list[tuple[list[str], float]] = []
     kv_usage: list[tuple[list[str], float]] = []
+    kv_retained: list[tuple[list[str], float]] = []
     for device, pool in pools.items():
+        # Retained prefix pages are reusable, not in use: they count as capacity.
         kv_capacity = pool["free_bytes"] + pool["bytes_by_kind"]["kv"]
         for model, kinds in pool["bytes_by_model"].items():
             for kind, nbytes in kinds.items():
                 by_model.append(([device, kind, model], nbytes))
+            kv = pool.get("kv", {}).get(model, {})
             if kv_capacity:
-                kv_usage.append(([model], kinds.get("kv", 0) / kv_capacity))
+                kv_usage.append(([model], kv.get("running_bytes", 0) / kv_capacity))
+            if kv:
+                kv_retained.append(([device, model], kv["retained_bytes"]))
     experts = [(m, e) for p in pools.values() for m, info in p.get("models", {}).items()
                if (e := info.get("experts"))]
     return [
@@ -102,6 +113,8 @@ def live_gauges(stats: dict[str, Any], queues: dict[str, tuple[int, int]]) -> li
               [([m], w) for m, (_, w) in queues.items()]),
         gauge("vllm:kv_cache_usage_perc", "Share of the KV capacity in use (0..1).",
               ["model_name"], kv_usage),
+        gauge("edgeserve:kv_retained_bytes", "Prefix KV pages kept for reuse.",
+              ["device", "model_name"], kv_retained),
         gauge("edgeserve:pool_bytes", "Pool bytes in use by kind.", ["device", "kind"],
               [([d, k], v) for d, p in pools.items() for k, v in p["bytes_by_kind"].items()]),
         gauge("edgeserve:pool_capacity_bytes", "Pool size.", ["device"],

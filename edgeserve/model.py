@@ -14,7 +14,7 @@ from edgeserve.arch import Model, build_model
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.batch import StepBatch
 from edgeserve.blocks.task import TaskBlocks
-from edgeserve.kv import KVCache, KVLayout
+from edgeserve.kv import KVCache, KVLayout, kv_identity
 from edgeserve.loader import LoadContext, LoadReport, abort, fill, prepare, read_spec, weight_views
 from edgeserve.pool import BlockPool, Unit
 
@@ -32,6 +32,7 @@ class ResidentModel:
     offload: Any = None             # experts.offload.ExpertOffload when experts are budgeted
     task: TaskBlocks | None = None  # a task of a base model: its blocks over these weights
     base: str | None = None         # that base model's id
+    weights_key: str = ""           # of every weight unit it was loaded with (KV identity)
     _runner: Model | None = field(default=None, repr=False)
     _epoch: int = -1
 
@@ -57,7 +58,24 @@ class ResidentModel:
     def from_units(cls, model_id: str, path: Path, spec: ModelSpec, pool: BlockPool,
                    dtype: torch.dtype, units: dict[str, Unit]) -> ResidentModel:
         kv = KVCache(pool, KVLayout.for_model(spec, dtype, pool.block_size), model_id)
-        return cls(model_id, path, spec, pool, dtype, units, kv, frozenset(spec.eos_token_ids))
+        model = cls(model_id, path, spec, pool, dtype, units, kv, frozenset(spec.eos_token_ids),
+                    weights_key=kv_identity(f"{name}={unit.key or id(unit)}"
+                                            for name, unit in sorted(units.items())))
+        kv._identity = lambda: model.kv_identity
+        return model
+
+    @cached_property
+    def kv_identity(self) -> str:
+        """Everything that decides this model's KV values: prefix pages are shared only
+        between models (and loads) with equal identities. Fixed once serving starts."""
+        task = self.task.identity if self.task is not None else ""
+        return kv_identity([repr(self.spec), str(self.dtype), repr(self.kv.layout),
+                            self.weights_key, task])
+
+    @property
+    def substitutions(self) -> int:
+        """Expert misses served by a substitute so far (their KV is not the model's)."""
+        return self.offload.cache.stats.substitutions if self.offload is not None else 0
 
     @property
     def runner(self) -> Model:

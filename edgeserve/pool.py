@@ -222,6 +222,19 @@ class BlockPool:
                 raise RuntimeError(f"unit {unit.id} unpinned more often than pinned")
             unit.pins -= times
 
+    def publish(self, unit: Unit, key: str) -> None:
+        """Give a unit whose bytes are now final (a full KV page) its content key."""
+        with self._lock:
+            if unit.key is not None or key in self.by_key or not unit.alive:
+                raise ValueError(f"unit {unit.id} cannot be published under {key}")
+            unit.key = key
+            self.by_key[key] = unit
+
+    def units_of(self, kind: UnitKind) -> list[Unit]:
+        """A snapshot of the live units of one kind."""
+        with self._lock:
+            return [u for u in self.units.values() if u.kind is kind]
+
     def lookup(self, key: str) -> Unit | None:
         with self._lock:
             return self.by_key.get(key)

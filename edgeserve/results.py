@@ -25,6 +25,7 @@ class GenerationError(RuntimeError):
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0      # prompt tokens whose KV was reused, not computed
 
     @property
     def total_tokens(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from edgeserve.config import ExpertConfig, TierConfig
 from edgeserve.engine import Engine
 from edgeserve.eviction import Demand, PolicyContext, create_policy
 from edgeserve.experts.offload import ExpertOffload, host_only_units
+from edgeserve.kv.offload import KVHostTier
 from edgeserve.loader import (
     LoadContext,
     LoadReport,
@@ -74,9 +76,11 @@ class Scheduler:
         self.hashes = HashCache(store.root)
         self.disk = DiskLoader(tiers.readers, tiers.read_chunk,
                                pinned=any(p.device.startswith("cuda") for p in pools.values()))
+        self.kv_host = KVHostTier(self.host, self.ctx.bandwidth)
         for pool in pools.values():
             pool.policy = lambda units: self.policy.unit_order(units, self.ctx)
             pool.before_evict.append(self._demote)
+            pool.before_evict.append(functools.partial(self.kv_host.demote, pool))
             pool.on_evict.append(self._forget_chunk)
         self.models: dict[str, ResidentModel] = {}
         self.tasks = TaskLoader(engine, self.disk)
@@ -140,6 +144,7 @@ class Scheduler:
                 pool.thaw()
             model = ResidentModel.from_units(model_id, weights, spec, pool, ctx.dtype,
                                              prepared.units)
+            model.kv.host = self.kv_host
             if task is not None:
                 model.base = task.pack.base
                 deadline = time.monotonic() + BUSY_WAIT
@@ -282,6 +287,7 @@ class Scheduler:
         for model in self.models.values():
             model.release(retain=False)
         self.models.clear()
+        self.kv_host.clear(self.pools.values())
 
     # ---- residency ---------------------------------------------------------------------
     def pin(self, model_id: str, pinned: bool = True) -> None:

@@ -9,6 +9,7 @@ from enum import Enum
 
 import torch
 
+from edgeserve.kv import PrefixState
 from edgeserve.model import ResidentModel
 from edgeserve.pool import Unit
 from edgeserve.results import TokenLogprob
@@ -33,6 +34,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None    # one per token id, when asked for
+    cached_tokens: int = 0      # prompt tokens whose KV was found, not computed
 
 
 @dataclass(eq=False)
@@ -46,6 +48,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     pages: list[Unit] = field(default_factory=list)
     cached: int = 0                      # tokens whose keys/values are in `pages`
+    prefix: PrefixState = field(default_factory=PrefixState)   # its pages' keys (reuse)
     sampled: int = 0                     # tokens sampled, the final stop token included
     status: Status = Status.WAITING
     finish_reason: str | None = None
@@ -106,4 +109,4 @@ class Sequence:
         self.finish_reason = reason
         self.status = Status.FINISHED
         return Event(tokens or [], text, reason, prompt_tokens=len(self.prompt),
-                     completion_tokens=self.sampled)
+                     completion_tokens=self.sampled, cached_tokens=self.prefix.cached_prompt)

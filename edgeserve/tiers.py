@@ -120,6 +120,12 @@ class HostTier:
             self.used += nbytes
             return True
 
+    def drop(self, key: str) -> None:
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.used -= old.numel()
+
     def get(self, key: str) -> torch.Tensor | None:
         with self._lock:
             buf = self._entries.get(key)

@@ -35,5 +35,11 @@ async def test_request_and_pool_metrics(tiny_store):
         weights = es.pools["cpu"].bytes_by_kind()["weight"]
         assert got[("edgeserve:model_pool_bytes",
                     (("device", "cpu"), ("kind", "weight"), ("model_name", "llama")))] == weights
-        assert got[("edgeserve:pool_bytes", (("device", "cpu"), ("kind", "kv")))] == 0
+        # The two prompts share nothing, so nothing is found; the full pages they filled
+        # are kept for reuse and counted as such, not as in use.
+        assert got[("vllm:prefix_cache_queries_total", model)] == 6
+        assert got[("vllm:prefix_cache_hits_total", model)] == 0
+        retained = es.stats()["devices"]["cpu"]["kv"]["llama"]["retained_bytes"]
+        assert got[("edgeserve:pool_bytes", (("device", "cpu"), ("kind", "kv")))] == retained
+        assert got[("edgeserve:kv_retained_bytes", (("device", "cpu"), *model))] == retained
         assert got[("vllm:kv_cache_usage_perc", model)] == 0

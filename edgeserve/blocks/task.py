@@ -22,6 +22,7 @@ from edgeserve.blocks.pack import BLOCKS_FILE, TaskPack
 from edgeserve.blocks.targets import Target, linear_targets, vector_targets
 from edgeserve.blocks.vectors import TaskVectors, prepare_vectors
 from edgeserve.checkpoint import HashCache, TensorInfo, read_header
+from edgeserve.kv import kv_identity
 from edgeserve.loader import LoadReport, scan_checkpoint
 from edgeserve.pool import Unit
 from edgeserve.tiers import DiskJob
@@ -131,6 +132,17 @@ class TaskBlocks:
     @property
     def pack(self) -> TaskPack:
         return self.source.pack
+
+    @cached_property
+    def identity(self) -> str:
+        """The task's changes, block by block: part of its KV identity."""
+        pack = self.pack
+        parts = [f"{pack.block}|{pack.dtype}"]
+        for name in sorted(pack.weights):
+            w = pack.weights[name]
+            parts.append(f"{name}:{sorted(w.blocks)}:{sorted(w.zero)}")
+        parts += [f"{name}={key}" for name, key in sorted(pack.vectors.items())]
+        return kv_identity(parts)
 
     @property
     def units(self) -> list[Unit]:

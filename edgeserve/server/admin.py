@@ -20,6 +20,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/models/{id}/pin", pin)
     app.router.add_post("/admin/models/{id}/unpin", unpin)
     app.router.add_get("/admin/pool", pool)
+    app.router.add_post("/admin/prefix-cache/reset", reset_prefix_cache)
     app.router.add_get("/metrics", metrics)
 
 
@@ -53,6 +54,12 @@ def _set_pin(request: web.Request, pinned: bool) -> web.Response:
     es, model = request.app[SERVER], request.match_info["id"]
     es.pin(model, pinned)
     return _json({"model": model, "pinned": pinned, "resident": model in es.models})
+
+
+async def reset_prefix_cache(request: web.Request) -> web.Response:
+    """Drop every retained KV page (devices and host tier); running requests keep theirs."""
+    dropped = await request.app[SERVER].reset_prefix_cache()
+    return _json({"dropped_pages": dropped})
 
 
 async def pool(request: web.Request) -> web.Response:

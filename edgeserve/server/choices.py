@@ -106,9 +106,10 @@ class Choices:
 
     def usage(self) -> Usage:
         """The usage of the finished choices: each prompt once, every completion."""
-        prompts = {self._prompt_of[i]: u.prompt_tokens for i, u in self._usage.items()}
-        return Usage(sum(prompts.values()),
-                     sum(u.completion_tokens for u in self._usage.values()))
+        prompts = {self._prompt_of[i]: u for i, u in self._usage.items()}
+        return Usage(sum(u.prompt_tokens for u in prompts.values()),
+                     sum(u.completion_tokens for u in self._usage.values()),
+                     sum(u.cached_tokens for u in prompts.values()))
 
     async def aclose(self) -> None:
         if self._direct is not None or not self._tasks:

@@ -96,7 +96,8 @@ class _Turn:
         return self.line(
             text, True, done_reason=last.finish_reason,
             total_duration=max(1, end - self.start), load_duration=max(1, self.loaded - self.start),
-            prompt_eval_count=usage.prompt_tokens if usage else 0,
+            # The tokens actually evaluated: those found in the prefix cache were not.
+            prompt_eval_count=usage.prompt_tokens - usage.cached_tokens if usage else 0,
             prompt_eval_duration=max(1, self.first - self.loaded),
             eval_count=usage.completion_tokens if usage else 0,
             eval_duration=max(1, end - self.first))

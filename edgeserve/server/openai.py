@@ -31,6 +31,7 @@ from edgeserve.server.wire import (
     GenerationRequest,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     Usage,
     encode,
 )
@@ -66,7 +67,8 @@ async def respond(request: web.Request, choices: Choices, chunks: C,
 
 
 def usage(u: ResultUsage) -> Usage:
-    return Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+    return Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens,
+                 PromptTokensDetails(u.cached_tokens))
 
 
 # ---- models ----------------------------------------------------------------------------

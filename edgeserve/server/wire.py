@@ -106,7 +106,7 @@ class CompletionRequest(GenerationRequest, kw_only=True):
 
 # ---- responses -------------------------------------------------------------------------
 class PromptTokensDetails(msgspec.Struct):
-    cached_tokens: int = 0      # no prefix cache yet
+    cached_tokens: int = 0      # prompt tokens whose KV was reused (prefix cache)
 
 
 class Usage(msgspec.Struct):
