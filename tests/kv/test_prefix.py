@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import shutil
 
 import pytest
@@ -62,7 +63,7 @@ async def test_multi_turn_greedy_is_identical_with_reuse_on_and_off(store, model
         page = on.models[model].kv.layout.page_tokens
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
     assert got[0].usage.cached_tokens == 0
-    for before, after in zip(got, got[1:], strict=False):
+    for before, after in itertools.pairwise(got):
         # Every full page of the last prompt and reply is found again (the last token of
         # the reply was never fed back, so its page may be partial).
         known = before.usage.prompt_tokens + before.usage.completion_tokens - 1
