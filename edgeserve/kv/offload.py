@@ -62,7 +62,7 @@ class KVHostTier:
         out: dict[str, int] = {}
         for key, (owner, nbytes) in list(self.owners.items()):
             if self.host is None or key not in self.host:
-                del self.owners[key]
+                self.owners.pop(key, None)
                 continue
             out[owner] = out.get(owner, 0) + nbytes
         return out
