@@ -51,6 +51,7 @@ class Engine:
         self._running: list[Sequence] = []
         self._stopping = False
         self.steps = 0
+        self.tokens_computed = 0       # tokens whose KV forwards computed (prefill + decode)
 
     # ---- called on the event loop ------------------------------------------------------
     def start(self) -> None:
@@ -230,6 +231,7 @@ class Engine:
             for seq in seqs:
                 self._fail(seq, e)
             return
+        self.tokens_computed += sum(len(ids) for ids, _, _ in chunks)
         done = [i for i, seq in enumerate(seqs)
                 if seq.cached + len(chunks[i][0]) == seq.length]
         for seq, (ids, _, _) in zip(seqs, chunks, strict=True):

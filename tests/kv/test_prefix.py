@@ -243,3 +243,19 @@ def test_the_setting_from_flag_and_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("EDGESERVE_PREFIX_CACHE", "maybe")
     with pytest.raises(ValueError, match="EDGESERVE_PREFIX_CACHE"):
         from_env()
+
+
+async def test_a_preempted_sequence_finds_its_own_pages(store, caplog):
+    caplog.set_level("INFO", logger="edgeserve.engine")
+    batch = [tokens(n, 30 + n) for n in (40, 52, 47, 60, 44, 56)]
+    computed, outs = {}, {}
+    for reuse in (False, True):
+        async with server(store, reuse=reuse, pool_size="520KiB") as es:
+            outs[reuse] = await asyncio.gather(*[es.complete(
+                "llama", p, max_tokens=30, temperature=0, ignore_eos=True) for p in batch])
+            computed[reuse] = es.engine.tokens_computed
+            es.pools["cpu"].check_integrity()
+    assert "preempting" in caplog.text
+    assert [o.token_ids for o in outs[True]] == [o.token_ids for o in outs[False]]
+    # Recomputing a preempted sequence costs only its last, partly filled page.
+    assert computed[True] < computed[False], computed
