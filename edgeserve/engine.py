@@ -10,7 +10,6 @@ its pages go back and it is recomputed later from its tokens (nothing is lost).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -23,6 +22,7 @@ import torch
 from edgeserve.batch import build_batch
 from edgeserve.blocks.delta import task_delta
 from edgeserve.config import EngineConfig
+from edgeserve.mailbox import resolve
 from edgeserve.model import ResidentModel
 from edgeserve.pool import PoolFull
 from edgeserve.results import TokenLogprob
@@ -120,7 +120,7 @@ class Engine:
                 self._calls.clear()
                 stopping = self._stopping
             for call, future in calls:
-                _resolve(future, call)
+                resolve(future, call)
             if stopping:
                 self._abort_all()
                 return
@@ -240,7 +240,9 @@ class Engine:
             seq.cached += len(ids)
             if self.config.prefix_cache:
                 seq.model.kv.publish(seq)
-        if limit > 1:
+        if limit > 1:       # the prefill speed prices retained prefix pages
+            if logits.is_cuda:
+                torch.cuda.synchronize(logits.device)
             model.kv.observe_prefill(sum(len(ids) for ids, _, _ in chunks),
                                      time.perf_counter() - began)
         if not done:
@@ -327,23 +329,3 @@ def _prefill_groups(seqs: list[Sequence], budget: int) -> list[list[Sequence]]:
             real = n
     return groups
 
-
-def _resolve(future: asyncio.Future[Any], call: Callable[[], Any]) -> None:
-    """Run call here and hand its outcome to the future on its own event loop."""
-    loop = future.get_loop()
-    result, error = None, None
-    try:
-        result = call()
-    except BaseException as e:  # handed to the awaiting coroutine
-        error = e
-    with contextlib.suppress(RuntimeError):     # a closed loop: nobody is waiting any more
-        loop.call_soon_threadsafe(_settle, future, result, error)
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Callable
 from typing import Any
 
 
@@ -36,3 +37,24 @@ class Mailbox:
             self._scheduled = False
         for queue, item in items:
             queue.put_nowait(item)
+
+
+def resolve(future: asyncio.Future[Any], call: Callable[[], Any]) -> None:
+    """Run call here and hand its outcome to the future on its own event loop."""
+    loop = future.get_loop()
+    result, error = None, None
+    try:
+        result = call()
+    except BaseException as e:  # handed to the awaiting coroutine
+        error = e
+    with contextlib.suppress(RuntimeError):     # a closed loop: nobody is waiting any more
+        loop.call_soon_threadsafe(settle, future, result, error)
+
+
+def settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
