@@ -365,8 +365,10 @@ class _RequestTimer:
         now = time.monotonic()
         if n == 0:
             return
+        self.metrics.recent.tokens(n, now)
         if self.last is None:
             self.metrics.ttft.labels(self.model).observe(now - self.seq.arrival)
+            self.metrics.recent.first_token(now - self.seq.arrival, now)
         else:
             self.metrics.itl.labels(self.model).observe((now - self.last) / n)
         self.last = now

@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edgeserve.recent import Recent
+
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -51,6 +53,7 @@ class Metrics:
         self.load_seconds = Histogram(
             "edgeserve:load_seconds", "Model load time, by the tier most bytes came from.",
             [*model, "tier"], buckets=LOAD_BUCKETS, registry=r)
+        self.recent = Recent()      # the last minute, for the web page's numbers
 
     def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Add gauges computed at scrape time."""

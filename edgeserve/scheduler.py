@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from edgeserve.blocks.loading import TaskLoader
 from edgeserve.checkpoint import HashCache
 from edgeserve.config import ExpertConfig, TierConfig
 from edgeserve.engine import Engine
+from edgeserve.events import publish
 from edgeserve.eviction import Demand, PolicyContext, create_policy
 from edgeserve.experts.offload import ExpertOffload, host_only_units
 from edgeserve.kv.offload import KVHostTier
@@ -174,6 +175,7 @@ class Scheduler:
         self.models[model_id] = model
         self.residency.setdefault(model_id, Residency())
         self._record(report)
+        publish(pool, "load", **asdict(report))     # model, seconds, bytes by tier
         log.info("loaded %s on %s: %.1f MB in %.2f s", model_id, pool.device,
                  report.bytes_total / 1e6, report.seconds)
         return report
@@ -242,7 +244,8 @@ class Scheduler:
         if self.host is not None and unit.key is not None and unit.kind in WEIGHT_KINDS:
             for pool in self.pools.values():
                 if pool.units.get(unit.id) is unit:
-                    self.host.put(unit.key, pool.raw(unit))
+                    if self.host.put(unit.key, pool.raw(unit)):
+                        publish(pool, "demote", unit.owner, unit=unit.id, bytes=unit.nbytes)
                     return
 
     def _forget_chunk(self, unit: Unit) -> None:
@@ -275,6 +278,7 @@ class Scheduler:
         while self.engine.has_sequences(model):
             await asyncio.sleep(0.01)
         await self.engine.run(model.release, self.policy.retain)
+        publish(model.pool, "unload", model_id, retained=self.policy.retain)
         log.info("unloaded %s", model_id)
 
     def release_all(self) -> None:

@@ -142,11 +142,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def auth_middleware(api_key: str) -> Middleware:
+    from edgeserve.server.web import is_public  # the page and its assets: nothing secret
+
     expected = f"Bearer {api_key}".encode()
 
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in PUBLIC_PATHS:
+        if request.path not in PUBLIC_PATHS and not is_public(request.path):
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
                 raise ApiError(401, "Incorrect or missing API key: send 'Authorization: "
@@ -182,6 +184,7 @@ def create_app(server: EdgeServer, *, api_key: str | None = None,
     requests finish for up to `shutdown_deadline` seconds before closing it."""
     # the route modules import SERVER from here
     from edgeserve.server import admin, ollama, openai
+    from edgeserve.server import web as page
 
     middlewares: list[Middleware] = [error_middleware]
     if api_key:
@@ -195,6 +198,7 @@ def create_app(server: EdgeServer, *, api_key: str | None = None,
     openai.add_routes(app)
     ollama.add_routes(app)
     admin.add_routes(app)
+    page.add_routes(app)
     return app
 
 

@@ -1,0 +1,109 @@
+"""The page's routes: the page and its assets, the live feed, the event log, unit details."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from edgeserve.api import EdgeServer
+from edgeserve.poolmap import apply, snapshot
+from edgeserve.server import create_app
+from edgeserve.server.board import models_of
+from edgeserve.server.live import LiveFeed
+from edgeserve.server.web import EVENTS
+
+MODEL = "demo-llama"
+
+
+async def next_event(resp: Any, timeout: float = 10.0) -> tuple[str, dict[str, Any]]:
+    """The next named SSE event of a response (comments skipped)."""
+    name, data = "message", []
+    while True:
+        line = (await asyncio.wait_for(resp.content.readline(), timeout)).decode().rstrip("\n")
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            data.append(line[6:])
+        elif line == "" and data:
+            return name, json.loads("".join(data))
+
+
+async def test_page_and_assets(client: TestClient) -> None:
+    resp = await client.get("/")
+    assert resp.status == 200 and resp.content_type == "text/html"
+    assert '<script type="module" src="/ui/main.js">' in await resp.text()
+    for name, kind in (("main.js", "javascript"), ("style.css", "text/css")):
+        resp = await client.get(f"/ui/{name}")
+        assert resp.status == 200 and kind in resp.content_type
+    assert (await client.get("/ui/nothing.js")).status == 404
+
+
+async def test_the_key_guards_everything_but_the_page(aiohttp_client: Any,
+                                                     edge: EdgeServer) -> None:
+    client = await aiohttp_client(create_app(edge, api_key="k"))
+    assert (await client.get("/")).status == 200
+    assert (await client.get("/ui/api.js")).status == 200
+    for path in ("/admin/live", "/admin/events", "/admin/units/cpu/1", "/v1/models"):
+        assert (await client.get(path)).status == 401, path
+    ok = await client.get("/admin/events", headers={"Authorization": "Bearer k"})
+    assert ok.status == 200
+
+
+async def test_live_feed_sends_a_snapshot_then_diffs(client: TestClient,
+                                                     edge: EdgeServer) -> None:
+    resp = await client.get("/admin/live")
+    assert resp.headers["Content-Type"] == "text/event-stream"
+    name, first = await next_event(resp)
+    assert name == "snapshot" and first["models"] == {} and first["events"] == []
+    assert [p["device"] for p in first["pools"]] == ["cpu"] and first["pools"][0]["units"] == []
+    assert first["numbers"]["running"] == 0 and first["tick"] == 0.25
+    await edge.load(MODEL)
+    page, events, models = first["pools"][0], [], {}
+    while not (MODEL in models and any(e["kind"] == "load" for e in events)):
+        name, update = await next_event(resp)
+        assert name == "update"
+        for change in update.get("pools", []):
+            page = apply(page, change)
+        events += update.get("events", [])
+        models = update.get("models", models)
+    load = next(e for e in events if e["kind"] == "load")
+    assert load["model"] == MODEL and load["bytes_from_disk"] > 0 and load["device"] == "cpu"
+    assert models[MODEL]["device"] == "cpu" and models[MODEL]["pinned"] is False
+    pool = edge.pools["cpu"]
+    assert sorted(page["units"]) == sorted(snapshot(pool, models_of(edge)).to_json()["units"])
+    assert all(row[5] == [MODEL] and row[4] > 0 for row in page["units"])
+    resp.close()
+
+
+async def test_feed_update_is_empty_when_nothing_changed(client: TestClient,
+                                                         edge: EdgeServer) -> None:
+    feed = LiveFeed(edge, client.app[EVENTS])      # driven by hand: no task of its own
+    feed.refresh()
+    feed.ticks = 100                # 101..103: not a tick that reads the numbers
+    assert feed.update() is None
+    await edge.load(MODEL)
+    assert feed.update() is not None and feed.update() is None
+
+
+async def test_events_and_unit_details(client: TestClient, edge: EdgeServer) -> None:
+    await edge.load(MODEL)
+    await edge.unload(MODEL)
+    body = await (await client.get("/admin/events?since=0")).json()
+    assert [e["kind"] for e in body["events"]] == ["load", "unload"] and body["last_seq"] == 2
+    body = await (await client.get("/admin/events?since=1")).json()
+    assert [e["kind"] for e in body["events"]] == ["unload"]
+    assert body["events"][0]["retained"] is True
+    assert (await client.get("/admin/events?since=x")).status == 400
+    unit = max(edge.pools["cpu"].units.values(), key=lambda u: u.nbytes)
+    detail = await (await client.get(f"/admin/units/cpu/{unit.id}")).json()
+    assert detail["models"] == [MODEL] and detail["pins"] == 0 and detail["names"] == []
+    assert detail["bytes"] == unit.nbytes and detail["eviction_value"] >= 0
+    await edge.load(MODEL)
+    detail = await (await client.get(f"/admin/units/cpu/{unit.id}")).json()
+    assert detail["pins"] == 1 and detail["eviction_value"] is None and detail["names"]
+    assert detail["loaded_by"] == [MODEL]
+    for path in ("/admin/units/cpu/999999", "/admin/units/cuda:9/1", "/admin/units/cpu/x"):
+        assert (await client.get(path)).status == 404, path
