@@ -94,13 +94,16 @@ def unit_detail(es: EdgeServer, pool: BlockPool, unit: Unit) -> dict[str, Any]:
         if found:
             using.append(model_id)
             names.update(found)
+    tier = ctx.comes_back_from(unit) if unit.key else None
     return {"id": unit.id, "device": pool.device, "kind": unit.kind.value,
             "bytes": unit.nbytes, "blocks": unit.nblocks, "start": unit.start,
             "pins": unit.pins, "key": unit.key, "owner": unit.owner,
             "models": list(models_of(es)(unit)), "loaded_by": sorted(using),
             "names": sorted(names),
             "uses": unit.uses, "idle_s": round(time.monotonic() - unit.last_use, 1),
-            "comes_back_from": ctx.comes_back_from(unit) if unit.key else None,
+            "comes_back_from": tier,
+            "reload_s": unit.nbytes / ctx.bandwidth[tier] if tier else None,
+            "demand": ctx.reuse(unit),
             "in_host_tier": bool(unit.key and es.host is not None and unit.key in es.host),
             "eviction_value": value(unit, ctx) if value is not None and not unit.pins
             else None,

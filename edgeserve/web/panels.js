@@ -109,9 +109,27 @@ function describe(e) {
   }
 }
 
+// A burst continuing the one on top of the list (same model, within seconds) joins it.
+function merged(list, e) {
+  const top = list.firstChild?.group;
+  if (!e.burst || !top?.burst || top.model !== e.model || top.device !== e.device ||
+      e.time - top.time > 5) return null;
+  top.units += e.units;
+  top.bytes += e.bytes;
+  top.demoted += e.demoted;
+  for (const [k, n] of Object.entries(e.kinds)) top.kinds[k] = (top.kinds[k] || 0) + n;
+  return top;
+}
+
 export function addEvent(e) {
   const list = document.getElementById("events");
+  const group = merged(list, e);
+  if (group) {
+    list.firstChild.lastChild.innerHTML = `<b>${esc(group.model)}</b> ${esc(describe(group))}`;
+    return;
+  }
   const li = document.createElement("li");
+  li.group = e;
   li.className = `ev-${e.kind}`;
   const time = new Date(e.time * 1000).toLocaleTimeString([], { hour12: false });
   li.innerHTML = `<span class="muted">${time}</span><span class="kind">${esc(e.kind)}</span>` +

@@ -181,7 +181,7 @@ function hover(device, entry, e) {
   const id = entry.cells[row * entry.cols + col];
   const unit = id ? state.pools.get(device)?.units.get(id) : null;
   const el = tip();
-  el.style.left = `${Math.min(e.clientX + 14, window.innerWidth - 300)}px`;
+  el.style.left = `${Math.min(e.clientX + 14, window.innerWidth - 330)}px`;
   el.style.top = `${e.clientY + 14}px`;
   el.hidden = false;
   if (!unit) {
@@ -202,11 +202,14 @@ async function detail(device, id) {
     const d = await json(`/admin/units/${encodeURIComponent(device)}/${id}`);
     const more = tip().querySelector(".more");
     if (!more || tip().hidden) return;
-    const value = d.eviction_value == null ? (d.pins ? "never (pinned)" : "–")
-      : d.eviction_value.toExponential(2);
+    const value = d.eviction_value == null ? (d.pins ? "none while pinned" : "–")
+      : d.eviction_value.toPrecision(2);
+    const reload = d.reload_s == null ? "" :
+      `<br>reload ${(d.reload_s * 1000).toPrecision(2)} ms from ${esc(d.comes_back_from)}` +
+      ` · demand ${d.demand.toFixed(2)}`;
     more.innerHTML = `${d.names.length ? esc(d.names.join(", ")) + "<br>" : ""}` +
-      `${formatBytes(d.bytes)} exactly · used ${d.uses}× · idle ${d.idle_s} s<br>` +
-      `eviction value ${value} (${esc(d.policy)})` +
+      `${formatBytes(d.bytes)} exactly · used ${d.uses}× · idle ${d.idle_s} s${reload}<br>` +
+      `eviction value ${value} (${esc(d.policy)}: lowest goes first)` +
       `${d.in_host_tier ? "<br>also in the host tier" : ""}`;
   } catch (e) {
     const more = tip().querySelector(".more");
