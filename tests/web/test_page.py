@@ -56,12 +56,13 @@ def test_chat_streams_a_reply(serve: Any, page: Any) -> None:
     assert json.loads(answer.value.request.post_data or "{}")["stream"] is True
     assert answer.value.headers["content-type"].startswith("text/event-stream")
     meta = p.wait_for_selector(".msg.assistant .meta:has-text('TTFT')", timeout=TIMEOUT)
-    chunks = [json.loads(line[6:]) for line in answer.value.text().splitlines()
+    body = answer.value.body().decode()     # SSE is UTF-8, whatever its content type says
+    chunks = [json.loads(line[6:]) for line in body.split("\n")
               if line.startswith("data: {")]
     pieces = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]]
     text = p.text_content(".msg.assistant .text") or ""
     assert sum(1 for piece in pieces if piece) >= 2          # it came token by token
-    assert text == "".join(pieces) and text
+    assert text and text == "".join(pieces), (text, pieces)
     figures = meta.text_content() or ""
     assert "load" in figures and "48 tokens" in figures and "tok/s" in figures, figures
     # The conversation is kept in the browser: a reload shows it again.
