@@ -52,12 +52,16 @@ class EventLog:
         self.last_seq = 0
 
     def attach(self, pools: Iterable[BlockPool]) -> None:
-        """Record what happens to these pools (evictions included) from now on."""
+        """Record what happens to these pools (evictions included) from now on; a pool has
+        one log at a time, so another log attached to it stops recording it."""
         for pool in pools:
-            if _logs.get(pool) is not self:
-                self.detach([pool])
-                _logs[pool] = self
-                pool.on_evict.append(_EvictRecorder(self, pool.device))
+            current = _logs.get(pool)
+            if current is self:
+                continue
+            if current is not None:
+                current.detach([pool])
+            _logs[pool] = self
+            pool.on_evict.append(_EvictRecorder(self, pool.device))
 
     def detach(self, pools: Iterable[BlockPool]) -> None:
         for pool in pools:

@@ -51,3 +51,14 @@ def test_evictions_are_recorded_per_device_until_detached() -> None:
     a.evict()
     publish(a, "load", "m")
     assert len(log.since(0)) == 2 and a.on_evict == [] and log_of(a) is None
+
+
+def test_a_pool_has_one_log_at_a_time() -> None:
+    p, first, second = pool(), EventLog(), EventLog()
+    first.attach([p])
+    second.attach([p])
+    p.allocate(UnitKind.WEIGHT, 64, pin=False)
+    p.evict()
+    publish(p, "load", "m")
+    assert first.since(0) == [] and [e.kind for e in second.since(0)] == ["evict", "load"]
+    assert len(p.on_evict) == 1

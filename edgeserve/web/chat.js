@@ -170,7 +170,7 @@ export function initChat() {
   $("composer").onsubmit = (e) => {
     e.preventDefault();
     const text = $("prompt").value.trim();
-    if (!text || aborter && !aborter.signal.aborted && !$("stop").hidden) return;
+    if (!text || !$("stop").hidden) return;      // one reply at a time
     $("prompt").value = "";
     send(text);
   };

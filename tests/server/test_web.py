@@ -13,7 +13,7 @@ from edgeserve.poolmap import apply, snapshot
 from edgeserve.server import create_app
 from edgeserve.server.board import models_of
 from edgeserve.server.live import LiveFeed
-from edgeserve.server.web import EVENTS
+from edgeserve.server.web import EVENTS, FEED
 
 MODEL = "demo-llama"
 
@@ -107,3 +107,13 @@ async def test_events_and_unit_details(client: TestClient, edge: EdgeServer) -> 
     assert detail["loaded_by"] == [MODEL]
     for path in ("/admin/units/cpu/999999", "/admin/units/cuda:9/1", "/admin/units/cpu/x"):
         assert (await client.get(path)).status == 404, path
+
+
+async def test_closing_the_feed_ends_its_streams(client: TestClient) -> None:
+    resp = await client.get("/admin/live")
+    await next_event(resp)
+    feed: LiveFeed = client.app[FEED]
+    assert len(feed.subscribers) == 1
+    await feed.close()
+    assert await asyncio.wait_for(resp.content.read(), 10) == b""     # the stream ended
+    assert feed.subscribers == set()
