@@ -10,10 +10,6 @@ from typing import Any
 from edgeserve.api import EdgeServer
 from edgeserve.pool import BlockPool, Unit
 
-# Counters a prefix cache reports under vLLM's names, where one is present.
-PREFIX_HITS = "vllm:prefix_cache_hits_total"
-PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
-
 
 def models_of(es: EdgeServer) -> Any:
     """unit -> the ids of the models that use it (or created it), sorted."""
@@ -76,10 +72,17 @@ def _expert_hit_rate(es: EdgeServer) -> float | None:
 
 
 def _prefix_hit_rate(es: EdgeServer) -> float | None:
-    registry = es.metrics.registry
-    queries = registry.get_sample_value(PREFIX_QUERIES)
-    hits = registry.get_sample_value(PREFIX_HITS)
-    return round(hits / queries, 4) if queries and hits is not None else None
+    """Prompt tokens found in the prefix cache over those looked up, since the start."""
+    queries, hits = (_total(getattr(es.metrics, name, None))
+                     for name in ("prefix_queries", "prefix_hits"))
+    return round(hits / queries, 4) if queries else None
+
+
+def _total(counter: Any) -> float:
+    """A counter's value summed over its labels (0 without the counter)."""
+    if counter is None:
+        return 0.0
+    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
 
 
 def unit_detail(es: EdgeServer, pool: BlockPool, unit: Unit) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient
 from edgeserve.api import EdgeServer
 from edgeserve.poolmap import apply, snapshot
 from edgeserve.server import create_app
+from edgeserve.server import board
 from edgeserve.server.board import models_of
 from edgeserve.server.live import LiveFeed
 from edgeserve.server.web import EVENTS, FEED
@@ -117,3 +118,17 @@ async def test_closing_the_feed_ends_its_streams(client: TestClient) -> None:
     await feed.close()
     assert await asyncio.wait_for(resp.content.read(), 10) == b""     # the stream ended
     assert feed.subscribers == set()
+
+
+async def test_numbers_after_requests(edge: EdgeServer) -> None:
+    await edge.start()
+    try:
+        messages = [{"role": "user", "content": "memory pools and their blocks " * 40}]
+        for _ in range(2):          # the second finds the first's prompt pages
+            await edge.chat(MODEL, messages, max_tokens=4, temperature=0)
+        n = board.numbers(edge)
+    finally:
+        await edge.close()
+    assert n["requests"] == 2 and n["loads"] == 1 and n["running"] == n["waiting"] == 0
+    assert 0 < n["ttft_p50"] <= n["ttft_p95"] and n["tokens_per_s"] > 0
+    assert 0 < n["prefix_hit_rate"] < 1 and n["expert_hit_rate"] is None
