@@ -10,8 +10,7 @@ from aiohttp.test_utils import TestClient
 
 from edgeserve.api import EdgeServer
 from edgeserve.poolmap import apply, snapshot
-from edgeserve.server import create_app
-from edgeserve.server import board
+from edgeserve.server import board, create_app
 from edgeserve.server.board import models_of
 from edgeserve.server.live import LiveFeed
 from edgeserve.server.web import EVENTS, FEED
