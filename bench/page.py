@@ -4,8 +4,8 @@ The server runs as `edgeserve serve` in its own process, on the demo model. In a
 rounds, 8 clients stream chats (fixed length, ignore_eos) for the same time, either alone
 or with the page's live feed (`GET /admin/live`) open and read, as the page reads it; with
 `--browser`, the page itself is open in headless Chromium instead (the browser then shares
-the CPU with the server, as it would on a one-box set-up). Throughput is tokens generated
-over the time until every request started in the round has finished. Prints one JSON line
+the CPU with the server, as it would on a one-box set-up). Throughput is the tokens
+streamed during a round, counted as they arrive. Prints one JSON line
 with tokens/s per mode, the feed's updates and bytes per second, the on/off throughput
 ratio, the median of the rounds' ratios (target: at least 0.97), and, measured in-process
 while the same 8 streams decode, the CPU time of computing one update and the share of
@@ -38,34 +38,50 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-component-update", "--disable-sync"]
 
 
-async def one_chat(session: aiohttp.ClientSession, url: str, i: int, max_tokens: int) -> int:
+async def one_chat(session: aiohttp.ClientSession, url: str, i: int, max_tokens: int,
+                   tally: list[int]) -> None:
     body = {"model": MODEL, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True},
+            "ignore_eos": True,
             "messages": [{"role": "user", "content": f"Request {i}: tell me about pools."}]}
-    tokens = 0
     async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
         resp.raise_for_status()
-        async for line in resp.content:
-            if line.startswith(b'data: {"id"') and b'"usage":{' in line:
-                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-    return tokens
+        async for line in resp.content:        # one chunk per token and sequence
+            if line.startswith(b"data: {") and b'"content":"' in line \
+                    and b'"content":""' not in line:
+                tally[0] += 1
 
 
 async def decode(session: aiohttp.ClientSession, url: str, streams: int, seconds: float,
                  max_tokens: int) -> float:
-    """Tokens per second of `streams` clients that start requests for `seconds`."""
-    start = time.perf_counter()
-    end = start + seconds
+    """Tokens per second streamed to `streams` clients during `seconds` (each client
+    starts a new request when one ends; those still running at the end are cut)."""
+    tally = [0]
     counter = iter(range(1 << 30))
-    total = 0
 
     async def client() -> None:
-        nonlocal total
-        while time.perf_counter() < end:
-            total += await one_chat(session, url, next(counter), max_tokens)
+        while True:
+            await one_chat(session, url, next(counter), max_tokens, tally)
 
-    await asyncio.gather(*[client() for _ in range(streams)])
-    return total / (time.perf_counter() - start)
+    tasks = [asyncio.create_task(client()) for _ in range(streams)]
+    start = time.perf_counter()
+    await asyncio.sleep(seconds)
+    tokens, elapsed = tally[0], time.perf_counter() - start
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await settle(session, url)
+    return tokens / elapsed
+
+
+async def settle(session: aiohttp.ClientSession, url: str) -> None:
+    """Wait until the server has no request left (cut streams end at its next step), so
+    that no round inherits the previous one's work."""
+    for _ in range(600):
+        async with session.get(f"{url}/admin/pool") as resp:
+            requests = (await resp.json())["requests"]
+        if requests["running"] + requests["waiting"] == 0:
+            return
+        await asyncio.sleep(0.1)
 
 
 class FeedReader:
@@ -183,6 +199,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                                          timeout=timeout) as session:
             await decode(session, url, args.streams, 1.0, 4)           # warm-up
             for _ in range(args.rounds):
+                await asyncio.sleep(0.5)        # as long as the feed's start below
                 off.append(await decode(session, url, args.streams, args.seconds,
                                         args.max_tokens))
                 on.append(await with_feed(session, url, args, feeds))
