@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from edgeserve.api import EdgeServer
-from edgeserve.pool import BlockPool, Unit
+from edgeserve.pool import BlockPool, Unit, UnitKind
 
 
 def models_of(es: EdgeServer) -> Any:
@@ -38,7 +38,11 @@ def resident_models(es: EdgeServer) -> dict[str, dict[str, Any]]:
 
 
 def host_tier(es: EdgeServer) -> dict[str, int] | None:
-    return es.host.stats() if es.host is not None else None
+    """The host tier's figures, with the bytes of KV pages kept there (`kv_bytes`)."""
+    if es.host is None:
+        return None
+    kv = getattr(es.scheduler, "kv_host", None)
+    return es.host.stats() | {"kv_bytes": sum(kv.bytes_by_model().values()) if kv else 0}
 
 
 def numbers(es: EdgeServer) -> dict[str, Any]:
@@ -85,6 +89,18 @@ def _total(counter: Any) -> float:
     return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
 
 
+def _reload(unit: Unit, ctx: Any) -> tuple[str | None, float | None]:
+    """Where an evicted unit would come back from, and in how many seconds: a tier, or
+    for a prefix KV page the prefill that recomputes it when that is faster."""
+    if unit.key is None:
+        return None, None
+    tier = ctx.comes_back_from(unit)
+    seconds = unit.nbytes / ctx.bandwidth[tier]
+    if unit.kind is UnitKind.KV and (tier != "host" or unit.reload_cost < seconds):
+        return "prefill", unit.reload_cost
+    return tier, seconds
+
+
 def unit_detail(es: EdgeServer, pool: BlockPool, unit: Unit) -> dict[str, Any]:
     """One unit for the map's hover: what it is, who uses it, and what evicting it costs."""
     sched = es.scheduler
@@ -97,7 +113,7 @@ def unit_detail(es: EdgeServer, pool: BlockPool, unit: Unit) -> dict[str, Any]:
         if found:
             using.append(model_id)
             names.update(found)
-    tier = ctx.comes_back_from(unit) if unit.key else None
+    tier, reload_s = _reload(unit, ctx)
     return {"id": unit.id, "device": pool.device, "kind": unit.kind.value,
             "bytes": unit.nbytes, "blocks": unit.nblocks, "start": unit.start,
             "pins": unit.pins, "key": unit.key, "owner": unit.owner,
@@ -105,7 +121,7 @@ def unit_detail(es: EdgeServer, pool: BlockPool, unit: Unit) -> dict[str, Any]:
             "names": sorted(names),
             "uses": unit.uses, "idle_s": round(time.monotonic() - unit.last_use, 1),
             "comes_back_from": tier,
-            "reload_s": unit.nbytes / ctx.bandwidth[tier] if tier else None,
+            "reload_s": reload_s,
             "demand": ctx.reuse(unit),
             "in_host_tier": bool(unit.key and es.host is not None and unit.key in es.host),
             "eviction_value": value(unit, ctx) if value is not None and not unit.pins

@@ -155,14 +155,18 @@ function drawHost() {
     el = document.createElement("div");
     el.id = "host";
     el.className = "host";
-    el.innerHTML = `<span class="label">host tier</span><div class="bar"><div></div></div>
+    el.innerHTML = `<span class="label">host tier</span>
+      <div class="bar"><div class="weights"></div><div class="kv"></div></div>
       <span class="muted"></span>`;
     document.getElementById("devices").after(el);
   }
-  const { used_bytes: used, capacity_bytes: cap, units } = state.host;
-  el.querySelector(".bar div").style.width = `${cap ? (100 * used) / cap : 0}%`;
+  const { used_bytes: used, capacity_bytes: cap, units, kv_bytes: kv = 0 } = state.host;
+  const share = (n) => `${cap ? (100 * n) / cap : 0}%`;
+  el.querySelector(".bar .weights").style.width = share(used - kv);
+  el.querySelector(".bar .kv").style.width = share(kv);
   el.querySelector(".muted").textContent =
-    `${formatBytes(used)} of ${formatBytes(cap)} · ${units} unit${units === 1 ? "" : "s"}`;
+    `${formatBytes(used)} of ${formatBytes(cap)} · ${units} unit${units === 1 ? "" : "s"}` +
+    (kv ? ` · KV pages ${formatBytes(kv)}` : "");
 }
 
 // ---- hover ---------------------------------------------------------------------------

@@ -126,8 +126,15 @@ async def test_numbers_after_requests(edge: EdgeServer) -> None:
         for _ in range(2):          # the second finds the first's prompt pages
             await edge.chat(MODEL, messages, max_tokens=4, temperature=0)
         n = board.numbers(edge)
+        pool = edge.pools["cpu"]
+        page = next(u for u in pool.units.values() if u.kind.value == "kv" and u.key)
+        detail = board.unit_detail(edge, pool, page)         # a prefix page kept for reuse
+        host = board.host_tier(edge)
     finally:
         await edge.close()
     assert n["requests"] == 2 and n["loads"] == 1 and n["running"] == n["waiting"] == 0
     assert 0 < n["ttft_p50"] <= n["ttft_p95"] and n["tokens_per_s"] > 0
     assert 0 < n["prefix_hit_rate"] < 1 and n["expert_hit_rate"] is None
+    assert detail["pins"] == 0 and detail["models"] == [MODEL] and detail["names"] == []
+    assert detail["comes_back_from"] in ("prefill", "host") and detail["reload_s"] > 0
+    assert detail["eviction_value"] > 0 and host is not None and host["kv_bytes"] == 0
