@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -139,3 +140,24 @@ def test_key_prompt_with_api_key(serve: Any, page: Any) -> None:
     p.wait_for_selector('#models tr[data-model="demo-llama"]', timeout=TIMEOUT)
     p.wait_for_selector("#conn.ok", timeout=TIMEOUT)     # the feed was sent the key too
     page.screenshot("key")
+
+
+def test_stop_ends_the_reply_and_its_request(serve: Any, page: Any) -> None:
+    server = serve()
+    open_page(page, server.url + "/")
+    p = page.page
+    p.click("#settings summary")
+    p.fill("#max_tokens", "4000")
+    p.fill("#prompt", "Go on for a long time.")
+    p.press("#prompt", "Enter")
+    p.wait_for_function("() => (document.querySelector('.msg.assistant .text') || {})"
+                        ".textContent?.length > 0", timeout=TIMEOUT)
+    p.click("#stop")
+    p.wait_for_selector(".msg.assistant .meta:has-text('stopped')", timeout=TIMEOUT)
+    assert p.is_visible("#send") and p.is_hidden("#stop")
+    engine = server.es.engine
+    deadline = time.monotonic() + 30
+    while engine.num_running + engine.num_waiting and time.monotonic() < deadline:
+        time.sleep(0.05)        # the server cancels the sequence at its next step
+    assert engine.num_running + engine.num_waiting == 0
+    assert page.errors == []
