@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import time
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -138,3 +140,27 @@ async def test_numbers_after_requests(edge: EdgeServer) -> None:
     assert detail["pins"] == 0 and detail["models"] == [MODEL] and detail["names"] == []
     assert detail["comes_back_from"] in ("prefill", "host") and detail["reload_s"] > 0
     assert detail["eviction_value"] > 0 and host is not None and host["kv_bytes"] == 0
+
+
+async def test_a_costly_update_slows_the_feed_down(client: TestClient, edge: EdgeServer,
+                                                   monkeypatch: Any) -> None:
+    feed = LiveFeed(edge, client.app[EVENTS], tick=0.01)
+    calls: list[float] = []
+
+    def slow_update() -> bytes:
+        calls.append(asyncio.get_running_loop().time())
+        start = time.perf_counter()
+        while time.perf_counter() - start < 0.002:     # 2 ms of work: 0.2 s apart at 1%
+            pass
+        return b": x\n\n"
+
+    monkeypatch.setattr(feed, "update", slow_update)
+    queue, _ = feed.subscribe()
+    for _ in range(100):
+        if len(calls) >= 3:
+            break
+        await asyncio.sleep(0.05)
+    feed.unsubscribe(queue)
+    await feed.close()
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert gaps and min(gaps) >= 0.19, gaps
