@@ -36,6 +36,13 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/units/{device}/{id}", unit)
     app.cleanup_ctx.append(_feed_ctx)      # after the server's: its pools exist by then
     app.on_shutdown.append(_close_feed)
+    app.on_response_prepare.append(_revalidate)
+
+
+async def _revalidate(request: web.Request, response: web.StreamResponse) -> None:
+    # The page's files change with the package: browsers ask again (a 304 when unchanged).
+    if request.path.startswith(PUBLIC_PREFIX):
+        response.headers["Cache-Control"] = "no-cache"
 
 
 def is_public(path: str) -> bool:

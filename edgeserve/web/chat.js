@@ -26,7 +26,7 @@ function newConversation() {
 
 function drawConversations() {
   $("conversation").innerHTML = [...conversations].reverse().map((c) =>
-    `<option value="${c.id}" ${c === current ? "selected" : ""}>${esc(c.title)}</option>`).join("");
+    `<option value="${esc(c.id)}" ${c === current ? "selected" : ""}>${esc(c.title)}</option>`).join("");
 }
 
 export function fillModelPicker() {

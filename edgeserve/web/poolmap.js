@@ -194,7 +194,7 @@ function hover(device, entry, e) {
   }
   const pool = state.pools.get(device);
   const [, start, nblocks, kind, pins, models] = unit;
-  el.innerHTML = `<b>${kind}</b> unit ${id}<br>${esc(models.join(", ") || "(no model)")}<br>` +
+  el.innerHTML = `<b>${esc(kind)}</b> unit ${id}<br>${esc(models.join(", ") || "(no model)")}<br>` +
     `blocks ${start}–${start + nblocks - 1} · ${formatBytes(nblocks * pool.block_size)}<br>` +
     `${pins ? `pinned ×${pins}` : "retained (unpinned)"}<div class="more muted">…</div>`;
   clearTimeout(pending);

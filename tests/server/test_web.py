@@ -40,6 +40,7 @@ async def test_page_and_assets(client: TestClient) -> None:
     for name, kind in (("main.js", "javascript"), ("style.css", "text/css")):
         resp = await client.get(f"/ui/{name}")
         assert resp.status == 200 and kind in resp.content_type
+        assert resp.headers["Cache-Control"] == "no-cache"
     assert (await client.get("/ui/nothing.js")).status == 404
 
 
