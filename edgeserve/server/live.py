@@ -112,7 +112,8 @@ class LiveFeed:
         if events:
             self.seq = events[-1].seq
             body["events"] = [e.to_json() for e in events]
-        for key, value in self._state(self.ticks % NUMBERS_EVERY == 0).items():
+        numbers = self.ticks % NUMBERS_EVERY == 0 or bool(events)    # loads count at once
+        for key, value in self._state(numbers).items():
             if self.state.get(key) != value:
                 self.state[key] = body[key] = value
         if not body:

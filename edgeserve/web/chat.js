@@ -5,7 +5,7 @@
 import { post, readEvents, request } from "./api.js";
 import { state } from "./live.js";
 import { esc } from "./poolmap.js";
-import { showError, storeModels } from "./panels.js";
+import { showError } from "./panels.js";
 
 const STORE = "edgeserve.conversations";
 const $ = (id) => document.getElementById(id);
@@ -32,7 +32,7 @@ function drawConversations() {
 export function fillModelPicker() {
   // Group by base: a task or a tagged variant (NAME:tag) sits under its base.
   const groups = new Map();
-  for (const { id, parent } of storeModels) {
+  for (const { id, parent } of state.store) {
     const base = parent || id.split(":")[0];
     if (!groups.has(base)) groups.set(base, []);
     groups.get(base).push(id);
@@ -42,7 +42,7 @@ export function fillModelPicker() {
     ? `<option>${esc(base)}</option>`
     : `<optgroup label="${esc(base)}">${ids.map((i) => `<option>${esc(i)}</option>`).join("")}</optgroup>`,
   ).join("");
-  if (picked && storeModels.some((m) => m.id === picked)) $("model").value = picked;
+  if (picked && state.store.some((m) => m.id === picked)) $("model").value = picked;
 }
 
 function bubble(message) {

@@ -9,6 +9,7 @@ export const state = {
   host: null,
   numbers: {},
   events: [],           // newest last, at most MAX_EVENTS
+  store: [],            // the store's models, from /v1/models: [{id, parent}]
 };
 const MAX_EVENTS = 200;
 const listeners = [];

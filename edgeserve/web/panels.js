@@ -4,10 +4,8 @@ import { formatBytes, post } from "./api.js";
 import { colour, esc, HUES, modelIndex } from "./poolmap.js";
 import { state } from "./live.js";
 
-export let storeModels = [];      // from /v1/models: [{id, parent}]
-
 export function setStoreModels(models) {
-  storeModels = models;
+  state.store = models;
 }
 
 // ---- numbers -------------------------------------------------------------------------
@@ -46,7 +44,7 @@ export function drawLegend() {
 export function drawModels() {
   const index = modelIndex();
   const body = document.querySelector("#models tbody");
-  const rows = storeModels.map(({ id, parent }) => {
+  const rows = state.store.map(({ id, parent }) => {
     const m = state.models[id];
     const swatch = `<i style="background:${colour("weight", id, true, index)}"></i>`;
     const where = m ? `${esc(m.device)} · ${formatBytes(m.bytes)}` +

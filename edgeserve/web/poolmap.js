@@ -11,8 +11,10 @@ const MAX_HEIGHT = 190;
 const FREE = "#e6e9ef";
 const canvases = new Map();     // device -> {canvas, cells: unit id per cell, per, cell, cols}
 
+// A model's shade: its place among every model seen, so that it keeps it while it comes
+// and goes.
 export function modelIndex() {
-  const names = new Set(Object.keys(state.models));
+  const names = new Set([...state.store.map((m) => m.id), ...Object.keys(state.models)]);
   for (const pool of state.pools.values()) {
     for (const row of pool.units.values()) for (const m of row[5]) names.add(m);
   }

@@ -89,6 +89,10 @@ def test_map_shows_blocks_after_load_and_retained_after_unload(serve: Any, page:
     assert loaded["retained"] == 0 and loaded["kinds"]["weight"] == loaded["pinned"]
     blocks = server.call(_model_blocks(server, "demo-llama"))
     assert loaded["pinned"] == blocks
+    p.wait_for_selector(".tile:has(.label:text-is('loads')) .value:text-is('1')",
+                        timeout=TIMEOUT)
+    swatches = p.eval_on_selector_all("#models i", "is => is.map(i => i.style.background)")
+    assert len(set(swatches)) == 2           # each model its own shade
     page.screenshot("loaded")
     p.click('#models tr[data-model="demo-llama"] button[data-act="unload"]')
     s = wait_summary(page, "s.models['demo-llama'] && s.models['demo-llama'].pinned === 0")
