@@ -21,10 +21,11 @@ export function modelIndex() {
   return new Map([...names].sort().map((m, i) => [m, i]));
 }
 
+// Pinned: the model's shade of the kind's hue. Retained: pale, striped in that shade.
 export function colour(kind, model, pinned, index) {
   const hue = HUES[kind] ?? 0;
   const light = SHADES[(index.get(model) ?? 0) % SHADES.length];
-  return pinned ? `hsl(${hue} 62% ${light}%)` : `hsl(${hue} 45% ${Math.min(light + 26, 88)}%)`;
+  return pinned ? `hsl(${hue} 62% ${light}%)` : `hsl(${hue} 35% 89%)`;
 }
 
 function layout(n, width) {
@@ -105,7 +106,7 @@ function draw(entry, pool, index) {
     const [, , , kind, pins, models] = row;
     g.fillStyle = colour(kind, models[0], pins > 0, index);
     g.fillRect(x, y, size, size);
-    if (pins === 0 && size >= 5) stripe(g, x, y, size, kind);
+    if (pins === 0 && size >= 5) stripe(g, x, y, size, colour(kind, models[0], true, index));
     if (models.length > 1 && size >= 7) dot(g, x, y, size);
   }
   Object.assign(entry, { cells, per, cell, cols });
@@ -134,9 +135,9 @@ function summarise(canvas, pool) {
     `${pool.num_blocks - used} blocks free`);
 }
 
-function stripe(g, x, y, size, kind) {
-  g.strokeStyle = `hsl(${HUES[kind]} 50% 40% / 0.55)`;
-  g.lineWidth = 1;
+function stripe(g, x, y, size, shade) {
+  g.strokeStyle = shade;
+  g.lineWidth = size >= 9 ? 2 : 1;
   g.beginPath();
   g.moveTo(x, y + size);
   g.lineTo(x + size, y);
