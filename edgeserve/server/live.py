@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Any
 
@@ -25,6 +26,7 @@ from edgeserve.events import EventLog
 from edgeserve.poolmap import PoolSnapshot, diff, snapshot
 from edgeserve.server import board
 
+logger = logging.getLogger("edgeserve.server")
 TICK = 0.25             # seconds between updates: 4 a second at most
 SHARE = 0.01            # of the event loop's time the feed may take: huge pools tick slower
 NUMBERS_EVERY = 4       # ticks between two readings of the numbers panel
@@ -126,7 +128,11 @@ class LiveFeed:
         while self.subscribers:
             await asyncio.sleep(pause)
             start = time.perf_counter()
-            frame = self.update()
+            try:
+                frame = self.update()
+            except Exception:   # a model released under our feet, say
+                logger.exception("the live feed could not compute an update")
+                frame = self._resync()
             pause = max(self.tick, (time.perf_counter() - start) / SHARE)
             if frame is None:
                 quiet += pause
@@ -140,6 +146,19 @@ class LiveFeed:
                     queue.put_nowait(frame)
                 except asyncio.QueueFull:
                     self._drop(queue)
+
+
+    def _resync(self) -> bytes | None:
+        """A snapshot for everyone after a failed update (whose changes may be half taken);
+        if even that fails, subscribers are dropped and reconnect."""
+        try:
+            self.refresh()
+            return self._snapshot()
+        except Exception:
+            logger.exception("the live feed could not take a snapshot")
+            for queue in list(self.subscribers):
+                self._drop(queue)
+            return None
 
 
 def _sse(name: str, body: dict[str, Any]) -> bytes:

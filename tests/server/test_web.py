@@ -165,3 +165,26 @@ async def test_a_costly_update_slows_the_feed_down(client: TestClient, edge: Edg
     await feed.close()
     gaps = [b - a for a, b in itertools.pairwise(calls)]
     assert gaps and min(gaps) >= 0.19, gaps
+
+
+async def test_a_failed_update_resends_a_snapshot(client: TestClient, edge: EdgeServer,
+                                                  monkeypatch: Any) -> None:
+    resp = await client.get("/admin/live")
+    assert (await next_event(resp))[0] == "snapshot"
+    real = board.resident_models
+    failures = [RuntimeError("dictionary changed size during iteration")]
+
+    def flaky(es: EdgeServer) -> Any:
+        if failures and MODEL in es.models:    # the first update that would show it
+            raise failures.pop()
+        return real(es)
+
+    monkeypatch.setattr(board, "resident_models", flaky)
+    await edge.load(MODEL)
+    name, body = await next_event(resp)
+    while name == "update" and MODEL not in body.get("models", {}):
+        name, body = await next_event(resp)
+    assert name == "snapshot" and MODEL in body["models"]      # whole again, not half
+    units = body["pools"][0]["units"]
+    assert sorted(units) == sorted(snapshot(edge.pools["cpu"], models_of(edge)).to_json()["units"])
+    resp.close()
