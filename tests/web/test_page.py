@@ -165,3 +165,18 @@ def test_stop_ends_the_reply_and_its_request(serve: Any, page: Any) -> None:
         time.sleep(0.05)        # the server cancels the sequence at its next step
     assert engine.num_running + engine.num_waiting == 0
     assert page.errors == []
+
+
+def test_model_picker_groups_tasks_and_tags_under_their_base(serve: Any, page: Any) -> None:
+    server = serve()
+    ids = [("base", None), ("base:int8", None), ("summarise", "base"), ("solo", None)]
+    body = {"object": "list", "data": [{"id": i, "object": "model", "created": 0,
+                                        "owned_by": "edgeserve", "parent": parent}
+                                       for i, parent in ids]}
+    page.page.route("**/v1/models", lambda route: route.fulfill(json=body))
+    open_page(page, server.url + "/")
+    groups = page.page.eval_on_selector_all(
+        "#model optgroup", "gs => gs.map(g => [g.label, [...g.children].map(o => o.value)])")
+    assert groups == [["base", ["base", "base:int8", "summarise"]]]
+    assert page.page.eval_on_selector_all("#model > option", "os => os.map(o => o.value)") \
+        == ["solo"]
