@@ -4,6 +4,7 @@ Debian's Chromium driven by Playwright (skipped, with the reason, where either i
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from edgeserve.demo import build_demo
 from edgeserve.server import create_app
 from edgeserve.server.app import url_of
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(os.environ.get("EDGESERVE_CHROMIUM", "/usr/bin/chromium"))   # Debian's
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
