@@ -17,6 +17,7 @@ import torch
 from edgeserve.blocks.arena import TileArena, arena_stats
 from edgeserve.config import Config, PoolConfig, from_env, parse_size
 from edgeserve.device import DeviceInfo, cpu_info, discover
+from edgeserve.constrain import start_grammar
 from edgeserve.engine import Engine
 from edgeserve.kv.stats import kv_bytes, prefix_stats
 from edgeserve.loader import LoadReport, parse_dtype
@@ -210,13 +211,16 @@ class EdgeServer:
                        ) -> Completion:
         return await self._collect(self.stream_complete(model, prompt, **sampling))
 
-    async def stream_chat(self, model: str, messages: list[dict[str, Any]], **sampling: Any
+    async def stream_chat(self, model: str, messages: list[dict[str, Any]], *,
+                          tools: list[dict[str, Any]] | None = None, **sampling: Any
                           ) -> AsyncGenerator[Delta, None]:
+        """`tools` (OpenAI's function definitions) go to the chat template."""
         params = SamplingParams.from_options(**sampling)
         await self.load(model)
         tokenizer = self._require_tokenizer(model)
+        extra = {"tools": tools} if tools is not None else {}
         # Rendering and tokenizing a long chat takes a while: keep it off the event loop.
-        prompt = await asyncio.to_thread(tokenizer.encode_chat, messages)
+        prompt = await asyncio.to_thread(tokenizer.encode_chat, messages, True, **extra)
         async for delta in self._stream(model, prompt, params):
             yield delta
 
@@ -246,7 +250,11 @@ class EdgeServer:
         if model_id not in self.models:
             await self.load(model_id)
         model = self.models[model_id]
-        _check_prompt(model, prompt)
+        _check_prompt(model, prompt, params)
+        grammar = None
+        if params.grammar is not None:      # compiled once per schema, off the event loop
+            grammar = await asyncio.to_thread(start_grammar, params.grammar,
+                                              self._require_tokenizer(model_id), model)
         loop = asyncio.get_running_loop()
         mailbox = self._mailboxes.get(loop)
         if mailbox is None:
@@ -257,7 +265,7 @@ class EdgeServer:
             mailbox.post(queue, event)
 
         seq = Seq(next(self._ids), model, prompt, params, sink,
-                  tokenizer=self.tokenizer(model_id))
+                  tokenizer=self.tokenizer(model_id), grammar=grammar)
         self._engine.submit(seq)
         timer = _RequestTimer(self.metrics, model_id, seq)
         try:
@@ -341,7 +349,7 @@ def _pool_stats(pool: BlockPool, models: list[ResidentModel],
         "evictions": pool.evictions}
 
 
-def _check_prompt(model: ResidentModel, prompt: list[int]) -> None:
+def _check_prompt(model: ResidentModel, prompt: list[int], params: SamplingParams) -> None:
     if not prompt:
         raise InvalidRequest("the prompt is empty", "prompt")
     vocab = model.spec.vocab_size
@@ -352,6 +360,11 @@ def _check_prompt(model: ResidentModel, prompt: list[int]) -> None:
     if len(prompt) >= model.spec.max_positions:
         raise InvalidRequest(f"the prompt has {len(prompt)} tokens; model '{model.id}' "
                              f"accepts fewer than {model.spec.max_positions}", "prompt")
+    room = model.spec.max_positions - len(prompt)
+    if not params.clamp_max_tokens and params.max_tokens > room:
+        raise InvalidRequest(f"max_tokens is {params.max_tokens}, but the context of "
+                             f"{model.spec.max_positions} tokens leaves {room} after the "
+                             f"prompt's {len(prompt)}", "max_tokens")
 
 
 class _RequestTimer:

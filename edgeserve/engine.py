@@ -22,6 +22,7 @@ import torch
 from edgeserve.batch import build_batch
 from edgeserve.blocks.delta import task_delta
 from edgeserve.config import EngineConfig
+from edgeserve.constrain import advance, mask_logits
 from edgeserve.mailbox import resolve
 from edgeserve.model import ResidentModel
 from edgeserve.pool import PoolFull
@@ -248,10 +249,13 @@ class Engine:
         if not done:
             return
         logits = logits[done]
+        grammars = [seqs[i].grammar for i in done]
         try:
+            logits = mask_logits(logits, grammars)
             picked = sample(logits, [seqs[i].params for i in done],
                             [seqs[i].generator for i in done])
             logprobs = _logprobs(logits, picked, [seqs[i].params.logprobs for i in done])
+            advance(grammars, picked.tolist())
         except Exception as e:          # fail these sequences, not the whole engine
             log.exception("sampling for %s failed", model.id)
             for i in done:

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from edgeserve.constrain.grammar import Grammar
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 512     # the matcher keeps every prefix of every stop string
 GREEDY_BELOW = 1e-5       # temperatures this small divide logits into inf: use argmax
@@ -57,6 +59,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; n: the chosen token's and the n most likely
+    grammar: Grammar | None = None  # the output is constrained to this grammar
+    # max_tokens beyond what the context leaves after the prompt: cut there (finish reason
+    # "length") when True, refuse the request when False (OpenAI's contract).
+    clamp_max_tokens: bool = True
 
     def validate(self) -> None:
         """Raise SamplingError naming the first invalid parameter."""
@@ -84,6 +90,10 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, minimum=0)
             if self.logprobs > MAX_LOGPROBS:
                 raise SamplingError("logprobs", f"must be at most {MAX_LOGPROBS}")
+        if self.grammar is not None and not isinstance(self.grammar, Grammar):
+            raise SamplingError("grammar", f"must be a Grammar, got {self.grammar!r}")
+        if not isinstance(self.clamp_max_tokens, bool):
+            raise SamplingError("clamp_max_tokens", "must be a bool")
 
     @property
     def greedy(self) -> bool:

@@ -9,6 +9,7 @@ from enum import Enum
 
 import torch
 
+from edgeserve.constrain import GrammarState
 from edgeserve.kv import PrefixState
 from edgeserve.model import ResidentModel
 from edgeserve.pool import Unit
@@ -58,6 +59,7 @@ class Sequence:
     first_token_at: float | None = None
     generator: torch.Generator | None = None
     detok: IncrementalDetokenizer | None = None
+    grammar: GrammarState | None = None   # the output's grammar (the engine masks its logits)
     stops: StopMatcher = field(init=False)
 
     def __post_init__(self) -> None:
@@ -90,7 +92,8 @@ class Sequence:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         p = self.params
-        if (token in eos and not p.ignore_eos) or token in p.stop_token_ids:
+        if (token in eos and not p.ignore_eos) or token in p.stop_token_ids or \
+                (self.grammar is not None and self.grammar.complete):
             return self._finish("stop", "")
         self.output.append(token)
         text = self.detok.push(token) if self.detok is not None else ""

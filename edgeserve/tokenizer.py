@@ -62,8 +62,10 @@ class Tokenizer:
         self.eos_token_ids: frozenset[int] = self._collect_eos(generation_config or {})
         decoder = json.loads(backend.to_str()).get("decoder") or {}
         self._byte_level = "ByteLevel" in json.dumps(decoder)
-        self._special_ids = {t.content for t in backend.get_added_tokens_decoder().values()
-                             if t.special}
+        added = backend.get_added_tokens_decoder()
+        self._special_ids = {t.content for t in added.values() if t.special}
+        # Ids of special tokens (never text: a grammar does not allow them).
+        self.special_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -156,11 +158,11 @@ class Tokenizer:
         return self.chat_templates["default"]
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
     ) -> list[int]:
         """Token ids of the rendered chat. The template writes the special tokens
         itself, so none are added (transformers' ``tokenize=True`` behaviour)."""
-        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, **extra)
         return self.encode(text, add_special_tokens=False)
 
 
