@@ -41,6 +41,7 @@ from edgeserve.sequence import Sequence as Seq
 from edgeserve.store import ModelStore
 from edgeserve.tiers import HostTier
 from edgeserve.tokenizer import Tokenizer
+from edgeserve.tools import parse_stream, plan_tools
 
 log = logging.getLogger("edgeserve")
 
@@ -212,16 +213,22 @@ class EdgeServer:
         return await self._collect(self.stream_complete(model, prompt, **sampling))
 
     async def stream_chat(self, model: str, messages: list[dict[str, Any]], *,
-                          tools: list[dict[str, Any]] | None = None, **sampling: Any
-                          ) -> AsyncGenerator[Delta, None]:
-        """`tools` (OpenAI's function definitions) go to the chat template."""
+                          tools: list[dict[str, Any]] | None = None, tool_choice: Any = None,
+                          **sampling: Any) -> AsyncGenerator[Delta, None]:
+        """`tools` (OpenAI's function definitions) go to the chat template; with
+        `tool_choice` "required" or a named function the reply is one call (grammar
+        constrained); deltas carry the calls parsed out of the reply (edgeserve.tools)."""
         params = SamplingParams.from_options(**sampling)
         await self.load(model)
         tokenizer = self._require_tokenizer(model)
-        extra = {"tools": tools} if tools is not None else {}
+        plan = plan_tools(tools, tool_choice, tokenizer, params.grammar)
+        if plan.grammar is not None:
+            params = replace(params, grammar=plan.grammar)
+        extra = {"tools": tools} if tools else {}
         # Rendering and tokenizing a long chat takes a while: keep it off the event loop.
         prompt = await asyncio.to_thread(tokenizer.encode_chat, messages, True, **extra)
-        async for delta in self._stream(model, prompt, params):
+        stream = self._stream(model, prompt, params)
+        async for delta in parse_stream(stream, plan.format) if plan.format else stream:
             yield delta
 
     async def stream_complete(self, model: str, prompt: str | Sequence[int], **sampling: Any
@@ -290,16 +297,17 @@ class EdgeServer:
 
     @staticmethod
     async def _collect(stream: AsyncIterator[Delta]) -> Completion:
-        text, ids = [], []
+        text, ids, calls = [], [], []
         logprobs: list[TokenLogprob] | None = None
         async for delta in stream:
             text.append(delta.text)
             ids.extend(delta.token_ids)
+            calls.extend(delta.tool_calls or [])
             if delta.logprobs is not None:
                 logprobs = (logprobs or []) + delta.logprobs
             if delta.finish_reason and delta.usage:
                 return Completion("".join(text), ids, delta.finish_reason, delta.usage,
-                                  logprobs)
+                                  logprobs, calls or None)
         raise GenerationError("the stream ended without a finish reason")
 
     # ---- introspection -----------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
 
 
 class InvalidRequest(ValueError):
@@ -42,12 +45,27 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call the model made (chat with `tools`)."""
+
+    name: str
+    arguments: dict[str, Any]
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    @property
+    def arguments_json(self) -> str:
+        """The arguments as OpenAI sends them: a JSON text."""
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
-    text: str
+    text: str                   # the content (tool calls parsed out of it)
     token_ids: list[int]
-    finish_reason: str          # "stop" | "length"
+    finish_reason: str          # "stop" | "length" | "tool_calls"
     usage: Usage
     logprobs: list[TokenLogprob] | None = None   # when asked for, one per token id
+    tool_calls: list[ToolCall] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +77,7 @@ class Delta:
     finish_reason: str | None = None
     usage: Usage | None = None
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCall] | None = None     # calls completed with this piece
 
     def __str__(self) -> str:
         return self.text
