@@ -16,8 +16,9 @@ import torch
 
 from edgeserve.blocks.arena import TileArena, arena_stats
 from edgeserve.config import Config, PoolConfig, from_env, parse_size
-from edgeserve.device import DeviceInfo, cpu_info, discover
 from edgeserve.constrain import start_grammar
+from edgeserve.device import DeviceInfo, cpu_info, discover
+from edgeserve.embeddings import Embeddings, embed
 from edgeserve.engine import Engine
 from edgeserve.kv.stats import kv_bytes, prefix_stats
 from edgeserve.loader import LoadReport, parse_dtype
@@ -309,6 +310,13 @@ class EdgeServer:
                 return Completion("".join(text), ids, delta.finish_reason, delta.usage,
                                   logprobs, calls or None)
         raise GenerationError("the stream ended without a finish reason")
+
+    async def embed(self, model: str, inputs: Sequence[str | Sequence[int]],
+                    truncate: bool = False) -> Embeddings:
+        """One normalised vector per input from the model's hidden states (embeddings.py)."""
+        if self._closing:
+            raise ServerClosing("the server is shutting down")
+        return await embed(self, model, inputs, truncate)
 
     # ---- introspection -----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -97,9 +97,13 @@ class ResidentModel:
         """The weights changed: build the runner anew at the next forward."""
         self._runner = None
 
-    def forward(self, batch: StepBatch, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, batch: StepBatch, all_logits: bool = False,
+                hidden: bool = False) -> torch.Tensor:
+        """Logits (see arch), or with `hidden` the final-normed hidden states (B, S, D)."""
         runner = self.runner
         try:
+            if hidden:
+                return runner.hidden(batch, self.kv.view)
             return runner.forward(batch, self.kv.view, all_logits)
         finally:
             if self.offload is not None:

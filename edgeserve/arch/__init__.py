@@ -22,6 +22,8 @@ class Model(Protocol):
     def forward(self, batch: StepBatch, kv: torch.Tensor,
                 all_logits: bool = False) -> torch.Tensor: ...
 
+    def hidden(self, batch: StepBatch, kv: torch.Tensor) -> torch.Tensor: ...
+
 
 def family(spec: ModelSpec) -> ModuleType:
     return importlib.import_module(f"edgeserve.arch.{spec.family}")

@@ -179,6 +179,20 @@ class DenseModel:
         kv: the paged view (pages, L, P, 2, KVH, hd); the new keys and values are written
         into the pages of batch.slot_page / slot_offset.
         """
+        x = self._layers(batch, kv)
+        x = norm(x if all_logits else x[torch.arange(batch.size), batch.last], self.norm,
+                 self.spec.rms_norm_eps, batch, "model.norm.weight")
+        head = EMBED if self.spec.tie_embeddings else HEAD
+        return linear(x, self.lm_head, None, batch, head).float()
+
+    @torch.inference_mode()
+    def hidden(self, batch: StepBatch, kv: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden states (B, S, D) of every new token (for embeddings)."""
+        return norm(self._layers(batch, kv), self.norm, self.spec.rms_norm_eps, batch,
+                    "model.norm.weight")
+
+    def _layers(self, batch: StepBatch, kv: torch.Tensor) -> torch.Tensor:
+        """The embedding and every layer: hidden states (B, S, D) before the final norm."""
         spec = self.spec
         x = F.embedding(batch.tokens, self.embed)                       # (B, S, D)
         if batch.delta is not None:
@@ -194,10 +208,7 @@ class DenseModel:
             x = x + attention(spec, h, layer.attn, batch, kv[:, n], cos, sin, seen[window])
             h = norm(x, layer.norm_post, eps, batch, p + "post_attention_layernorm.weight")
             x = x + self._feed_forward(n, h, batch)
-        x = norm(x if all_logits else x[torch.arange(batch.size), batch.last], self.norm,
-                 spec.rms_norm_eps, batch, "model.norm.weight")
-        head = EMBED if spec.tie_embeddings else HEAD
-        return linear(x, self.lm_head, None, batch, head).float()
+        return x
 
     def _feed_forward(self, n: int, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """Layer n's feed-forward over h (B, S, D); another family may override it."""

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from edgeserve.results import Delta, InvalidRequest, TokenLogprob, Usage
+from edgeserve.results import Delta, InvalidRequest, TokenLogprob, ToolCall, Usage
 
 _Item = tuple[int, Delta | Exception]
 
@@ -18,6 +18,7 @@ class Gathered:
     text: str
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class Choices:
@@ -63,7 +64,10 @@ class Choices:
 
     def _rename(self, e: Exception) -> Exception:
         if isinstance(e, InvalidRequest) and e.param in self._renamed:
-            renamed = InvalidRequest(str(e), self._renamed[e.param])
+            name, message = self._renamed[e.param], str(e)
+            if message.startswith(e.param + " "):     # the message names it first
+                message = name + message.removeprefix(e.param)
+            renamed = InvalidRequest(message, name)
             renamed.__cause__ = e
             return renamed
         return e
@@ -96,13 +100,16 @@ class Choices:
         texts: list[list[str]] = [[] for _ in range(self.n)]
         logprobs: list[list[TokenLogprob] | None] = [None] * self.n
         reasons: list[str | None] = [None] * self.n
+        calls: list[list[ToolCall]] = [[] for _ in range(self.n)]
         self.read_directly()
         async for i, delta in self:
             texts[i].append(delta.text)
+            calls[i].extend(delta.tool_calls or [])
             if delta.logprobs is not None:
                 logprobs[i] = (logprobs[i] or []) + delta.logprobs
             reasons[i] = delta.finish_reason
-        return [Gathered("".join(texts[i]), logprobs[i], reasons[i]) for i in range(self.n)]
+        return [Gathered("".join(texts[i]), logprobs[i], reasons[i], calls[i] or None)
+                for i in range(self.n)]
 
     def usage(self) -> Usage:
         """The usage of the finished choices: each prompt once, every completion."""

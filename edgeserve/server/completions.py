@@ -36,7 +36,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompts = _prompts(req)
     _refuse_unsupported(req)
     max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS
-    sampling = checked_sampling(req, max_tokens, req.logprobs, {})
+    sampling = checked_sampling(req, max_tokens, req.logprobs, {},
+                                explicit=req.max_tokens is not None)
     loading = check_model(server, req.model)
     n = req.choices
     # Choice p * n + i is the i-th completion of prompt p, as in OpenAI's API.
@@ -70,10 +71,6 @@ def _prompts(req: CompletionRequest) -> list[Prompt]:
 
 
 def _refuse_unsupported(req: CompletionRequest) -> None:
-    if req.echo:
-        raise invalid("echo is not supported", "echo")
-    if req.suffix:
-        raise invalid("suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.choices:
         raise invalid("best_of is not supported (other than equal to n)", "best_of")
 

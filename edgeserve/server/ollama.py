@@ -17,17 +17,22 @@ from aiohttp import web
 import edgeserve
 from edgeserve.api import EdgeServer
 from edgeserve.results import Delta, InvalidRequest
+from edgeserve.results import ToolCall as Call
 from edgeserve.sampling import SamplingError, SamplingParams
 from edgeserve.server.app import SERVER, api_error
+from edgeserve.server.embeddings import ollama_embed
 from edgeserve.server.ollama_wire import (
     AssistantMessage,
+    CallFunction,
     ChatRequest,
     Description,
     GenerateRequest,
     Response,
     ShowRequest,
+    ToolCall,
     describe,
     digest,
+    format_grammar,
     from_epoch,
     in_seconds,
     keep_alive_seconds,
@@ -50,6 +55,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/ps", _ollama_errors(ps))
     app.router.add_post("/api/show", _ollama_errors(show))
     app.router.add_get("/api/version", version)
+    app.router.add_post("/api/embed", _ollama_errors(ollama_embed))
+    app.router.add_post("/api/embeddings", _ollama_errors(ollama_embed))
 
 
 def _ollama_errors(handler: Handler) -> Handler:
@@ -85,16 +92,19 @@ class _Turn:
         self.name, self.is_chat = name, is_chat
         self.start = self.loaded = self.first = time.perf_counter_ns()
 
-    def line(self, text: str, done: bool = False, **stats: Any) -> Response:
-        message = AssistantMessage("assistant", text) if self.is_chat else None
+    def line(self, text: str, done: bool = False, calls: list[Call] | None = None,
+             **stats: Any) -> Response:
+        wire = [ToolCall(CallFunction(c.name, c.arguments)) for c in calls] if calls else None
+        message = AssistantMessage("assistant", text, wire) if self.is_chat else None
         return Response(model=self.name, created_at=timestamp(), message=message,
                         response=None if self.is_chat else text, done=done, **stats)
 
-    def final(self, text: str, last: Delta) -> Response:
+    def final(self, text: str, last: Delta, calls: list[Call] | None = None) -> Response:
         end = time.perf_counter_ns()
         usage = last.usage
+        reason = "stop" if last.finish_reason == "tool_calls" else last.finish_reason
         return self.line(
-            text, True, done_reason=last.finish_reason,
+            text, True, calls, done_reason=reason,
             total_duration=max(1, end - self.start), load_duration=max(1, self.loaded - self.start),
             # The tokens actually evaluated: those found in the prefix cache were not.
             prompt_eval_count=usage.prompt_tokens - usage.cached_tokens if usage else 0,
@@ -108,13 +118,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
     es = request.app[SERVER]
     model = model_id(es.store, req.model)
     keep_alive = keep_alive_seconds(req.keep_alive)
-    sampling = _checked(req.options.sampling())
+    sampling = _checked(req.options.sampling()) | {"grammar": format_grammar(req.format)}
     turn = _Turn(req.model, is_chat=True)
     if not req.messages:
         return await _load_only(es, model, keep_alive, turn)
     messages = [m.to_dict() for m in req.messages]
     return await _run(request, es, model, turn, req.stream, keep_alive,
-                      lambda: es.stream_chat(model, messages, **_bounded(es, model, sampling)))
+                      lambda: es.stream_chat(model, messages, tools=req.tools,
+                                             **_bounded(es, model, sampling)))
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
@@ -122,7 +133,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     es = request.app[SERVER]
     model = model_id(es.store, req.model)
     keep_alive = keep_alive_seconds(req.keep_alive)
-    sampling = _checked(req.options.sampling())
+    sampling = _checked(req.options.sampling()) | {"grammar": format_grammar(req.format)}
     turn = _Turn(req.model, is_chat=False)
     if not req.prompt and not req.system:
         return await _load_only(es, model, keep_alive, turn)
@@ -190,11 +201,12 @@ async def _run(request: web.Request, es: EdgeServer, model: str, turn: _Turn, st
             turn.first = time.perf_counter_ns()
             if stream:
                 return await _stream(request, turn, first, deltas)
-            text, last = [first.text], first
+            text, last, calls = [first.text], first, list(first.tool_calls or [])
             while not last.finish_reason:
                 last = await anext(deltas)
                 text.append(last.text)
-            return _json(turn.final("".join(text), last))
+                calls.extend(last.tool_calls or [])
+            return _json(turn.final("".join(text), last, calls))
         finally:
             await deltas.aclose()
     finally:
@@ -207,13 +219,11 @@ async def _stream(request: web.Request, turn: _Turn, delta: Delta, rest: Deltas
     await resp.prepare(request)
     try:
         while True:
+            if delta.text or delta.tool_calls:
+                await resp.write(_ndjson(turn.line(delta.text, calls=delta.tool_calls)))
             if delta.finish_reason:
-                if delta.text:
-                    await resp.write(_ndjson(turn.line(delta.text)))
                 await resp.write(_ndjson(turn.final("", delta)))
                 break
-            if delta.text:
-                await resp.write(_ndjson(turn.line(delta.text)))
             delta = await anext(rest)
     except ConnectionError:
         pass            # the client left; closing the deltas cancels the sequence

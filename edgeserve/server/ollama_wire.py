@@ -1,6 +1,6 @@
 """What travels over Ollama's API: msgspec structs, keep-alive durations, model facts.
 
-Request structs ignore unknown fields (images, format, tools, unknown options ...):
+Request structs ignore unknown fields (images, unknown options ...):
 whatever else an Ollama client sends is accepted and has no effect.
 """
 
@@ -19,6 +19,7 @@ import msgspec
 
 from edgeserve.arch.spec import ModelFormatError
 from edgeserve.blocks.pack import TASK_FILE
+from edgeserve.constrain import Grammar, GrammarError
 from edgeserve.loader import scan_checkpoint
 from edgeserve.results import InvalidRequest
 from edgeserve.store import ModelStore, UnknownModel
@@ -56,12 +57,30 @@ class Options(msgspec.Struct):
                 "seed": self.seed, "stop": self.stop}
 
 
+class CallFunction(msgspec.Struct):
+    name: str
+    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ToolCall(msgspec.Struct):
+    function: CallFunction
+
+
 class Message(msgspec.Struct):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
+    tool_calls: list[ToolCall] | None = None    # an assistant's earlier calls
+    tool_name: str | None = None                # a tool's result: the function it answers
 
     def to_dict(self) -> dict[str, Any]:
-        return {"role": self.role, "content": self.content}
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [{"type": "function", "function": {
+                "name": c.function.name, "arguments": c.function.arguments}}
+                for c in self.tool_calls]
+        if self.tool_name is not None:
+            out["name"] = self.tool_name
+        return out
 
 
 KeepAlive = float | str | None
@@ -73,6 +92,8 @@ class ChatRequest(msgspec.Struct):
     stream: bool = True
     options: Options = msgspec.field(default_factory=Options)
     keep_alive: KeepAlive = None
+    tools: list[dict[str, Any]] | None = None
+    format: str | dict[str, Any] | None = None
 
 
 class GenerateRequest(msgspec.Struct):
@@ -83,6 +104,7 @@ class GenerateRequest(msgspec.Struct):
     stream: bool = True
     options: Options = msgspec.field(default_factory=Options)
     keep_alive: KeepAlive = None
+    format: str | dict[str, Any] | None = None
 
 
 class ShowRequest(msgspec.Struct):
@@ -91,9 +113,24 @@ class ShowRequest(msgspec.Struct):
 
 
 # ---- responses -------------------------------------------------------------------------
-class AssistantMessage(msgspec.Struct):
+class AssistantMessage(msgspec.Struct, omit_defaults=True):
     role: str
     content: str
+    tool_calls: list[ToolCall] | None = None
+
+
+def format_grammar(fmt: str | dict[str, Any] | None) -> Grammar | None:
+    """Ollama's `format`: "json" (a JSON object) or a JSON schema."""
+    if fmt is None or fmt == "":
+        return None
+    if fmt == "json":
+        return Grammar.json_object()
+    if isinstance(fmt, dict):
+        try:
+            return Grammar.json_schema(fmt)
+        except GrammarError as e:
+            raise InvalidRequest(str(e), "format") from e
+    raise InvalidRequest(f"format must be \"json\" or a JSON schema, got {fmt!r}", "format")
 
 
 class Response(msgspec.Struct, kw_only=True, omit_defaults=True):

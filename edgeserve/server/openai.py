@@ -13,7 +13,8 @@ import msgspec
 from aiohttp import web
 
 from edgeserve.api import EdgeServer
-from edgeserve.results import Delta
+from edgeserve.constrain import Grammar, GrammarError
+from edgeserve.results import Delta, ToolCall
 from edgeserve.results import Usage as ResultUsage
 from edgeserve.sampling import SamplingError, SamplingParams
 from edgeserve.server import sse
@@ -28,10 +29,14 @@ from edgeserve.server.wire import (
     Choice,
     ChunkChoice,
     DeltaMessage,
+    FunctionCall,
     GenerationRequest,
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    ResponseFormat,
+    ToolCallDelta,
+    ToolCallWire,
     Usage,
     encode,
 )
@@ -42,11 +47,13 @@ C = TypeVar("C", bound=sse.Chunks)
 
 def add_routes(app: web.Application) -> None:
     from edgeserve.server import completions  # it imports the helpers below
+    from edgeserve.server.embeddings import openai_embeddings
 
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions.completions)
+    app.router.add_post("/v1/embeddings", openai_embeddings)
 
 
 def json_response(obj: Any) -> web.Response:
@@ -71,6 +78,27 @@ def usage(u: ResultUsage) -> Usage:
                  PromptTokensDetails(u.cached_tokens))
 
 
+def response_grammar(fmt: ResponseFormat | None) -> Grammar | None:
+    """The grammar of a response_format (None for text)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return Grammar.json_object()
+    if fmt.json_schema is None or fmt.json_schema.schema is None:
+        raise invalid("response_format json_schema needs json_schema.schema",
+                      "response_format")
+    try:
+        return Grammar.json_schema(fmt.json_schema.schema, bool(fmt.json_schema.strict))
+    except GrammarError as e:
+        raise invalid(str(e), "response_format") from e
+
+
+def tool_calls_wire(calls: list[ToolCall] | None) -> list[ToolCallWire] | None:
+    if not calls:
+        return None
+    return [ToolCallWire(c.id, FunctionCall(c.name, c.arguments_json)) for c in calls]
+
+
 # ---- models ----------------------------------------------------------------------------
 def _card(model: StoredModel) -> ModelCard:
     return ModelCard(model.id, "model", model.created, "edgeserve", model.parent)
@@ -93,9 +121,16 @@ async def get_model(request: web.Request) -> web.Response:
 
 # ---- shared by chat and completions --------------------------------------------------------
 def checked_sampling(req: GenerationRequest, max_tokens: int | None, logprobs: int | None,
-                     renamed: dict[str, str]) -> dict[str, Any]:
-    """The request's sampling options, validated; errors name the request's fields."""
-    sampling = req.sampling(max_tokens, logprobs)
+                     renamed: dict[str, str], grammar: Grammar | None = None,
+                     explicit: bool = False) -> dict[str, Any]:
+    """The request's sampling options, validated; errors name the request's fields.
+    `explicit`: max_tokens was given, and must fit in the context after the prompt."""
+    unsupported = req.unsupported()
+    if unsupported:
+        raise invalid(f"{', '.join(unsupported)}: not supported by this server (it would "
+                      "change the output)", unsupported[0])
+    sampling = req.sampling(max_tokens, logprobs) | {"grammar": grammar,
+                                                      "clamp_max_tokens": not explicit}
     try:
         SamplingParams.from_options(**sampling)
     except SamplingError as e:
@@ -119,19 +154,21 @@ def check_model(server: EdgeServer, model: str) -> bool:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = msgspec.json.decode(await request.read(), type=ChatRequest)
     server = request.app[SERVER]
-    sampling = _chat_sampling(req)
+    sampling, renamed = _chat_sampling(req)
     loading = check_model(server, req.model)
     messages = [m.to_dict() for m in req.messages]
     streams: list[AsyncIterator[Delta]] = [
-        server.stream_chat(req.model, messages, **seeded(sampling, i))
+        server.stream_chat(req.model, messages, tools=req.tools, tool_choice=req.tool_choice,
+                           **seeded(sampling, i))
         for i in range(req.choices)]
-    choices = Choices(streams, [0] * req.choices, renamed={"prompt": "messages"})
+    choices = Choices(streams, [0] * req.choices, renamed=renamed)
     chunks = _ChatChunks(req.model, TokenText(server, req.model))
     return await respond(request, choices, chunks, _collect, stream=bool(req.stream),
                          loading=loading, include_usage=req.include_usage)
 
 
-def _chat_sampling(req: ChatRequest) -> dict[str, Any]:
+def _chat_sampling(req: ChatRequest) -> tuple[dict[str, Any], dict[str, str]]:
+    """The sampling options, and the request's names of the engine's parameters."""
     if not req.messages:
         raise invalid("messages must hold at least one message", "messages")
     if req.top_logprobs and not req.logprobs:
@@ -142,11 +179,18 @@ def _chat_sampling(req: ChatRequest) -> dict[str, Any]:
     if req.max_completion_tokens is not None:
         renamed["max_tokens"] = "max_completion_tokens"
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return checked_sampling(req, max_tokens, logprobs, renamed)
+    grammar = response_grammar(req.response_format)
+    sampling = checked_sampling(req, max_tokens, logprobs, renamed, grammar,
+                                explicit=max_tokens is not None)
+    forced = req.tool_choice not in (None, "none", "auto")
+    return sampling, {"prompt": "messages", "max_tokens": renamed.get("max_tokens", "max_tokens"),
+                      "grammar": "tool_choice" if forced else "response_format"}
 
 
 async def _collect(choices: Choices, chunks: _ChatChunks) -> ChatCompletion:
-    out = [Choice(i, AssistantMessage("assistant", c.text), c.finish_reason,
+    out = [Choice(i, AssistantMessage("assistant", c.text if c.text or not c.tool_calls
+                                      else None, tool_calls_wire(c.tool_calls)),
+                  c.finish_reason,
                   None if c.logprobs is None else chat_logprobs(c.logprobs, chunks.text))
            for i, c in enumerate(await choices.gather())]
     return ChatCompletion(chunks.id, "chat.completion", chunks.created, chunks.model, out,
@@ -159,6 +203,7 @@ class _ChatChunks:
     def __init__(self, model: str, text: TokenText) -> None:
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self.model, self.text = model, text
+        self.calls: dict[int, int] = {}     # choice -> index of its last tool call
 
     def _event(self, choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
         chunk = ChatCompletionChunk(self.id, "chat.completion.chunk", self.created, self.model,
@@ -177,6 +222,10 @@ class _ChatChunks:
             logprobs = chat_logprobs(delta.logprobs, self.text) if delta.logprobs else None
             out = self._event([ChunkChoice(index, DeltaMessage(content=delta.text), None,
                                            logprobs)])
+        for call in delta.tool_calls or []:     # each call whole, in one delta
+            k = self.calls[index] = self.calls.get(index, -1) + 1
+            wire = ToolCallDelta(k, call.id, FunctionCall(call.name, call.arguments_json))
+            out += self._event([ChunkChoice(index, DeltaMessage(tool_calls=[wire]))])
         if delta.finish_reason:
             out += self._event([ChunkChoice(index, DeltaMessage(), delta.finish_reason)])
         return out

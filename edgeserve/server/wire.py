@@ -1,12 +1,14 @@
 """What travels over HTTP: msgspec structs for OpenAI-shaped requests and responses.
 
 Request structs ignore unknown fields, so whatever else an OpenAI client sends
-(user, presence_penalty, ...) is accepted and has no effect. Every bound a client can
+(user, metadata, ...) is accepted and has no effect; the parameters that would change the
+output and are not implemented (UNSUPPORTED) are read to refuse them. Every bound a client can
 break is declared here, so msgspec names the offending field in its error.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -30,10 +32,23 @@ class TextPart(msgspec.Struct, tag_field="type", tag="text"):
     text: str
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str              # a JSON text
+
+
+class ToolCallWire(msgspec.Struct):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
 class Message(msgspec.Struct):
     role: Role
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallWire] | None = None    # an assistant's earlier calls
+    tool_call_id: str | None = None                 # a tool's result: the call it answers
 
     def to_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it."""
@@ -45,15 +60,49 @@ class Message(msgspec.Struct):
         out: dict[str, Any] = {"role": role, "content": content}
         if self.name is not None:
             out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            # Templates take the arguments as a mapping (as transformers documents).
+            out["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                for c in self.tool_calls]
         return out
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 class StreamOptions(msgspec.Struct):
     include_usage: bool | None = False
 
 
+class JsonSchemaFormat(msgspec.Struct):
+    name: str = "response"
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(msgspec.Struct):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+# OpenAI parameters that would change the output and are not implemented: a request that
+# sets one (to other than its neutral value) is refused, naming it.
+UNSUPPORTED = {"logit_bias": None, "frequency_penalty": 0, "presence_penalty": 0,
+               "functions": None, "function_call": None, "prediction": None, "audio": None,
+               "web_search_options": None, "suffix": None, "echo": False}
+
+
 class GenerationRequest(msgspec.Struct, kw_only=True):
-    """The fields chat and plain completions share."""
+    """The fields chat and plain completions share. Fields named in UNSUPPORTED are read
+    only to refuse them."""
 
     model: str
     max_tokens: int | None = None
@@ -66,6 +115,14 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: N | None = 1
+    logit_bias: dict[str, Any] | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+
+    def unsupported(self) -> list[str]:
+        """The parameters set that would change the output and are not implemented."""
+        return [name for name, neutral in UNSUPPORTED.items()
+                if getattr(self, name, neutral) not in (None, neutral, {}, [], "")]
 
     @property
     def choices(self) -> int:
@@ -93,6 +150,14 @@ class ChatRequest(GenerationRequest, kw_only=True):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: TopLogprobs | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    prediction: Any = None
+    audio: Any = None
+    web_search_options: Any = None
 
 
 class CompletionRequest(GenerationRequest, kw_only=True):
@@ -134,9 +199,10 @@ class ChoiceLogprobs(msgspec.Struct):
     content: list[TokenLogprob]
 
 
-class AssistantMessage(msgspec.Struct):
+class AssistantMessage(msgspec.Struct, omit_defaults=True):
     role: str
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallWire] | None = None
 
 
 class Choice(msgspec.Struct):
@@ -155,9 +221,17 @@ class ChatCompletion(msgspec.Struct):
     usage: Usage
 
 
+class ToolCallDelta(msgspec.Struct):
+    index: int
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
 class DeltaMessage(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(msgspec.Struct):

@@ -120,8 +120,14 @@ async def test_stop_seed_and_defaults(client: Any, edge: EdgeServer) -> None:
 async def test_context_limits(client: Any, edge: EdgeServer) -> None:
     await edge.load(MODEL)
     context = edge.models[MODEL].spec.max_positions
-    # More tokens than the context has room for: generation stops at its end.
-    out = await post(client, prompt=[5] * (context - 4), max_tokens=100, ignore_eos=True)
+    # max_tokens beyond the room the context leaves: 400 naming it and both numbers.
+    resp = await client.post("/v1/completions", json=body(prompt=[5] * (context - 4),
+                                                          max_tokens=100, ignore_eos=True))
+    error = (await resp.json())["error"]
+    assert resp.status == 400 and error["param"] == "max_tokens"
+    assert "100" in error["message"] and "leaves 4" in error["message"]
+    # Without max_tokens the default is cut at the context's end.
+    out = await post(client, prompt=[5] * (context - 4), max_tokens=None, ignore_eos=True)
     assert out["choices"][0]["finish_reason"] == "length"
     assert out["usage"]["completion_tokens"] == 4
     for stream in (False, True):
