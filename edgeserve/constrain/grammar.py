@@ -47,7 +47,27 @@ class Grammar:
     def json_schema(cls, schema: dict[str, Any] | bool, strict: bool = False) -> Grammar:
         if not isinstance(schema, dict | bool):
             raise GrammarError(f"a JSON schema is an object, got {type(schema).__name__}")
-        return cls("json_schema", json.dumps(schema), bool(strict))
+        return cls("json_schema", json.dumps(_bounded_strings(schema)), bool(strict))
+
+
+# xgrammar 0.2 lets a string with minLength / maxLength hold raw control characters, which
+# JSON forbids; the same bounds as a pattern over the characters that need no escape keep
+# the output valid JSON (such strings then hold no quote or backslash).
+_SAFE_CHAR = r'[^"\\\x00-\x1f]'
+
+
+def _bounded_strings(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_bounded_strings(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _bounded_strings(v) for k, v in node.items()}
+    bounds = ("minLength", "maxLength")
+    if out.get("type") == "string" and any(b in out for b in bounds) and \
+            "pattern" not in out and "format" not in out:
+        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f"^{_SAFE_CHAR}{{{low},{high}}}$"
+    return out
 
 
 _compilers: weakref.WeakKeyDictionary[Tokenizer, dict[tuple[int, frozenset[int]],

@@ -15,7 +15,7 @@ from edgeserve.server.app import SERVER, invalid
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
     model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[str | int | list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None         # accepted, no effect
@@ -37,7 +37,10 @@ def _inputs(value: str | list[Any]) -> list[str | list[int]]:
         raise invalid("input must not be empty", "input")
     if all(isinstance(v, int) for v in value):
         return [value]
-    return list(value)
+    if all(isinstance(v, str) for v in value) or all(isinstance(v, list) for v in value):
+        return list(value)
+    raise invalid("input must be a text, a list of texts, token ids or a list of token-id "
+                  "lists (not a mixture)", "input")
 
 
 async def openai_embeddings(request: web.Request) -> web.Response:
