@@ -26,7 +26,7 @@ import torch
 from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from schemas import DOCUMENT, SCHEMA  # noqa: E402
+from schemas import DOCUMENT, SCHEMA
 
 OUT = Path(__file__).parent / "out"
 
