@@ -17,6 +17,7 @@ from typing import Any, TypeVar, cast
 
 from edgeserve.api import EdgeServer
 from edgeserve.config import Config
+from edgeserve.embeddings import Embeddings
 from edgeserve.loader import LoadReport
 from edgeserve.results import Completion, Delta
 
@@ -74,6 +75,10 @@ class BlockingEdgeServer:
     def stream_complete(self, model: str, prompt: str | Sequence[int], **sampling: Any
                         ) -> Iterator[Delta]:
         return self._iterate(self.server.stream_complete(model, prompt, **sampling))
+
+    def embed(self, model: str, inputs: Sequence[str | Sequence[int]],
+              truncate: bool = False) -> Embeddings:
+        return self._call(self.server.embed(model, inputs, truncate))
 
     def stats(self) -> dict[str, Any]:
         async def read() -> dict[str, Any]:

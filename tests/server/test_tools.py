@@ -37,14 +37,14 @@ ASK = [{"role": "user", "content": "Weather in Oslo?"}]
 
 
 @pytest.fixture
-async def url(tmp_path: Path, demo_store: Path, serve_app: ServeApp) -> str:
+def tools_edge(tmp_path: Path, demo_store: Path) -> EdgeServer:
     make_tools_model(demo_store, tmp_path)
-    global _edge
-    _edge = EdgeServer(models=tmp_path, device="cpu", pool_size="256MiB")
-    return await serve_app(create_app(_edge))
+    return EdgeServer(models=tmp_path, device="cpu", pool_size="256MiB")
 
 
-_edge: EdgeServer
+@pytest.fixture
+async def url(tools_edge: EdgeServer, serve_app: ServeApp) -> str:
+    return await serve_app(create_app(tools_edge))
 
 
 def _sdk(url: str) -> openai.AsyncOpenAI:
@@ -57,7 +57,7 @@ def _check_call(name: str, arguments: str) -> dict[str, Any]:
     return args
 
 
-async def test_required_round_trip(url: str) -> None:
+async def test_required_round_trip(url: str, tools_edge: EdgeServer) -> None:
     async with _sdk(url) as client:
         first = await client.chat.completions.create(
             model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
@@ -84,7 +84,7 @@ async def test_required_round_trip(url: str) -> None:
                                                       tools=TOOLS, temperature=0, max_tokens=5)
         assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
         assert follow.usage.prompt_tokens > first.usage.prompt_tokens
-    prompt = _edge.tokenizer(MODEL).render_chat(history, tools=TOOLS)  # type: ignore[union-attr]
+    prompt = tools_edge.tokenizer(MODEL).render_chat(history, tools=TOOLS)  # type: ignore[union-attr]
     assert "Sunny, 21 C" in prompt and f'"name": "{call.function.name}"' in prompt
     assert '"description": "Forecast"' in prompt
 
@@ -126,11 +126,11 @@ SCRIPTS = {
 }
 
 
-def _script(monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+def _script(edge: EdgeServer, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
     """The model 'writes' the scripted reply of fmt, a few characters per delta, and its
     template is one that teaches fmt."""
     marker, text = SCRIPTS[fmt]
-    tokenizer = _edge.tokenizer(MODEL)
+    tokenizer = edge.tokenizer(MODEL)
     assert tokenizer is not None
     monkeypatch.setitem(tokenizer.chat_templates, "default",
                         tokenizer.chat_templates["default"] + "{# " + marker + " #}")
@@ -141,14 +141,14 @@ def _script(monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
             yield Delta(text[i:i + 5], [1])
         yield Delta("", [], "stop", Usage(len(prompt), len(text) // 5))
 
-    monkeypatch.setattr(_edge, "_stream", scripted)
+    monkeypatch.setattr(edge, "_stream", scripted)
 
 
 @pytest.mark.parametrize("fmt", SCRIPTS)
-async def test_auto_parses_each_format(url: str, monkeypatch: pytest.MonkeyPatch,
-                                       fmt: str) -> None:
-    await _edge.load(MODEL)
-    _script(monkeypatch, fmt)
+async def test_auto_parses_each_format(url: str, tools_edge: EdgeServer,
+                                       monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    await tools_edge.load(MODEL)
+    _script(tools_edge, monkeypatch, fmt)
     want = {"city": "Oslo", "unit": "celsius", "days": 2}
     async with _sdk(url) as client:
         out = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS)
@@ -172,7 +172,7 @@ async def test_auto_parses_each_format(url: str, monkeypatch: pytest.MonkeyPatch
     assert answer.done_reason == "stop"
 
 
-async def test_ollama_tool_results_go_back_in(url: str) -> None:
+async def test_ollama_tool_results_go_back_in(url: str, tools_edge: EdgeServer) -> None:
     client = ollama.AsyncClient(host=url)
     history = [*ASK, {"role": "assistant", "content": "", "tool_calls": [
         {"function": {"name": "weather", "arguments": {"city": "Oslo", "unit": "celsius",
@@ -181,8 +181,13 @@ async def test_ollama_tool_results_go_back_in(url: str) -> None:
     out = await client.chat(model=MODEL, messages=history, tools=TOOLS,
                             options={"num_predict": 4, "temperature": 0})
     assert out.done and out.prompt_eval_count
-    prompt = _edge.tokenizer(MODEL).render_chat(  # type: ignore[union-attr]
+    prompt = tools_edge.tokenizer(MODEL).render_chat(  # type: ignore[union-attr]
         [{"role": m["role"], "content": m["content"],
           **({"tool_calls": [{"type": "function", **c} for c in m["tool_calls"]]}
              if "tool_calls" in m else {})} for m in history], tools=TOOLS)
     assert "Rain" in prompt and '"city": "Oslo"' in prompt
+
+
+async def test_ollama_show_lists_tools(url: str) -> None:
+    shown = await ollama.AsyncClient(host=url).show(MODEL)
+    assert shown.capabilities == ["completion", "tools"]
