@@ -11,6 +11,7 @@ from typing import Any
 import jsonschema
 import pytest
 import torch
+import xgrammar as xgr
 
 from edgeserve import EdgeServer
 from edgeserve.constrain import Grammar, GrammarState, compile_grammar, mask_logits
@@ -88,6 +89,15 @@ def test_mask_allows_only_grammar_tokens(demo_store: Path) -> None:
     assert allowed and all(tok.token_bytes(i) and b'"'.startswith(tok.token_bytes(i)[:1])
                            for i in allowed)
     assert bool((logits[1] == 0).all())                # the free row is untouched
+    # The same mask as the library's own kernel, rows constrained or not.
+    random = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
+    ours = mask_logits(random.clone(), [None, GrammarState(compiled), GrammarState(compiled)])
+    bitmask = xgr.allocate_token_bitmask(3, vocab)
+    GrammarState(compiled).fill(bitmask, 1)
+    GrammarState(compiled).fill(bitmask, 2)
+    theirs = random.clone()
+    xgr.apply_token_bitmask_inplace(theirs, bitmask, vocab_size=vocab)
+    assert torch.equal(ours, theirs) and torch.equal(ours[0], random[0])
     # Compiled once per schema: the second compile comes from the cache.
     again = compile_grammar(Grammar.json_schema(SCHEMAS["enum"]), tok, vocab, tok.eos_token_ids)
     assert compiler_for(tok, vocab, tok.eos_token_ids).get_cache_size_bytes() > 0
