@@ -7,6 +7,7 @@ cache keyed by the schema text, so a schema is compiled once per vocabulary.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import weakref
@@ -47,27 +48,7 @@ class Grammar:
     def json_schema(cls, schema: dict[str, Any] | bool, strict: bool = False) -> Grammar:
         if not isinstance(schema, dict | bool):
             raise GrammarError(f"a JSON schema is an object, got {type(schema).__name__}")
-        return cls("json_schema", json.dumps(_bounded_strings(schema)), bool(strict))
-
-
-# xgrammar 0.2 lets a string with minLength / maxLength hold raw control characters, which
-# JSON forbids; the same bounds as a pattern over the characters that need no escape keep
-# the output valid JSON (such strings then hold no quote or backslash).
-_SAFE_CHAR = r'[^"\\\x00-\x1f]'
-
-
-def _bounded_strings(node: Any) -> Any:
-    if isinstance(node, list):
-        return [_bounded_strings(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _bounded_strings(v) for k, v in node.items()}
-    bounds = ("minLength", "maxLength")
-    if out.get("type") == "string" and any(b in out for b in bounds) and \
-            "pattern" not in out and "format" not in out:
-        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
-        out["pattern"] = f"^{_SAFE_CHAR}{{{low},{high}}}$"
-    return out
+        return cls("json_schema", json.dumps(schema), bool(strict))
 
 
 _compilers: weakref.WeakKeyDictionary[Tokenizer, dict[tuple[int, frozenset[int]],
@@ -98,10 +79,24 @@ def compile_grammar(grammar: Grammar, tokenizer: Tokenizer, vocab_size: int,
                     stop_ids: frozenset[int]) -> xgr.CompiledGrammar:
     """The compiled grammar (from the compiler's cache when this schema was seen before)."""
     compiler = compiler_for(tokenizer, vocab_size, stop_ids)
-    compact = (",", ":")
+    schema = '{"type": "object"}' if grammar.kind == "json" else grammar.schema
     try:
-        schema = '{"type": "object"}' if grammar.kind == "json" else grammar.schema
-        return compiler.compile_json_schema(schema, any_whitespace=False,
-                                            separators=compact, strict_mode=grammar.strict)
+        return compiler.compile_grammar(_ebnf(schema, grammar.strict))
     except (RuntimeError, ValueError, TypeError) as e:
         raise GrammarError(f"the JSON schema cannot be used: {e}") from e
+
+
+# xgrammar 0.2 writes the characters of a string with minLength / maxLength as this class,
+# which lets raw control characters in (JSON forbids them); they are taken out of it.
+_LENIENT, _JSON_CHAR = r'[^\"\\\r\n]', r'[^\"\\\0-\x1f]'
+
+
+@functools.lru_cache(maxsize=256)
+def _ebnf(schema: str, strict: bool) -> str:
+    """The grammar of a JSON schema, compact JSON, as EBNF text (the compiler caches by it)."""
+    try:
+        text = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False,
+                                                separators=(",", ":"), strict_mode=strict))
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise GrammarError(f"the JSON schema cannot be used: {e}") from e
+    return text.replace(_LENIENT, _JSON_CHAR)

@@ -110,3 +110,14 @@ async def test_bad_schema_is_an_invalid_request(demo_store: Path) -> None:
             await es.chat("demo-llama", MESSAGES, max_tokens=4,
                           grammar=Grammar.json_schema({"type": "no-such-type"}))
         assert bad.value.param == "grammar"
+
+
+def test_bounded_strings_hold_no_control_characters(demo_store: Path) -> None:
+    tok = Tokenizer.from_dir(demo_store / "demo-llama")
+    compiled = compile_grammar(Grammar.json_schema({"type": "string", "maxLength": 4}), tok,
+                               3072, tok.eos_token_ids)
+
+    def takes(text: str) -> bool:
+        return bool(xgr.GrammarMatcher(compiled).accept_string(text))
+    assert takes('"abcd"') and takes('""')
+    assert not takes('"abcde') and not takes('"a\x1d') and not takes('"a\n')
