@@ -131,6 +131,9 @@ async def main(args: argparse.Namespace) -> None:
         "constrained_tok_s": round(statistics.median(constrained), 1),
         "constrained_over_free": round(statistics.median(ratios), 3),
         "tokens": {"free": tokens[0], "constrained": tokens[1]},
+        # The mask's share of a constrained decode step (a step makes `streams` tokens).
+        "mask_share_of_step": round(statistics.median(MASK_TIMES)
+                                    / (args.streams / statistics.median(constrained)), 4),
         "mask_ms_per_step_median": round(1e3 * statistics.median(MASK_TIMES), 3),
         "mask_ms_per_step_mean": round(1e3 * statistics.fmean(MASK_TIMES), 3),
         "vocabulary_ms": round(1e3 * vocabulary, 1), "compile_ms_first": round(1e3 * cold, 2),
