@@ -21,6 +21,7 @@ from edgeserve.results import ToolCall as Call
 from edgeserve.sampling import SamplingError, SamplingParams
 from edgeserve.server.app import SERVER, api_error
 from edgeserve.server.embeddings import ollama_embed
+from edgeserve.server.formats import format_grammar
 from edgeserve.server.ollama_wire import (
     AssistantMessage,
     CallFunction,
@@ -32,7 +33,6 @@ from edgeserve.server.ollama_wire import (
     ToolCall,
     describe,
     digest,
-    format_grammar,
     from_epoch,
     in_seconds,
     keep_alive_seconds,

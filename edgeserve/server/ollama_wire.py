@@ -19,7 +19,6 @@ import msgspec
 
 from edgeserve.arch.spec import ModelFormatError
 from edgeserve.blocks.pack import TASK_FILE
-from edgeserve.constrain import Grammar, GrammarError
 from edgeserve.loader import scan_checkpoint
 from edgeserve.results import InvalidRequest
 from edgeserve.store import ModelStore, UnknownModel
@@ -117,20 +116,6 @@ class AssistantMessage(msgspec.Struct, omit_defaults=True):
     role: str
     content: str
     tool_calls: list[ToolCall] | None = None
-
-
-def format_grammar(fmt: str | dict[str, Any] | None) -> Grammar | None:
-    """Ollama's `format`: "json" (a JSON object) or a JSON schema."""
-    if fmt is None or fmt == "":
-        return None
-    if fmt == "json":
-        return Grammar.json_object()
-    if isinstance(fmt, dict):
-        try:
-            return Grammar.json_schema(fmt)
-        except GrammarError as e:
-            raise InvalidRequest(str(e), "format") from e
-    raise InvalidRequest(f"format must be \"json\" or a JSON schema, got {fmt!r}", "format")
 
 
 class Response(msgspec.Struct, kw_only=True, omit_defaults=True):

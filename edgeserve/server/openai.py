@@ -13,13 +13,14 @@ import msgspec
 from aiohttp import web
 
 from edgeserve.api import EdgeServer
-from edgeserve.constrain import Grammar, GrammarError
+from edgeserve.constrain import Grammar
 from edgeserve.results import Delta, ToolCall
 from edgeserve.results import Usage as ResultUsage
 from edgeserve.sampling import SamplingError, SamplingParams
 from edgeserve.server import sse
 from edgeserve.server.app import SERVER, invalid
 from edgeserve.server.choices import Choices
+from edgeserve.server.formats import response_grammar
 from edgeserve.server.logprobs import TokenText, chat_logprobs
 from edgeserve.server.wire import (
     AssistantMessage,
@@ -34,7 +35,6 @@ from edgeserve.server.wire import (
     ModelCard,
     ModelList,
     PromptTokensDetails,
-    ResponseFormat,
     ToolCallDelta,
     ToolCallWire,
     Usage,
@@ -76,21 +76,6 @@ async def respond(request: web.Request, choices: Choices, chunks: C,
 def usage(u: ResultUsage) -> Usage:
     return Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens,
                  PromptTokensDetails(u.cached_tokens))
-
-
-def response_grammar(fmt: ResponseFormat | None) -> Grammar | None:
-    """The grammar of a response_format (None for text)."""
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.type == "json_object":
-        return Grammar.json_object()
-    if fmt.json_schema is None or fmt.json_schema.schema is None:
-        raise invalid("response_format json_schema needs json_schema.schema",
-                      "response_format")
-    try:
-        return Grammar.json_schema(fmt.json_schema.schema, bool(fmt.json_schema.strict))
-    except GrammarError as e:
-        raise invalid(str(e), "response_format") from e
 
 
 def tool_calls_wire(calls: list[ToolCall] | None) -> list[ToolCallWire] | None:
