@@ -13,25 +13,48 @@ MODEL = "demo-llama"
 ASK = [{"role": "user", "content": "hi"}]
 
 
+def _long_chat(edge: EdgeServer, room: int) -> tuple[list[dict[str, str]], int]:
+    """A chat whose prompt leaves at most `room` tokens of the context (and at least one);
+    the tokens it leaves."""
+    tokenizer = edge.tokenizer(MODEL)
+    assert tokenizer is not None
+    context = edge.models[MODEL].spec.max_positions
+
+    def chat(words: int) -> list[dict[str, str]]:
+        return [{"role": "user", "content": "hello" + " hello" * words}]
+
+    low, high = 1, context         # the most words that still leave at least one token
+    while low < high:
+        mid = (low + high + 1) // 2
+        if context - len(tokenizer.encode_chat(chat(mid))) >= 1:
+            low = mid
+        else:
+            high = mid - 1
+    return chat(low), context - len(tokenizer.encode_chat(chat(low)))
+
+
 @pytest.mark.parametrize("name", ["max_tokens", "max_completion_tokens"])
 async def test_max_tokens_beyond_the_context(live_url: str, edge: EdgeServer, name: str) -> None:
+    await edge.load(MODEL)
+    chat, room = _long_chat(edge, 6)
+    assert 0 < room <= 6
     async with openai.AsyncOpenAI(base_url=f"{live_url}/v1", api_key="none",
                                   max_retries=0) as client:
-        ok = await client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2)
-        context = edge.models[MODEL].spec.max_positions
-        prompt = ok.usage.prompt_tokens
-        for stream in (False, True):
+        for stream, asked in ((False, 10**12), (True, 10**12), (False, room + 1)):
             with pytest.raises(openai.BadRequestError) as bad:
                 await client.chat.completions.create(
-                    model=MODEL, messages=ASK, stream=stream, **{name: 10**12})
+                    model=MODEL, messages=chat, stream=stream, **{name: asked})
             assert bad.value.param == name
             message = str(bad.value)
-            assert name in message and str(10**12) in message and \
-                str(context - prompt) in message
-        # Exactly what is left still runs.
+            assert name in message and str(asked) in message and f"leaves {room}" in message
+        # Exactly what is left still runs; without a limit the reply stops at the context.
         fits = await client.chat.completions.create(
-            model=MODEL, messages=ASK, temperature=0, **{name: context - prompt})
+            model=MODEL, messages=chat, temperature=0, **{name: room})
         assert fits.choices[0].finish_reason in ("stop", "length")
+        free = await client.chat.completions.create(
+            model=MODEL, messages=chat, temperature=0, extra_body={"ignore_eos": True})
+        assert free.choices[0].finish_reason == "length"
+        assert free.usage.completion_tokens == room
 
 
 @pytest.mark.parametrize(("extra", "param"), [
