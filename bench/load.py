@@ -3,9 +3,12 @@
 On one model of about 500 MB (fp32 Llama, random weights, made locally), measures:
 the machine's disk-read ceiling (the same files read with plain sequential reads);
 transformers `from_pretrained` plus the move to the device; edgeserve cold from disk;
-edgeserve from the host tier; edgeserve retained in the pool. Before every disk
-measurement the files are dropped from the page cache (posix_fadvise DONTNEED), so disk
-means disk. Prints one JSON line of seconds, GB/s and the target ratios.
+edgeserve from the host tier; edgeserve retained in the pool; and a first sight: a
+never-seen copy of the model in a fresh store (its tensors hashed by the reader threads as
+they load it) against the same load with the hashes cached, and against hashing the file
+first (blake2b, the way before). Before every disk measurement the files are dropped from
+the page cache (posix_fadvise DONTNEED), so disk means disk. Prints one JSON line of
+seconds, GB/s and the target ratios (first sight: at most 1.2x the cached load).
 
     .venv/bin/python bench/load.py [--device cpu] [--repeats 3]
 """
@@ -16,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -118,6 +122,35 @@ async def edgeserve_loads(path: Path, device: str, repeats: int) -> dict[str, li
     return times
 
 
+async def first_sight(path: Path, device: str, repeats: int) -> dict[str, list[float]]:
+    """A never-seen copy in a fresh store, then the same load with the hashes cached."""
+    from edgeserve.checkpoint import hash_file
+
+    nbytes = sum(f.stat().st_size for f in files(path))
+    times: dict[str, list[float]] = {"first": [], "cached": [], "hash_first": []}
+    for _ in range(repeats):
+        store = OUT.parent / "load-fresh-store"
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.copytree(path, store / MODEL)          # new files: never seen, never hashed
+        cfg = Config(models=store, device=device, dtype="float32",
+                     pool=PoolConfig(pool_size=int(nbytes * 1.3)),
+                     tiers=TierConfig(host_size=int(nbytes * 1.3)))
+        for kind in ("first", "cached"):
+            async with EdgeServer(config=cfg) as es:
+                drop_cache(store / MODEL)
+                report = await es.load(MODEL)
+                hashes = es.scheduler.hashes
+                assert (hashes.streamed, hashes.computed) == ((1, 1) if kind == "first"
+                                                              else (0, 0))
+                times[kind].append(report.seconds)
+        drop_cache(store / MODEL)                     # the way before: a hashing pass first
+        start = time.perf_counter()
+        for f in files(store / MODEL):
+            hash_file(f, "blake2b")
+        times["hash_first"].append(time.perf_counter() - start + times["cached"][-1])
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -129,6 +162,7 @@ def main() -> None:
     hf = statistics.median(in_fresh_process(hf_load, str(path), args.device)
                            for _ in range(args.repeats))
     ours = asyncio.run(edgeserve_loads(path, args.device, args.repeats))
+    ours |= asyncio.run(first_sight(path, args.device, args.repeats))
     med = {k: statistics.median(v) for k, v in ours.items()}
 
     def entry(seconds: float) -> dict[str, float]:
@@ -139,6 +173,10 @@ def main() -> None:
         "disk_ceiling": entry(disk), "transformers": entry(hf),
         "edgeserve_cold": entry(med["cold"]), "edgeserve_host": entry(med["host"]),
         "edgeserve_retained": entry(med["retained"]),
+        "first_sight": entry(med["first"]), "cached_hashes": entry(med["cached"]),
+        "blake2b_hash_then_load": entry(med["hash_first"]),
+        "first_sight_vs_cached": round(med["first"] / med["cached"], 2),
+        "hash_first_vs_cached": round(med["hash_first"] / med["cached"], 2),
         "cold_vs_transformers": round(hf / med["cold"], 2),
         "cold_share_of_ceiling": round(disk / med["cold"], 2),
         "retained_vs_cold": round(med["cold"] / med["retained"], 1)}))

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from edgeserve.blocks.arena import TileArena, arena_stats
-from edgeserve.config import Config, PoolConfig, from_env, parse_size
+from edgeserve.config import Config, PoolConfig, from_env, parse_size, parse_sizes
 from edgeserve.constrain import start_grammar
 from edgeserve.device import DeviceInfo, cpu_info, discover
 from edgeserve.embeddings import Embeddings, embed
@@ -47,14 +47,14 @@ from edgeserve.tools import parse_stream, plan_tools
 log = logging.getLogger("edgeserve")
 
 
-def _pool_sizes(device: DeviceInfo, cfg: PoolConfig) -> tuple[int, int]:
+def _pool_sizes(device: DeviceInfo, cfg: PoolConfig, index: int = 0, count: int = 1
+                ) -> tuple[int, int]:
     block = cfg.block_size or (cfg.cuda_block_size if device.is_cuda else cfg.cpu_block_size)
-    if cfg.pool_size is not None:
-        size = cfg.pool_size
-    elif device.is_cuda:
+    size = cfg.size_for(index, count)
+    if size is None and device.is_cuda:
         size = int(device.free_bytes * cfg.cuda_fraction)
-    else:
-        size = min(cfg.cpu_cap, int(device.total_bytes * cfg.cpu_fraction))
+    elif size is None:      # CPU pools share the machine's memory: the budget is split
+        size = min(cfg.cpu_cap, int(device.total_bytes * cfg.cpu_fraction)) // count
     return size, block
 
 
@@ -66,12 +66,16 @@ class EdgeServer:
     """
 
     def __init__(self, models: str | Path | None = None, device: str | None = None,
-                 pool_size: str | int | None = None, *, block_size: str | int | None = None,
+                 pool_size: str | int | tuple[int, ...] | None = None, *,
+                 block_size: str | int | None = None,
                  dtype: str | None = None, host_size: str | int | None = None,
                  policy: str | None = None, expert_budget: float | None = None,
                  expert_policy: str | None = None, prefix_cache: bool | None = None,
+                 prewarm: bool | None = None,
                  config: Config | None = None) -> None:
         cfg = config or from_env(models=models, device=device, dtype=dtype)
+        if prewarm is not None:
+            cfg = replace(cfg, scheduler=replace(cfg.scheduler, prewarm=prewarm))
         if host_size is not None or policy is not None:
             cfg = replace(cfg, tiers=replace(
                 cfg.tiers,
@@ -80,7 +84,7 @@ class EdgeServer:
         if pool_size is not None or block_size is not None:
             cfg = replace(cfg, pool=replace(
                 cfg.pool,
-                pool_size=parse_size(pool_size) if pool_size is not None else cfg.pool.pool_size,
+                pool_size=parse_sizes(pool_size) if pool_size is not None else cfg.pool.pool_size,
                 block_size=(parse_size(block_size) if block_size is not None
                             else cfg.pool.block_size)))
         if expert_budget is not None or expert_policy is not None:
@@ -106,8 +110,9 @@ class EdgeServer:
     async def start(self) -> EdgeServer:
         if self.engine is not None:
             return self
-        for device in discover(self.config.device):
-            size, block = _pool_sizes(device, self.config.pool)
+        devices = discover(self.config.device)
+        for i, device in enumerate(devices):
+            size, block = _pool_sizes(device, self.config.pool, i, len(devices))
             pool = self.pools[device.name] = BlockPool(device.name, size, block)
             pool.on_evict.append(self._count_eviction)
             log.info("pool on %s (%s): %d blocks of %d bytes", device.name, device.description,
@@ -119,7 +124,8 @@ class EdgeServer:
             min(8 << 30, cpu_info().total_bytes // 8)
         self.host = HostTier(host_size, pinned=any(d.startswith("cuda") for d in self.pools))
         self._scheduler = Scheduler(self.store, self.pools, self.engine, self.metrics,
-                                    self.dtype_for, tiers, self.host, self.config.experts)
+                                    self.dtype_for, tiers, self.host, self.config.experts,
+                                    self.config.scheduler)
         return self
 
     def _queues(self) -> dict[str, tuple[int, int]]:
@@ -179,9 +185,10 @@ class EdgeServer:
         """The resident models by id."""
         return self._scheduler.models if self._scheduler else {}
 
-    async def load(self, model_id: str) -> LoadReport:
-        """Make model_id resident (concurrent calls for one model share one load)."""
-        return await self.scheduler.load(model_id)
+    async def load(self, model_id: str, device: str | None = None) -> LoadReport:
+        """Make model_id resident (concurrent calls for one model share one load), on the
+        device placement chooses (lowest expected time to first token) or on `device`."""
+        return await self.scheduler.load(model_id, device)
 
     async def unload(self, model_id: str) -> None:
         """Stop serving model_id once its running requests end; its memory goes back."""
@@ -220,7 +227,7 @@ class EdgeServer:
         `tool_choice` "required" or a named function the reply is one call (grammar
         constrained); deltas carry the calls parsed out of the reply (edgeserve.tools)."""
         params = SamplingParams.from_options(**sampling)
-        await self.load(model)
+        await self.scheduler.ready(model, self.load)
         tokenizer = self._require_tokenizer(model)
         plan = plan_tools(tools, tool_choice, tokenizer, params.grammar)
         if plan.grammar is not None:
@@ -235,7 +242,7 @@ class EdgeServer:
     async def stream_complete(self, model: str, prompt: str | Sequence[int], **sampling: Any
                               ) -> AsyncGenerator[Delta, None]:
         params = SamplingParams.from_options(**sampling)
-        await self.load(model)
+        await self.scheduler.ready(model, self.load)
         if isinstance(prompt, str):
             ids = await asyncio.to_thread(self._require_tokenizer(model).encode, prompt)
         else:
@@ -255,9 +262,7 @@ class EdgeServer:
         if self._closing:
             raise ServerClosing("the server is shutting down")
         self.scheduler.request_started(model_id)
-        if model_id not in self.models:
-            await self.load(model_id)
-        model = self.models[model_id]
+        model = await self.scheduler.ready(model_id, self.load)
         _check_prompt(model, prompt, params)
         grammar = None
         if params.grammar is not None:      # compiled once per schema, off the event loop
@@ -334,6 +339,7 @@ class EdgeServer:
                                              self._scheduler.kv_host if self._scheduler
                                              else None),
                 "loads": dict(self._scheduler.totals) if self._scheduler else {},
+                "prewarm": self._scheduler.prewarm.stats() if self._scheduler else {},
                 "requests": {"running": engine.num_running if engine else 0,
                              "waiting": engine.num_waiting if engine else 0}}
 

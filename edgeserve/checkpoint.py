@@ -11,11 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
+import blake3
 import torch
 
 from edgeserve.arch.spec import ModelFormatError
@@ -100,57 +104,144 @@ def read_into(path: Path, offset: int, buffer: memoryview) -> None:
         os.close(fd)
 
 
-def hash_file(path: Path, chunk: int = 64 << 20) -> dict[str, str]:
-    """Content hash of every tensor of a file: blake2b of dtype, shape and raw bytes."""
-    tensors = read_header(path)
-    hashes: dict[str, str] = {}
-    buffer = bytearray(chunk)
-    for t in tensors:
-        h = hashlib.blake2b(f"{t.dtype}|{t.shape}|".encode(), digest_size=16)
-        offset = t.start
-        while offset < t.end:
-            n = min(chunk, t.end - offset)
-            view = memoryview(buffer)[:n]
-            read_into(path, offset, view)
-            h.update(view)
-            offset += n
-        hashes[t.name] = h.hexdigest()
-    return hashes
+ALGORITHM = "blake3"          # tensor content hashes; "blake2b" for older caches and packs
+
+
+class Hasher(Protocol):
+    def update(self, data: Any, /) -> object: ...
+    def hexdigest(self) -> str: ...
+
+
+def tensor_hasher(t: TensorInfo, algorithm: str = ALGORITHM) -> Hasher:
+    """A hash of a tensor's dtype and shape, to be fed its raw bytes in order.
+
+    Content keys decide which bytes a model computes with, so the hash is cryptographic:
+    a crafted checkpoint cannot collide with another's tensor. blake3 runs at several
+    GB/s on one core (SIMD), fast enough to hash while the bytes stream from disk."""
+    prefix = f"{t.dtype}|{t.shape}|".encode()
+    if algorithm == "blake3":
+        return blake3.blake3(prefix)
+    if algorithm == "blake2b":
+        return hashlib.blake2b(prefix, digest_size=16)
+    raise ValueError(f"hash algorithm {algorithm!r} is not blake3 or blake2b")
+
+
+def hash_file(path: Path, algorithm: str = ALGORITHM, chunk: int = 32 << 20,
+              only: set[str] | None = None) -> dict[str, str]:
+    """Content hash of every tensor of a file (or of those named in `only`). The next
+    chunk is read while a thread hashes this one (three buffers in rotation)."""
+    tensors = [t for t in read_header(path) if only is None or t.name in only]
+    hashers = {t.name: tensor_hasher(t, algorithm) for t in tensors}
+    buffers = [bytearray(chunk) for _ in range(3)]
+    # At most one chunk waits and one is being hashed: the third buffer is free to read.
+    work: queue.Queue[tuple[Hasher, memoryview] | None] = queue.Queue(maxsize=1)
+
+    def hash_chunks() -> None:
+        while (item := work.get()) is not None:
+            item[0].update(item[1])
+
+    thread = threading.Thread(target=hash_chunks, name="edgeserve-hash", daemon=True)
+    thread.start()
+    try:
+        i = 0
+        for t in tensors:
+            for offset in range(t.start, t.end, chunk):
+                view = memoryview(buffers[i % 3])[:min(chunk, t.end - offset)]
+                read_into(path, offset, view)
+                work.put((hashers[t.name], view))
+                i += 1
+    finally:
+        work.put(None)
+        thread.join()
+    return {name: h.hexdigest() for name, h in hashers.items()}
+
+
+class StreamHashes:
+    """Tensor hashes computed by the reader threads of a load while the bytes stream in,
+    so that a file seen for the first time is not read twice. Each tensor is hashed once,
+    by the first reader that claims it."""
+
+    def __init__(self, algorithm: str = ALGORITHM) -> None:
+        self.algorithm = algorithm
+        self._claimed: set[tuple[Path, str]] = set()
+        self._done: dict[Path, dict[str, str]] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, t: TensorInfo) -> Hasher | None:
+        """A hasher for t, or None when another reader hashes it."""
+        with self._lock:
+            if (t.path, t.name) in self._claimed:
+                return None
+            self._claimed.add((t.path, t.name))
+        return tensor_hasher(t, self.algorithm)
+
+    def finish(self, t: TensorInfo, h: Hasher) -> None:
+        digest = h.hexdigest()
+        with self._lock:
+            self._done.setdefault(t.path, {})[t.name] = digest
+
+    def complete(self, path: Path) -> dict[str, str]:
+        """Every tensor's hash of path: those streamed, then the rest read now (tensors the
+        load did not need, usually none)."""
+        with self._lock:
+            have = dict(self._done.get(path, {}))
+        rest = {t.name for t in read_header(path)} - set(have)
+        return have | (hash_file(path, self.algorithm, only=rest) if rest else {})
 
 
 class HashCache:
-    """Tensor hashes per checkpoint file, kept in the store and recomputed only when the
-    file changes (its size or modification time)."""
+    """Tensor hashes per checkpoint file and hash algorithm, kept in the store and
+    recomputed only when the file changes (its size or modification time). Entries made
+    before blake3 (no algorithm recorded) stay valid as blake2b entries."""
 
     def __init__(self, root: Path) -> None:
         self.root = root / ".edgeserve" / "hashes"
         self.computed = 0            # files hashed by this process (tests read it)
+        self.streamed = 0            # of which hashed while a load read them, in one pass
 
-    def _entry(self, path: Path) -> Path:
+    def _entry(self, path: Path, algorithm: str) -> Path:
         digest = hashlib.blake2b(str(path.resolve()).encode(), digest_size=12).hexdigest()
-        return self.root / f"{digest}.json"
+        suffix = "" if algorithm == "blake2b" else f".{algorithm}"
+        return self.root / f"{digest}{suffix}.json"
 
-    def get(self, path: Path) -> dict[str, str]:
+    @staticmethod
+    def stamp(path: Path) -> list[int]:
         stat = path.stat()
-        stamp = [stat.st_size, stat.st_mtime_ns]
-        entry = self._entry(path)
+        return [stat.st_size, stat.st_mtime_ns]
+
+    def cached(self, path: Path, algorithm: str = ALGORITHM) -> dict[str, str] | None:
+        """The file's hashes if cached and still current, else None (nothing is read)."""
         try:
-            cached = json.loads(entry.read_text())
-            if cached["stamp"] == stamp and cached["path"] == str(path.resolve()):
+            cached = json.loads(self._entry(path, algorithm).read_text())
+            if cached["stamp"] == self.stamp(path) and cached["path"] == str(path.resolve()) \
+                    and cached.get("algorithm", "blake2b") == algorithm:
                 return dict(cached["tensors"])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
             pass
-        hashes = hash_file(path)
-        self.computed += 1
+        return None
+
+    def get(self, path: Path, algorithm: str = ALGORITHM) -> dict[str, str]:
+        hashes = self.cached(path, algorithm)
+        if hashes is None:
+            stamp = self.stamp(path)
+            hashes = hash_file(path, algorithm)
+            self.computed += 1
+            self.put(path, hashes, algorithm, stamp)
+        return hashes
+
+    def put(self, path: Path, hashes: dict[str, str], algorithm: str = ALGORITHM,
+            stamp: list[int] | None = None) -> None:
+        """Keep hashes computed elsewhere (stamp: the file's, taken before it was read)."""
+        entry = self._entry(path, algorithm)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"path": str(path.resolve()), "stamp": stamp,
+            tmp = entry.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps({"path": str(path.resolve()), "algorithm": algorithm,
+                                       "stamp": stamp or self.stamp(path),
                                        "tensors": hashes}))
             tmp.replace(entry)
         except OSError:
             pass                     # a read-only store: hash again next time
-        return hashes
 
 
 def chunks(tensors: list[TensorInfo], size: int) -> Iterator[list[TensorInfo]]:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from edgeserve import __version__
 from edgeserve.api import EdgeServer
 from edgeserve.blocks.command import add_parser as add_tasks_parser
-from edgeserve.config import Config, from_env, parse_size
+from edgeserve.config import Config, from_env, parse_size, parse_sizes
 from edgeserve.eviction import POLICIES
 from edgeserve.experts.cache import POLICIES as EXPERT_POLICIES
 from edgeserve.loader import parse_dtype
@@ -31,7 +31,8 @@ T = TypeVar("T")
 # One assistant reply: the conversation so far -> the reply's text, piece by piece.
 Replier = Callable[[list[dict[str, str]]], AsyncIterator[str]]
 
-_DEVICE_RE = re.compile(r"^\s*(auto|cpu|cuda|cuda:\d+(\s*,\s*cuda:\d+)*)\s*$", re.IGNORECASE)
+_DEVICE_RE = re.compile(r"^\s*(auto|cpu|cuda|(cuda|cpu):\d+(\s*,\s*(cuda|cpu):\d+)*)\s*$",
+                        re.IGNORECASE)
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -49,13 +50,15 @@ def _parsed_by(parse: Callable[[str], object]) -> Callable[[str], str]:
 
 
 _size = _parsed_by(parse_size)
+_sizes = _parsed_by(parse_sizes)
 _dtype = _parsed_by(parse_dtype)
 
 
 def _device(value: str) -> str:
     if not _DEVICE_RE.match(value):
         raise argparse.ArgumentTypeError(
-            f"{value!r} is not auto, cpu, cuda, cuda:N or a list like cuda:0,cuda:1")
+            f"{value!r} is not auto, cpu, cuda, cuda:N or a list like cuda:0,cuda:1 "
+            "or cpu:0,cpu:1")
     return value.strip().lower()
 
 
@@ -86,9 +89,12 @@ def _engine_args(p: argparse.ArgumentParser, cfg: Config) -> None:
     p.add_argument("--models", default=str(cfg.models), metavar="DIR",
                    help="the model store (default: %(default)s)")
     p.add_argument("--device", type=_device, default=cfg.device,
-                   help="auto | cpu | cuda | cuda:0,cuda:1 (default: %(default)s)")
-    p.add_argument("--pool-size", type=_size, default=cfg.pool.pool_size, metavar="SIZE",
-                   help="block pool size per device, e.g. 2GiB (default: from the device)")
+                   help="auto | cpu | cuda | cuda:0,cuda:1 | cpu:0,cpu:1 (separate pools on "
+                        "the CPU) (default: %(default)s)")
+    p.add_argument("--pool-size", type=_sizes, default=cfg.pool.pool_size,
+                   metavar="SIZE[,SIZE...]",
+                   help="block pool size: one for every device, or one per device in the "
+                        "order of --device, e.g. 2GiB or 8GiB,4GiB (default: from the device)")
     p.add_argument("--block-size", type=_size, default=cfg.pool.block_size, metavar="SIZE",
                    help="pool block size, e.g. 2MiB (default: 2MiB on CUDA, 256KiB on CPU)")
     p.add_argument("--dtype", type=_dtype, default=cfg.dtype,
@@ -105,6 +111,10 @@ def _engine_args(p: argparse.ArgumentParser, cfg: Config) -> None:
     p.add_argument("--prefix-cache", choices=("on", "off"),
                    default="on" if cfg.engine.prefix_cache else "off",
                    help="keep full KV pages and reuse them for prompts with the same prefix "
+                        "(default: %(default)s)")
+    p.add_argument("--prewarm", choices=("on", "off"),
+                   default="on" if cfg.scheduler.prewarm else "off",
+                   help="load models predicted to be asked for next, in idle time "
                         "(default: %(default)s)")
 
 
@@ -169,7 +179,8 @@ def _edge_server(args: argparse.Namespace) -> EdgeServer:
     return EdgeServer(args.models, args.device, args.pool_size, block_size=args.block_size,
                       dtype=args.dtype, host_size=args.host_size, policy=args.policy,
                       expert_budget=args.expert_budget, expert_policy=args.expert_policy,
-                      prefix_cache=args.prefix_cache == "on")
+                      prefix_cache=args.prefix_cache == "on",
+                      prewarm=args.prewarm == "on")
 
 
 def _serve(args: argparse.Namespace) -> int:

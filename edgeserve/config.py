@@ -36,6 +36,15 @@ def parse_switch(value: str, name: str) -> bool:
     raise ValueError(f"{name} must be on or off, got {value!r}")
 
 
+def parse_sizes(value: str | int | tuple[int, ...]) -> int | tuple[int, ...]:
+    """One size for every device ('2GiB') or one per device ('8GiB,4GiB')."""
+    if isinstance(value, tuple):
+        return tuple(parse_size(v) for v in value) if len(value) != 1 else parse_size(value[0])
+    if isinstance(value, int) or "," not in value:
+        return parse_size(value)
+    return tuple(parse_size(part) for part in value.split(","))
+
+
 def format_size(n: int) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if abs(n) >= scale:
@@ -47,7 +56,7 @@ def format_size(n: int) -> str:
 class PoolConfig:
     """Sizing of the per-device block pool. None means: choose from the device."""
 
-    pool_size: int | None = None
+    pool_size: int | tuple[int, ...] | None = None   # one for all devices, or one each
     block_size: int | None = None
     # On the CPU the pool is a fixed budget: this share of physical memory, capped. Memory
     # is only touched as units fill it, so a generous budget costs nothing unused.
@@ -57,6 +66,35 @@ class PoolConfig:
     cuda_fraction: float = 0.85
     cpu_block_size: int = 256 << 10
     cuda_block_size: int = 2 << 20
+
+    def size_for(self, index: int, count: int) -> int | None:
+        """The pool size of the index-th of count devices."""
+        if not isinstance(self.pool_size, tuple):
+            return self.pool_size
+        if len(self.pool_size) != count:
+            raise ValueError(f"--pool-size lists {len(self.pool_size)} sizes for {count} "
+                             "device(s): give one size, or one per device")
+        return self.pool_size[index]
+
+
+PLACEMENTS = ("affinity", "most-free", "round-robin")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Placement across devices, predictive prewarming, and request grouping."""
+
+    placement: str = "affinity"    # or the baselines: "most-free", "round-robin"
+    prewarm: bool = True           # load models predicted to be asked for next, when idle
+    group_wait: float = 5.0        # seconds a request may be passed over by grouping, at most
+    step_seconds: float = 0.02     # estimated decode step time (the queued-work term)
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement {self.placement!r} is not one of "
+                             f"{', '.join(PLACEMENTS)}")
+        if not self.group_wait >= 0:
+            raise ValueError(f"group wait must be at least 0, got {self.group_wait}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +148,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     tiers: TierConfig = field(default_factory=TierConfig)
     experts: ExpertConfig = field(default_factory=ExpertConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -119,7 +158,8 @@ def from_env(**overrides: object) -> Config:
     """Defaults, then EDGESERVE_* variables, then explicit overrides (None means unset)."""
     env = os.environ
     pool = PoolConfig(
-        pool_size=parse_size(env["EDGESERVE_POOL_SIZE"]) if "EDGESERVE_POOL_SIZE" in env else None,
+        pool_size=(parse_sizes(env["EDGESERVE_POOL_SIZE"])
+                   if "EDGESERVE_POOL_SIZE" in env else None),
         block_size=(parse_size(env["EDGESERVE_BLOCK_SIZE"])
                     if "EDGESERVE_BLOCK_SIZE" in env else None),
     )
@@ -127,6 +167,8 @@ def from_env(**overrides: object) -> Config:
         host_size=parse_size(env["EDGESERVE_HOST_SIZE"]) if "EDGESERVE_HOST_SIZE" in env else None,
         policy=env.get("EDGESERVE_POLICY", "edgeserve"))
     cfg = Config(
+        scheduler=SchedulerConfig(prewarm=parse_switch(env.get("EDGESERVE_PREWARM", "on"),
+                                                       "EDGESERVE_PREWARM")),
         tiers=tiers,
         models=Path(env.get("EDGESERVE_MODELS", "models")),
         device=env.get("EDGESERVE_DEVICE", "auto"),

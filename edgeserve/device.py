@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 
 log = logging.getLogger("edgeserve.device")
+_CPU_RE = re.compile(r"^cpu:\d+$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,14 +29,15 @@ class DeviceInfo:
         return torch.device(self.name)
 
 
-def cpu_info() -> DeviceInfo:
+def cpu_info(name: str = "cpu") -> DeviceInfo:
+    """The CPU's memory; `name` may be cpu:N (several pools sharing the CPU)."""
     try:
         pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
         avail = os.sysconf("SC_AVPHYS_PAGES") * page_size
         total = pages * page_size
     except (ValueError, OSError, AttributeError):
         total = avail = 8 << 30
-    return DeviceInfo("cpu", f"CPU ({os.cpu_count()} cores)", total, avail)
+    return DeviceInfo(name, f"CPU ({os.cpu_count()} cores)", total, avail)
 
 
 def _cupy_device_count() -> int:
@@ -76,10 +79,17 @@ def cuda_info(index: int) -> DeviceInfo:
 
 
 def discover(spec: str = "auto") -> list[DeviceInfo]:
-    """Resolve 'auto' | 'cpu' | 'cuda' | 'cuda:0,cuda:1' to usable devices."""
+    """Resolve 'auto' | 'cpu' | 'cuda' | a list like 'cuda:0,cuda:1' or 'cpu:0,cpu:1' to
+    usable devices. Each cpu:N is a pool of its own on the CPU: placement across devices
+    then runs anywhere, exactly as across CUDA devices."""
     spec = spec.strip().lower()
     if spec == "cpu":
         return [cpu_info()]
+    parts = [part.strip() for part in spec.split(",")]
+    if len(set(parts)) < len(parts):
+        raise ValueError(f"--device {spec}: a device is named twice")
+    if all(_CPU_RE.match(part) for part in parts):
+        return [cpu_info(part) for part in parts]
     count = _cupy_device_count()
     if spec == "auto":
         if count == 0:
@@ -92,10 +102,9 @@ def discover(spec: str = "auto") -> list[DeviceInfo]:
     if spec == "cuda":
         return [cuda_info(0)]
     devices = []
-    for part in spec.split(","):
-        part = part.strip()
+    for part in parts:
         if not part.startswith("cuda:") or not part[5:].isdigit():
-            raise ValueError(f"--device: {part!r} is not cpu, auto, cuda or cuda:N")
+            raise ValueError(f"--device: {part!r} is not cpu, cpu:N, auto, cuda or cuda:N")
         index = int(part[5:])
         if index >= count:
             raise RuntimeError(f"--device: {part} does not exist ({count} CUDA device(s))")

@@ -107,6 +107,21 @@ class Engine:
             out[seq.model.id] = (r, w + 1)
         return out
 
+    def queued_steps(self) -> dict[str, int]:
+        """Device -> forwards its queued sequences still need (per model, the longest)."""
+        longest: dict[int, tuple[str, int]] = {}
+        chunk = self.config.prefill_chunk
+        with self._cond:
+            seqs = [*self._running, *self._waiting, *self._inbox]
+        for seq in seqs:
+            left = seq.params.max_tokens - seq.sampled + -(-(seq.length - seq.cached) // chunk)
+            device, most = longest.get(id(seq.model), (seq.model.pool.device, 0))
+            longest[id(seq.model)] = (device, max(most, left))
+        out: dict[str, int] = {}
+        for device, steps in longest.values():
+            out[device] = out.get(device, 0) + steps
+        return out
+
     def has_sequences(self, model: ResidentModel) -> bool:
         return any(s.model is model for s in [*self._running, *self._waiting, *self._inbox])
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ from edgeserve.arch import WeightUnit, weight_plan
 from edgeserve.arch.spec import ModelFormatError, ModelSpec, load_spec
 from edgeserve.checkpoint import HashCache, TensorInfo, read_header
 from edgeserve.pool import BlockPool, PoolFull, Unit
-from edgeserve.tiers import DiskJob, DiskLoader, HostSlab, HostTier
+from edgeserve.tiers import DiskJob, DiskLoader, HostSlab, HostTier, ReadOptions
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -52,6 +53,10 @@ class LoadReport:
     bytes_from_device: int = 0
     bytes_from_host: int = 0
     bytes_from_disk: int = 0
+    # a first sight (files never hashed) reads every unit, then releases those whose bytes
+    # were resident already: counted in bytes_from_device, and here as the extra read
+    bytes_released: int = 0
+    placement: dict[str, Any] | None = None     # the device chosen, and every device's score
 
 
 def scan_checkpoint(model_dir: Path) -> dict[str, TensorInfo]:
@@ -97,12 +102,20 @@ class Prepared:
 
 
 def unit_keys(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
-              tensors: dict[str, TensorInfo]) -> dict[str, str]:
-    """Content key of every unit the model is made of."""
+              tensors: dict[str, TensorInfo], compute: bool = True,
+              known: dict[Path, dict[str, str]] | None = None) -> dict[str, str]:
+    """Content key of every unit the model is made of; with compute=False, {} unless every
+    file's tensor hashes are cached or known (a file never seen is hashed as a load reads
+    it)."""
     plan = weight_plan(spec)
     hashes: dict[str, str] = {}
     for path in {t.path for t in tensors.values()}:
-        hashes |= ctx.hashes.get(path)
+        cached = (known or {}).get(path)
+        if cached is None:
+            cached = ctx.hashes.get(path) if compute else ctx.hashes.cached(path)
+        if cached is None:
+            return {}
+        hashes |= cached
     keys = {}
     for name, unit in plan.items():
         h = hashlib.blake2b(f"{ctx.dtype}|{unit.shape}|".encode(), digest_size=16)
@@ -130,13 +143,19 @@ class Sources:
     """Where a model's units come from: its checkpoint tensors and their content keys."""
 
     tensors: dict[str, TensorInfo]
-    keys: dict[str, str]             # unit name -> content key
+    keys: dict[str, str]             # unit name -> content key ({} while not known)
 
     @classmethod
-    def scan(cls, model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str) -> Sources:
+    def scan(cls, model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
+             compute: bool = True) -> Sources:
+        """compute=False: no file is hashed here; keys stay {} if one was never seen."""
         tensors = scan_checkpoint(model_dir)
         _check(model_dir, spec, tensors)
-        return cls(tensors, unit_keys(model_dir, spec, ctx, owner, tensors))
+        return cls(tensors, unit_keys(model_dir, spec, ctx, owner, tensors, compute))
+
+    @property
+    def known(self) -> bool:
+        return bool(self.keys)
 
 
 def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
@@ -145,7 +164,8 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
     """Pin the resident units, allocate the missing ones (engine thread). Raises PoolFull
     before allocating anything when the missing units cannot fit even after eviction.
     The units named in host_only are read into host memory instead (a MoE model's experts
-    beyond its budget)."""
+    beyond its budget). Without keys (files never hashed), every unit is allocated without
+    a key, to be keyed once read (first_sight.py)."""
     sources = sources or Sources.scan(model_dir, spec, ctx, owner)
     tensors, keys = sources.tensors, sources.keys
     pool, whole = ctx.pool, weight_plan(spec)
@@ -154,7 +174,7 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
     try:
         counted: set[int] = set()
         for name in plan:                     # pin first: this load never evicts its own
-            unit = pool.lookup(keys[name])
+            unit = pool.lookup(keys[name]) if name in keys else None
             if unit is not None:
                 pool.pin(unit)
                 out.units[name] = unit
@@ -165,16 +185,17 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
         for name, planned in plan.items():
             if name in out.units:
                 continue
-            same = pool.lookup(keys[name])        # equal bytes twice in one model: one unit
+            key = keys.get(name)                  # equal bytes twice in one model: one unit
+            same = pool.lookup(key) if key is not None else None
             if same is not None:
                 pool.pin(same)
                 out.units[name] = same
                 continue
             nbytes = math.prod(planned.shape) * ctx.dtype.itemsize
-            unit = pool.allocate(planned.kind, nbytes, key=keys[name], owner=owner)
+            unit = pool.allocate(planned.kind, nbytes, key=key, owner=owner)
             out.units[name] = unit
             out.fresh.append(unit)
-            cached = ctx.host.get(keys[name]) if ctx.host is not None else None
+            cached = ctx.host.get(key) if ctx.host is not None and key is not None else None
             if cached is not None:
                 out.from_host.append((cached, unit))
                 report.bytes_from_host += nbytes
@@ -224,7 +245,7 @@ def _host_units(plan: dict[str, WeightUnit], names: frozenset[str], sources: Sou
 
 def _check_room(plan: dict[str, WeightUnit], have: dict[str, Unit], keys: dict[str, str],
                 ctx: LoadContext) -> None:
-    missing = {keys[n]: math.prod(u.shape) * ctx.dtype.itemsize
+    missing = {keys.get(n, f"?{n}"): math.prod(u.shape) * ctx.dtype.itemsize
                for n, u in plan.items() if n not in have}
     blocks = sum(ctx.pool.blocks_for(b) for b in missing.values())
     spare = ctx.pool.spare_blocks()
@@ -236,16 +257,19 @@ def _check_room(plan: dict[str, WeightUnit], have: dict[str, Unit], keys: dict[s
 
 
 def fill(prepared: Prepared, ctx: LoadContext,
-         progress: Callable[[int], None] | None = None) -> dict[str, float]:
+         progress: Callable[[int], None] | None = None,
+         options: ReadOptions | None = None) -> dict[str, float]:
     """Copy the new units' bytes in (any thread; the pool must not compact meanwhile).
     Returns the seconds spent on each source tier."""
     start = time.perf_counter()
     for data, unit in prepared.from_host:
+        if options is not None:
+            options.check()
         ctx.pool.raw(unit).copy_(data)
         if progress is not None:
             progress(unit.nbytes)
     middle = time.perf_counter()
-    ctx.disk.load(prepared.from_disk, progress)
+    ctx.disk.load(prepared.from_disk, progress, options=options)
     return {"host": middle - start, "disk": time.perf_counter() - middle}
 
 

@@ -82,6 +82,12 @@ def gauge(name: str, doc: str, labels: list[str],
     return family
 
 
+_PREWARM = (("prewarms", "prewarms", "Models prewarmed (loaded ahead of predicted demand)."),
+            ("prewarm_hits", "hits", "Requests that found their model prewarmed."),
+            ("prewarm_wasted", "wasted", "Prewarms whose predicted burst never came."),
+            ("prewarm_cancelled", "cancelled", "Prewarms that yielded to a real request."))
+
+
 def live_gauges(stats: dict[str, Any], queues: dict[str, tuple[int, int]]) -> list[Metric]:
     """Gauges from EdgeServer.stats() and the engine's per-model queue lengths."""
     pools = stats["devices"]
@@ -101,7 +107,10 @@ def live_gauges(stats: dict[str, Any], queues: dict[str, tuple[int, int]]) -> li
                 kv_retained.append(([device, model], kv["retained_bytes"]))
     experts = [(m, e) for p in pools.values() for m, info in p.get("models", {}).items()
                if (e := info.get("experts"))]
+    prewarm = stats.get("prewarm") or {}
     return [
+        *(gauge(f"edgeserve:{name}", doc, [], [([], prewarm[key])] if key in prewarm else [])
+          for name, key, doc in _PREWARM),
         gauge("edgeserve:expert_hit_rate", "MoE expert cache hits / lookups.", ["model_name"],
               [([m], e["hit_rate"]) for m, e in experts]),
         gauge("edgeserve:expert_substitutions", "Misses served by a similar expert.",

@@ -1,9 +1,12 @@
 """Which models are resident, on which device, and for how long.
 
 The scheduler decides; the engine's step thread executes (loads and releases run there,
-between steps). Loads of one model are single-flight: concurrent callers share one.
-A model stays resident until unloaded, until its keep-alive runs out with no request
-running, or (later) until pool pressure evicts it; a pinned model never leaves.
+between steps). Loads of one model are single-flight: concurrent callers share one, and
+loads take turns (grouping.py). A load goes to the device placement scores best
+(placer.py); files never seen are hashed as they are read (first_sight.py); idle time
+prewarms models predicted to be asked for (prewarm.py). How long a model stays is
+residency.py's: until unloaded, until its keep-alive runs out, or until pool pressure
+unloads it; a pinned model never leaves.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -22,13 +26,17 @@ import torch
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.blocks.loading import TaskLoader
 from edgeserve.checkpoint import HashCache
-from edgeserve.config import ExpertConfig, TierConfig
+from edgeserve.config import ExpertConfig, SchedulerConfig, TierConfig
+from edgeserve.demand import DemandHistory
 from edgeserve.engine import Engine
 from edgeserve.events import publish
-from edgeserve.eviction import Demand, PolicyContext, create_policy
+from edgeserve.eviction import PolicyContext, create_policy
 from edgeserve.experts.offload import ExpertOffload, host_only_units
+from edgeserve.first_sight import FirstSight, settle
+from edgeserve.grouping import Grouping
 from edgeserve.kv.offload import KVHostTier
 from edgeserve.loader import (
+    HostUnits,
     LoadContext,
     LoadReport,
     Prepared,
@@ -40,40 +48,35 @@ from edgeserve.loader import (
 )
 from edgeserve.metrics import Metrics
 from edgeserve.model import ResidentModel
+from edgeserve.placer import Placer
 from edgeserve.pool import BlockPool, PoolFull, Unit, UnitKind
+from edgeserve.prewarm import Prewarmer
+from edgeserve.residency import Residencies, Residency
 from edgeserve.store import ModelStore
-from edgeserve.tiers import DiskLoader, HostTier
+from edgeserve.tiers import DiskLoader, HostTier, LoadCancelled, ReadOptions
 from edgeserve.tokenizer import Tokenizer
 from edgeserve.tokenizer_cache import TokenizerCache
 
 log = logging.getLogger("edgeserve.scheduler")
 WEIGHT_KINDS = (UnitKind.WEIGHT, UnitKind.EXPERT)   # immutable units worth keeping
 BUSY_WAIT = 120.0     # seconds a load waits for busy models to make room
-MEASURE_MIN = 8 << 20  # bytes a load must move from a tier to measure its bandwidth
 DEMOTE_GAIN = 1.5      # demote to the host tier only if it is this much faster than disk
 
 
-@dataclass(slots=True)
-class Residency:
-    """How long a model stays: None = until unloaded or evicted."""
-
-    pinned: bool = False
-    keep_alive: float | None = None
-    timer: asyncio.TimerHandle | None = None
-
-
-class Scheduler:
+class Scheduler(Residencies):
     def __init__(self, store: ModelStore, pools: dict[str, BlockPool], engine: Engine,
                  metrics: Metrics, dtype_for: Callable[[str], torch.dtype],
                  tiers: TierConfig | None = None, host: HostTier | None = None,
-                 experts: ExpertConfig | None = None) -> None:
+                 experts: ExpertConfig | None = None,
+                 config: SchedulerConfig | None = None) -> None:
         self.store, self.pools, self.engine, self.metrics = store, pools, engine, metrics
         self.dtype_for = dtype_for
         tiers = tiers or TierConfig()
         self.experts = experts or ExpertConfig()
         self.policy = create_policy(tiers.policy)
         self.host = host if self.policy.host_tier else None
-        self.ctx = PolicyContext(Demand(), host=self.host)
+        self.config = config or SchedulerConfig()
+        self.ctx = PolicyContext(DemandHistory(), host=self.host)
         self.hashes = HashCache(store.root)
         self.disk = DiskLoader(tiers.readers, tiers.read_chunk,
                                pinned=any(p.device.startswith("cuda") for p in pools.values()))
@@ -89,32 +92,44 @@ class Scheduler:
         self.tokenizers: dict[str, Tokenizer | None] = {}
         self.residency: dict[str, Residency] = {}
         self._loading: dict[str, asyncio.Task[LoadReport]] = {}
-        self._load_lock = asyncio.Lock()    # one load copies at a time: nothing moves meanwhile
         self.totals = dict.fromkeys(("loads", "seconds", "bytes_from_device",
                                      "bytes_from_host", "bytes_from_disk"), 0.0)
+        self.grouping = Grouping(self.config.group_wait)   # one load at a time, in turn
+        self.placer = Placer(self, self.config.step_seconds, self.config.placement)
+        self.prewarm = Prewarmer(self, enabled=self.config.prewarm)
+        self.prewarm.start()
 
     # ---- loading -----------------------------------------------------------------------
-    async def load(self, model_id: str) -> LoadReport:
-        """Make model_id resident; concurrent calls for one model share one load."""
+    async def load(self, model_id: str, device: str | None = None,
+                   stop: threading.Event | None = None) -> LoadReport:
+        """Make model_id resident, on `device` or where placement scores best; concurrent
+        calls for one model share one load. `stop` set: the load gives up (a prewarm)."""
+        self.placer.check_device(device)
+        if stop is None:
+            self.prewarm.real_load(model_id)
         if model_id in self.models:
+            self.placer.resident_elsewhere(model_id, device)
             model = self.models[model_id]
             return LoadReport(model_id, model.pool.device, 0.0, model.weight_bytes,
                               bytes_from_device=model.weight_bytes)
         task = self._loading.get(model_id)
         if task is None:
-            task = asyncio.create_task(self._load(model_id))
+            task = asyncio.create_task(self._load(model_id, device, stop))
             self._loading[model_id] = task
             task.add_done_callback(lambda _: self._loading.pop(model_id, None))
-        return await asyncio.shield(task)
-
-    def choose_pool(self) -> BlockPool:
-        return max(self.pools.values(), key=lambda p: p.free_bytes)
+        try:
+            return await asyncio.shield(task)
+        except LoadCancelled:
+            if stop is not None:
+                raise
+            return await self.load(model_id, device)   # joined a prewarm that yielded
 
     def context(self, pool: BlockPool) -> LoadContext:
         return LoadContext(pool, self.dtype_for(pool.device), self.hashes, self.host, self.disk,
                            share=self.policy.share)
 
-    async def _load(self, model_id: str) -> LoadReport:
+    async def _load(self, model_id: str, device: str | None, stop: threading.Event | None
+                    ) -> LoadReport:
         path = self.store.path(model_id)
         start = time.perf_counter()
         pack = await asyncio.to_thread(self.tasks.pack, model_id, path, self.store)
@@ -127,24 +142,18 @@ class Scheduler:
             if (folder / "tokenizer.json").is_file():
                 tokenizer = await asyncio.to_thread(self.tokenizer_cache.load, folder)
                 break
-        async with self._load_lock:
-            pool = self.choose_pool()
+        host_only = host_only_units(spec, self.experts.budget)
+        async with self.grouping.turn(model_id, real=stop is None):
+            ReadOptions(stop=stop).check()
+            sizes = await self.engine.run(self.placer.resident_sizes)
+            needs = await asyncio.to_thread(self.placer.needs, model_id, weights, spec, task,
+                                            host_only, sizes)
+            pool, placement = await self.placer.place(model_id, needs, device)
+            self.grouping.placed(model_id, pool.device)
             ctx = self.context(pool)
-            report = LoadReport(model_id, pool.device)
-            host_only = host_only_units(spec, self.experts.budget)
-            prepared = await self._prepare(model_id, weights, spec, ctx, report, host_only)
-            pool.freeze()
-            try:
-                with _progress(model_id, report.bytes_from_disk + report.bytes_from_host) as bar:
-                    seconds = await asyncio.to_thread(fill, prepared, ctx, bar)
-                self._measure(report, seconds)
-            except BaseException:
-                await self.engine.run(abort, prepared, pool)
-                raise
-            finally:
-                pool.thaw()
-            model = ResidentModel.from_units(model_id, weights, spec, pool, ctx.dtype,
-                                             prepared.units)
+            report = LoadReport(model_id, pool.device, placement=placement)
+            model, host = await self._read(model_id, weights, spec, ctx, report, host_only,
+                                           stop)
             model.kv.host = self.kv_host
             if task is not None:
                 model.base = task.pack.base
@@ -156,16 +165,7 @@ class Scheduler:
                 except BaseException:
                     await self.engine.run(model.release, self.policy.retain)
                     raise
-            if spec.family == "moe" and self.experts.budget < 1.0:
-                e = self.experts
-                try:
-                    model.offload = await self.engine.run(ExpertOffload, model, e.budget,
-                                                          e.policy, e.threshold, e.prefetch,
-                                                          prepared.host)
-                    await asyncio.to_thread(model.offload.pin_host)
-                except BaseException:
-                    await self.engine.run(model.release, self.policy.retain)
-                    raise
+            await self._offload(model, spec, host)
             for unit in model.distinct_units + (model.task.units if model.task else []):
                 self.ctx.users.setdefault(unit.key or "", set()).add(model_id)
         report.seconds = time.perf_counter() - start
@@ -180,25 +180,71 @@ class Scheduler:
                  report.bytes_total / 1e6, report.seconds)
         return report
 
+    async def _read(self, model_id: str, weights: Path, spec: ModelSpec, ctx: LoadContext,
+                    report: LoadReport, host_only: frozenset[str],
+                    stop: threading.Event | None) -> tuple[ResidentModel, HostUnits | None]:
+        """Prepare the units and fill them; files never seen are hashed as they are read."""
+        pool = ctx.pool
+        prepared, sources = await self._prepare(model_id, weights, spec, ctx, report,
+                                                host_only, stop)
+        first = FirstSight.of(sources)
+        pool.freeze()
+        try:
+            with _progress(model_id, report.bytes_from_disk + report.bytes_from_host) as bar:
+                options = first.options(stop) if first else ReadOptions(stop=stop)
+                seconds = await asyncio.to_thread(fill, prepared, ctx, bar, options)
+            self.placer.learn(report, seconds)
+            if first is not None:
+                keys = await asyncio.to_thread(first.keys, weights, spec, ctx, model_id, sources)
+                await self.engine.run(settle, prepared, keys, pool, report)
+        except BaseException:
+            await self.engine.run(abort, prepared, pool)
+            raise
+        finally:
+            pool.thaw()
+        return ResidentModel.from_units(model_id, weights, spec, pool, ctx.dtype,
+                                        prepared.units), prepared.host
+
+    async def _offload(self, model: ResidentModel, spec: ModelSpec,
+                       host: HostUnits | None) -> None:
+        if spec.family != "moe" or self.experts.budget >= 1.0:
+            return
+        e = self.experts
+        try:
+            model.offload = await self.engine.run(ExpertOffload, model, e.budget, e.policy,
+                                                  e.threshold, e.prefetch, host)
+            await asyncio.to_thread(model.offload.pin_host)
+        except BaseException:
+            await self.engine.run(model.release, self.policy.retain)
+            raise
+
     async def _prepare(self, model_id: str, path: Path, spec: ModelSpec, ctx: LoadContext,
-                       report: LoadReport, host_only: frozenset[str] = frozenset()
-                       ) -> Prepared:
+                       report: LoadReport, host_only: frozenset[str],
+                       stop: threading.Event | None) -> tuple[Prepared, Sources]:
         """Pin and allocate the model's units, unloading idle models while memory is short
-        (and waiting for busy ones to go idle, up to BUSY_WAIT seconds)."""
+        (and waiting for busy ones to go idle, up to BUSY_WAIT seconds; a prewarm never
+        unloads). Keys of files never hashed stay unknown unless room runs short."""
         deadline = time.monotonic() + BUSY_WAIT
-        sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id)
+        sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id,
+                                          bool(host_only))
         while True:
+            ReadOptions(stop=stop).check()
             attempt = replace(report)
             try:
                 prepared = await self.engine.run(prepare, path, spec, ctx, model_id, attempt,
                                                  sources, host_only)
             except PoolFull as e:
+                if not sources.known:      # sharing may make room: hash, then try again
+                    sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id)
+                    continue
+                if stop is not None:
+                    raise
                 await self._make_room(ctx.pool, model_id, deadline, e)
                 continue
             for name in ("bytes_total", "bytes_from_device", "bytes_from_host",
                          "bytes_from_disk"):
                 setattr(report, name, getattr(attempt, name))
-            return prepared
+            return prepared, sources
 
     async def _make_room(self, pool: BlockPool, loading: str, deadline: float,
                          error: PoolFull) -> None:
@@ -214,6 +260,14 @@ class Scheduler:
                 raise error
             await asyncio.sleep(0.005)      # their requests end soon: then unload
 
+    async def ready(self, model_id: str,
+                    load: Callable[[str], Awaitable[LoadReport]] | None = None
+                    ) -> ResidentModel:
+        """The model, resident, once a request for it may start: loaded (through `load`,
+        default self.load) if need be, and held back while grouping lets a load that
+        waited too long go first."""
+        return await self.grouping.ready(self.models, model_id, load or self.load)
+
     def _busy(self, pool: BlockPool, loading: str) -> bool:
         """Models that could make room once their running requests end."""
         return any(model.pool is pool and m != loading
@@ -226,13 +280,6 @@ class Scheduler:
                 and not self.residency.get(m, Residency()).pinned]
         order = self.policy.model_order(idle, self.ctx)
         return order[0] if order else None
-
-    def _measure(self, report: LoadReport, seconds: dict[str, float]) -> None:
-        """Learn each tier's bandwidth from real loads (moving average)."""
-        for tier, nbytes in (("host", report.bytes_from_host), ("disk", report.bytes_from_disk)):
-            if nbytes >= MEASURE_MIN and seconds[tier] > 0:
-                old = self.ctx.bandwidth[tier]
-                self.ctx.bandwidth[tier] = 0.7 * old + 0.3 * nbytes / seconds[tier]
 
     def _demote(self, unit: Unit) -> None:
         """Before an evicted weight unit's blocks go back: keep its bytes in the host tier,
@@ -255,6 +302,7 @@ class Scheduler:
 
     def request_started(self, model_id: str) -> None:
         self.ctx.demand.record(model_id)
+        self.prewarm.request_started(model_id)
 
     def _record(self, report: LoadReport) -> None:
         self.totals["loads"] += 1
@@ -283,6 +331,7 @@ class Scheduler:
 
     def release_all(self) -> None:
         """Free every model; only once the engine has stopped."""
+        self.prewarm.stop()
         for task in self._loading.values():
             task.cancel()
         for state in self.residency.values():
@@ -292,39 +341,6 @@ class Scheduler:
             model.release(retain=False)
         self.models.clear()
         self.kv_host.clear(self.pools.values())
-
-    # ---- residency ---------------------------------------------------------------------
-    def pin(self, model_id: str, pinned: bool = True) -> None:
-        """A pinned model is never unloaded by keep-alive or evicted."""
-        if model_id not in self.models:
-            self.store.path(model_id)
-        self.residency.setdefault(model_id, Residency()).pinned = pinned
-        if not pinned:
-            self.request_ended(model_id)      # its keep-alive runs again from now
-
-    def keep_alive(self, model_id: str, seconds: float | None) -> None:
-        """Unload model_id `seconds` after its last request ends; None or < 0: keep."""
-        state = self.residency.setdefault(model_id, Residency())
-        state.keep_alive = None if seconds is None or seconds < 0 else seconds
-        self.request_ended(model_id)
-
-    def request_ended(self, model_id: str) -> None:
-        state = self.residency.get(model_id)
-        if state is None or state.keep_alive is None or state.pinned:
-            return
-        if state.timer is not None:
-            state.timer.cancel()
-        state.timer = asyncio.get_running_loop().call_later(
-            state.keep_alive, lambda: asyncio.ensure_future(self._expire(model_id)))
-
-    async def _expire(self, model_id: str) -> None:
-        state, model = self.residency.get(model_id), self.models.get(model_id)
-        if state is None or model is None or state.pinned or state.keep_alive is None:
-            return
-        if self.engine.has_sequences(model):
-            return                              # the running request re-arms the timer
-        log.info("keep-alive of %s ran out", model_id)
-        await self.unload(model_id)
 
 
 @contextlib.contextmanager

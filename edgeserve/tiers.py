@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import threading
 import weakref
 from collections import OrderedDict
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgeserve.checkpoint import TensorInfo, chunks, read_into
+from edgeserve.checkpoint import Hasher, StreamHashes, TensorInfo, chunks, read_into
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,10 @@ class HostTier:
             if old is not None:
                 self.used -= old.numel()
 
+    def sizes(self) -> set[int]:
+        with self._lock:
+            return {t.numel() for t in self._entries.values()}
+
     def get(self, key: str) -> torch.Tensor | None:
         with self._lock:
             buf = self._entries.get(key)
@@ -144,6 +149,22 @@ class DiskJob:
     dest: torch.Tensor       # where its values go (rows of a unit), any dtype and device
 
 
+class LoadCancelled(Exception):
+    """A load's reads were stopped (a prewarm yielding to a real request)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOptions:
+    """How one load reads: hash the bytes as they stream in; stop when asked."""
+
+    hashes: StreamHashes | None = None
+    stop: threading.Event | None = None
+
+    def check(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise LoadCancelled("the load was cancelled")
+
+
 class DiskLoader:
     """Copies checkpoint tensors into their destinations with overlapped large reads."""
 
@@ -151,45 +172,75 @@ class DiskLoader:
         self.readers, self.chunk, self.pinned = readers, chunk, pinned
 
     def load(self, jobs: list[DiskJob], progress: Callable[[int], None] | None = None,
-             min_direct: int = 0) -> None:
+             min_direct: int = 0, options: ReadOptions | None = None) -> None:
         """Jobs of at least min_direct bytes that need no conversion are read straight into
-        their destination; the others through large staged reads (many small tensors)."""
+        their destination; the others through large staged reads (many small tensors).
+        With options.hashes, the reader threads hash every tensor as they read it."""
+        options = options or ReadOptions()
         direct = [j for j in jobs if _direct(j) and j.tensor.nbytes >= min_direct]
         staged = [j for j in jobs if not (_direct(j) and j.tensor.nbytes >= min_direct)]
         with ThreadPoolExecutor(self.readers, thread_name_prefix="edgeserve-read") as pool:
-            pending = [pool.submit(self._read_direct, j, progress) for j in direct]
-            self._staged(pool, staged, progress)
+            pending = [pool.submit(self._read_direct, j, progress, options) for j in direct]
+            try:
+                self._staged(pool, staged, progress, options)
+            finally:
+                for f in pending:        # every reader is done before the caller goes on
+                    f.exception()
             for f in pending:
                 f.result()
 
-    def _read_direct(self, job: DiskJob, progress: Callable[[int], None] | None) -> None:
+    def _read_direct(self, job: DiskJob, progress: Callable[[int], None] | None,
+                     options: ReadOptions) -> None:
         t = job.tensor
         view = job.dest.view(torch.uint8).reshape(-1).numpy().data
-        for offset in range(0, t.nbytes, self.chunk):
-            n = min(self.chunk, t.nbytes - offset)
-            read_into(t.path, t.start + offset, view[offset:offset + n])
-            if progress is not None:
-                progress(n)
+        h = options.hashes.claim(t) if options.hashes is not None else None
+        hashing = _Hashing(h) if h is not None else None
+        try:
+            for offset in range(0, t.nbytes, self.chunk):
+                options.check()
+                n = min(self.chunk, t.nbytes - offset)
+                read_into(t.path, t.start + offset, view[offset:offset + n])
+                if hashing is not None:
+                    hashing.feed(view[offset:offset + n])
+                if progress is not None:
+                    progress(n)
+        finally:
+            if hashing is not None:
+                hashing.join()
+        if h is not None and options.hashes is not None:
+            options.hashes.finish(t, h)
 
     def _staged(self, pool: ThreadPoolExecutor, jobs: list[DiskJob],
-                progress: Callable[[int], None] | None) -> None:
+                progress: Callable[[int], None] | None, options: ReadOptions) -> None:
         by_tensor = {id(j.tensor): j for j in jobs}
         ordered = sorted((j.tensor for j in jobs), key=lambda t: (str(t.path), t.start))
         runs = list(chunks(ordered, self.chunk))
         window: list[tuple[list[TensorInfo], Future[torch.Tensor]]] = []
         ahead = self.readers + 1                 # staging buffers in flight at most
         for i, run in enumerate(runs):
-            window.append((run, pool.submit(self._read_run, run)))
+            window.append((run, pool.submit(self._read_run, run, options)))
             if len(window) < ahead and i + 1 < len(runs):
                 continue
             self._copy(window.pop(0), by_tensor, progress)
-        while window:
-            self._copy(window.pop(0), by_tensor, progress)
+        try:
+            while window:
+                self._copy(window.pop(0), by_tensor, progress)
+        finally:
+            for _, future in window:      # a failed copy: let the reads in flight end
+                future.exception()
 
-    def _read_run(self, run: list[TensorInfo]) -> torch.Tensor:
+    def _read_run(self, run: list[TensorInfo], options: ReadOptions) -> torch.Tensor:
+        options.check()
         start, end = run[0].start, run[-1].end
         buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=self.pinned)
-        read_into(run[0].path, start, buf.numpy().data)
+        data = buf.numpy()
+        read_into(run[0].path, start, data.data)
+        if options.hashes is not None:
+            for t in run:
+                h = options.hashes.claim(t)
+                if h is not None:
+                    h.update(data[t.start - start:t.end - start])
+                    options.hashes.finish(t, h)
         return buf
 
     @staticmethod
@@ -203,6 +254,29 @@ class DiskLoader:
             by_tensor[id(t)].dest.copy_(src)
             if progress is not None:
                 progress(t.nbytes)
+
+
+class _Hashing:
+    """Hashes one tensor's chunks, in order, on a thread of its own: the next chunk is read
+    while this one is hashed (the hash releases the GIL), so a large tensor costs about
+    the longer of its read and its hash, not their sum."""
+
+    def __init__(self, h: Hasher) -> None:
+        self.h = h
+        self.chunks: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="edgeserve-hash", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self.chunks.get()) is not None:
+            self.h.update(chunk)
+
+    def feed(self, chunk: memoryview) -> None:
+        self.chunks.put(chunk)
+
+    def join(self) -> None:
+        self.chunks.put(None)
+        self.thread.join()
 
 
 def _direct(job: DiskJob) -> bool:

@@ -55,3 +55,38 @@ def test_format_size_and_env(monkeypatch):
     cfg = from_env(models="elsewhere")
     assert cfg.pool.pool_size == 1 << 30 and cfg.device == "cpu"
     assert str(cfg.models) == "elsewhere"
+
+
+def test_cpu_devices_are_separate_pools_by_name():
+    devices = discover("cpu:0, cpu:1,cpu:2")
+    assert [d.name for d in devices] == ["cpu:0", "cpu:1", "cpu:2"]
+    assert not any(d.is_cuda for d in devices)
+    with pytest.raises(ValueError, match="twice"):
+        discover("cpu:0,cpu:0")
+
+
+def test_pool_size_lists(monkeypatch):
+    from edgeserve.config import PoolConfig, parse_sizes
+
+    assert parse_sizes("1GiB") == 1 << 30
+    assert parse_sizes("1GiB, 512MiB") == (1 << 30, 512 << 20)
+    sizes = PoolConfig(pool_size=parse_sizes("1GiB,512MiB"))
+    assert [sizes.size_for(i, 2) for i in (0, 1)] == [1 << 30, 512 << 20]
+    assert PoolConfig(pool_size=1 << 20).size_for(1, 3) == 1 << 20
+    with pytest.raises(ValueError, match="2 sizes for 3"):
+        sizes.size_for(0, 3)
+    monkeypatch.setenv("EDGESERVE_POOL_SIZE", "2GiB,1GiB")
+    monkeypatch.setenv("EDGESERVE_PREWARM", "off")
+    cfg = from_env()
+    assert cfg.pool.pool_size == (2 << 30, 1 << 30) and not cfg.scheduler.prewarm
+
+
+def test_cli_accepts_cpu_devices_size_lists_and_prewarm():
+    from edgeserve.cli import build_parser
+    from edgeserve.config import Config
+
+    args = build_parser(Config()).parse_args(
+        ["serve", "--device", "cpu:0,cpu:1", "--pool-size", "1GiB,2GiB", "--prewarm", "off"])
+    assert (args.device, args.pool_size, args.prewarm) == ("cpu:0,cpu:1", "1GiB,2GiB", "off")
+    with pytest.raises(SystemExit):
+        build_parser(Config()).parse_args(["serve", "--pool-size", "1GiB,lots"])

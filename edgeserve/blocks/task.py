@@ -29,7 +29,8 @@ from edgeserve.tiers import DiskJob
 
 
 def base_fingerprint(model_dir: Path, spec: ModelSpec, hashes: HashCache) -> str:
-    """A hash of the base tensors that packs change (content hashes, cached)."""
+    """A hash of the base tensors that packs change (content hashes, cached). Defined over
+    blake2b tensor hashes, so packs made before blake3 keys stay valid."""
     tensors = scan_checkpoint(model_dir)
     per_file: dict[Path, dict[str, str]] = {}
     h = hashlib.blake2b(digest_size=16)
@@ -37,7 +38,7 @@ def base_fingerprint(model_dir: Path, spec: ModelSpec, hashes: HashCache) -> str
     for name in sorted(n for n in names if n in tensors):
         path = tensors[name].path
         if path not in per_file:
-            per_file[path] = hashes.get(path)
+            per_file[path] = hashes.get(path, "blake2b")
         h.update(f"{name}={per_file[path][name]};".encode())
     return h.hexdigest()
 

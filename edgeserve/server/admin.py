@@ -29,9 +29,18 @@ def _json(obj: Any) -> web.Response:
 
 
 async def load(request: web.Request) -> web.Response:
-    """Make the model resident; the LoadReport says where its bytes came from."""
-    report = await request.app[SERVER].load(request.match_info["id"])
+    """Make the model resident; the LoadReport says where its bytes came from and why it
+    went to its device. `device` (query, or a JSON body {"device": ...}) overrides placement."""
+    device = request.query.get("device")
+    if device is None and request.can_read_body:
+        body = msgspec.json.decode(await request.read() or b"{}", type=_LoadBody)
+        device = body.device
+    report = await request.app[SERVER].load(request.match_info["id"], device)
     return _json(report)
+
+
+class _LoadBody(msgspec.Struct):
+    device: str | None = None
 
 
 async def unload(request: web.Request) -> web.Response:

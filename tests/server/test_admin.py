@@ -16,7 +16,7 @@ from edgeserve.server import SERVER, create_app
 
 MODEL = "demo-llama"
 REPORT_KEYS = {"model", "device", "seconds", "bytes_total", "bytes_from_device",
-               "bytes_from_host", "bytes_from_disk"}
+               "bytes_from_host", "bytes_from_disk", "bytes_released", "placement"}
 
 
 async def cpu_pool(client: Any) -> dict[str, Any]:

@@ -1,0 +1,124 @@
+"""Request grouping against swap thrash, with a bound on how long a request is passed over.
+
+When loads compete for memory, serving requests strictly in arrival order swaps models
+on every change (A B A C: four loads). Instead:
+
+- requests for resident models run first, without waiting for loads queued behind them;
+- a load waits its turn among the loads queued, and the turn goes to the model with the
+  most requests waiting (so each load serves a whole group, admitted together in one
+  residency window), oldest first among equals;
+- no request is passed over for longer than `bound` seconds: once the oldest request
+  waiting for a load has waited that long, that load goes next, and new requests for
+  other models on its device (any device, until it is placed) are held back until it is
+  done, so that the models holding the memory drain.
+
+With bound 0, every request is served in arrival order (the thrashing baseline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edgeserve.model import ResidentModel
+
+POLL = 0.005         # seconds between two looks while waiting
+
+
+@dataclass(slots=True)
+class _Load:
+    model: str
+    since: float
+    real: bool = True             # False: a prewarm, which never holds requests back
+    device: str | None = None     # once placed
+
+
+class Grouping:
+    def __init__(self, bound: float = 5.0) -> None:
+        self.bound = bound
+        self.waiting: dict[str, list[float]] = {}     # model -> arrival of each waiter
+        self.queue: list[_Load] = []
+        self.holder: _Load | None = None
+
+    # ---- requests ----------------------------------------------------------------------
+    def arrived(self, model: str, at: float) -> None:
+        self.waiting.setdefault(model, []).append(at)
+
+    def served(self, model: str, at: float) -> None:
+        arrivals = self.waiting.get(model, [])
+        if at in arrivals:
+            arrivals.remove(at)
+        if not arrivals:
+            self.waiting.pop(model, None)
+
+    def may_run(self, device: str, model: str, arrival: float) -> bool:
+        """Whether a request (arrived at `arrival`) for a resident model may start now: not
+        while a load for its device (or not placed yet), asked for before it, has been
+        passed over for longer than the bound."""
+        now = time.monotonic()
+        pending = self.queue + ([self.holder] if self.holder is not None else [])
+        for q in pending:
+            first = self.oldest(q.model, q.since)
+            if q.real and q.model != model and q.device in (None, device) and \
+                    first < arrival and now - first > self.bound:
+                return False
+        return True
+
+    def oldest(self, model: str, default: float) -> float:
+        return min(self.waiting.get(model, ()), default=default)
+
+    # ---- loads -------------------------------------------------------------------------
+    def locked(self) -> bool:
+        return self.holder is not None
+
+    def _next(self) -> _Load | None:
+        if not self.queue:
+            return None
+        now = time.monotonic()
+        overdue = [q for q in self.queue if now - self.oldest(q.model, q.since) > self.bound]
+        if overdue:
+            return min(overdue, key=lambda q: self.oldest(q.model, q.since))
+        return max(self.queue, key=lambda q: (len(self.waiting.get(q.model, ())),
+                                              -self.oldest(q.model, q.since)))
+
+    @contextlib.asynccontextmanager
+    async def turn(self, model: str, real: bool = True) -> AsyncIterator[None]:
+        """One load at a time (nothing moves while a load copies), in grouping order."""
+        entry = _Load(model, time.monotonic(), real)
+        self.queue.append(entry)
+        try:
+            while self.holder is not None or self._next() is not entry:
+                await asyncio.sleep(POLL)
+        finally:
+            self.queue.remove(entry)
+        self.holder = entry
+        try:
+            yield
+        finally:
+            self.holder = None
+
+    async def ready(self, models: Mapping[str, ResidentModel], model_id: str,
+                    load: Callable[[str], Awaitable[object]]) -> ResidentModel:
+        """The resident model once a request for it may start (loaded if need be)."""
+        arrival = time.monotonic()
+        self.arrived(model_id, arrival)
+        try:
+            while True:
+                model = models.get(model_id)
+                if model is None:
+                    await load(model_id)
+                elif self.may_run(model.pool.device, model_id, arrival):
+                    return model
+                else:
+                    await asyncio.sleep(POLL)
+        finally:
+            self.served(model_id, arrival)
+
+    def placed(self, model: str, device: str) -> None:
+        if self.holder is not None and self.holder.model == model:
+            self.holder.device = device

@@ -1,0 +1,148 @@
+"""Placement for one load: what the model needs on each device, scored on the step thread.
+
+The scheduler asks `Placer.place` for a device before a load. What the model is made of
+(content keys per unit, for each device's compute dtype; a task's blocks too) is read off
+the event loop; the scores are computed on the step thread, where the pools, the queues
+and the resident models hold still.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from edgeserve.arch import weight_plan
+from edgeserve.arch.spec import ModelSpec
+from edgeserve.blocks.arena import TileArena
+from edgeserve.blocks.task import TaskSource
+from edgeserve.loader import LoadReport, Sources
+from edgeserve.placement import Placement, Score, missing_units, report
+from edgeserve.pool import BlockPool, Unit, UnitKind
+from edgeserve.results import InvalidRequest
+
+if TYPE_CHECKING:
+    from edgeserve.scheduler import Scheduler
+
+log = logging.getLogger("edgeserve.placement")
+Needs = dict[str, list[tuple[str | None, int]]]       # device -> (content key, bytes) per unit
+MEASURE_MIN = 8 << 20  # bytes a load must move from a tier to measure its bandwidth
+
+
+class Placer:
+    def __init__(self, scheduler: Scheduler, step_seconds: float,
+                 rule: str = "affinity") -> None:
+        self.s = scheduler
+        self.placement = Placement(scheduler.ctx, step_seconds)
+        self.rule = rule            # "affinity"; baselines: "most-free", "round-robin"
+        self._turn = itertools.count()
+
+    def learn(self, report: LoadReport, seconds: dict[str, float]) -> None:
+        """Each tier's bandwidth from real loads (moving averages): per device for
+        placement, and overall for the eviction policy."""
+        for tier, nbytes in (("host", report.bytes_from_host), ("disk", report.bytes_from_disk)):
+            if nbytes >= MEASURE_MIN and seconds[tier] > 0:
+                self.placement.measured(report.device, tier, nbytes / seconds[tier])
+                old = self.s.ctx.bandwidth[tier]
+                self.s.ctx.bandwidth[tier] = 0.7 * old + 0.3 * nbytes / seconds[tier]
+
+    def check_device(self, device: str | None) -> None:
+        if device is not None and device not in self.s.pools:
+            raise InvalidRequest(f"device {device!r} is not one of this server's: "
+                                 f"{', '.join(self.s.pools)}", "device")
+
+    def resident_sizes(self) -> set[int]:
+        """(step thread) Byte sizes of the weight units held by any pool or the host tier:
+        a unit of another size cannot share bytes with them."""
+        sizes = {u.nbytes for pool in self.s.pools.values() for u in pool.units.values()
+                 if u.kind in (UnitKind.WEIGHT, UnitKind.EXPERT)}
+        return sizes | (self.s.host.sizes() if self.s.host is not None else set())
+
+    def needs(self, model_id: str, weights: Path, spec: ModelSpec, task: TaskSource | None,
+              host_only: frozenset[str], sizes: set[int]) -> Needs:
+        """(any thread) The units the model needs, per device. Files never seen are hashed
+        here only if some resident unit has the size of one of theirs (it may hold equal
+        bytes: placement must know); else their keys stay None, computed as a load reads."""
+        by_dtype: dict[torch.dtype, list[tuple[str | None, int]]] = {}
+        out: Needs = {}
+        plan = weight_plan(spec)
+        for device, pool in self.s.pools.items():
+            ctx = self.s.context(pool)
+            if ctx.dtype not in by_dtype:
+                nbytes = {n: math.prod(u.shape) * ctx.dtype.itemsize for n, u in plan.items()}
+                keys = Sources.scan(weights, spec, ctx, model_id, compute=False).keys
+                if not keys and sizes & set(nbytes.values()):
+                    keys = Sources.scan(weights, spec, ctx, model_id).keys
+                units: list[tuple[str | None, int]] = [
+                    (keys.get(name), nbytes[name]) for name in plan if name not in host_only]
+                if task is not None:     # a task counts its base plus its blocks
+                    units += [(key, t.nbytes // t.dtype.itemsize * ctx.dtype.itemsize)
+                              for key, t in task.blocks.items()]
+                by_dtype[ctx.dtype] = units
+            out[device] = by_dtype[ctx.dtype]
+        return out
+
+    async def place(self, model_id: str, needs: Needs, device: str | None
+                    ) -> tuple[BlockPool, dict[str, object]]:
+        """The pool to load on (device, when given, overrides the scores), and the
+        report's placement entry; logs the choice and its terms in one line."""
+        scores = await self.s.engine.run(self.scores, model_id, needs)
+        by_device = {s.device: s for s in scores}
+        chosen = by_device[device] if device is not None else self._choose(scores)
+        log.info("placing %s on %s%s: %s", model_id, chosen.device,
+                 " (requested)" if device is not None else "",
+                 "; ".join(f"{s.device} move {s.move_s:.3f}s evict {s.evict_s:.3f}s queue "
+                           f"{s.queue_s:.3f}s free {s.free_bytes / 1e6:.0f}MB"
+                           f"{'' if s.fits else ' (no room)'}" for s in scores))
+        return self.s.pools[chosen.device], report(chosen, scores, device is not None)
+
+    def _choose(self, scores: list[Score]) -> Score:
+        if self.rule == "most-free":          # the baseline: most free memory first
+            return max(scores, key=lambda s: s.free_bytes)
+        if self.rule == "round-robin":
+            return scores[next(self._turn) % len(scores)]
+        return Placement.choose(scores)
+
+    def scores(self, model_id: str, needs: Needs) -> list[Score]:
+        """(step thread) Every device's score for loading model_id. CPU pools share the
+        CPU's compute: each sees the work queued on all of them."""
+        queued = self.s.engine.queued_steps()
+        on_cpu = sum(n for d, n in queued.items() if d.startswith("cpu"))
+        queued |= {d: on_cpu for d in self.s.pools if d.startswith("cpu")}
+        out = []
+        for device, pool in self.s.pools.items():
+            arenas = [a for a in self.s.tasks.arenas.values() if a.pool is pool]
+
+            def resident(key: str, pool: BlockPool = pool, arenas: list[TileArena] = arenas
+                         ) -> bool:
+                return pool.lookup(key) is not None or any(key in a for a in arenas)
+
+            missing, keep = missing_units(needs[device], resident, self.s.host)
+            victims = pool.policy([u for u in pool.units.values() if u.pins == 0])
+            idle = [units for _, units in self.idle_units(pool, model_id)]
+            out.append(self.placement.score(pool, missing, keep, victims, idle,
+                                            queued.get(device, 0)))
+        return out
+
+    def idle_units(self, pool: BlockPool, loading: str) -> list[tuple[str, list[Unit]]]:
+        """Per idle model on pool, in the policy's unload order: the units it alone holds."""
+        s = self.s
+        on_pool = {m: model for m, model in s.models.items()
+                   if model.pool is pool and m != loading}
+        idle = [m for m, model in on_pool.items() if not s.engine.has_sequences(model)
+                and not (m in s.residency and s.residency[m].pinned)]
+        kept = {u.id for m, model in on_pool.items() if m not in idle
+                for u in model.distinct_units}
+        return [(m, [u for u in on_pool[m].distinct_units if u.id not in kept])
+                for m in s.policy.model_order(idle, s.ctx)]
+
+    def resident_elsewhere(self, model_id: str, device: str | None) -> None:
+        """A model lives on one device: asking for another while resident is an error."""
+        model = self.s.models.get(model_id)
+        if device is not None and model is not None and model.pool.device != device:
+            raise InvalidRequest(f"model '{model_id}' is resident on {model.pool.device}; "
+                                 f"unload it before loading it on {device}", "device")

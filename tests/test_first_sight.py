@@ -1,0 +1,123 @@
+"""A file seen for the first time is hashed by the reader threads as it loads: the same
+units and keys as a load with cached hashes, and no second pass over the file."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from hf_models import hf_greedy, make_model
+
+from edgeserve import EdgeServer
+from edgeserve.checkpoint import HashCache, hash_file
+
+
+def server(store) -> EdgeServer:
+    return EdgeServer(models=store, device="cpu", pool_size="16MiB", block_size="4KiB",
+                      prewarm=False)
+
+
+async def keys_of(store, model_id: str) -> tuple[dict[str, str | None], dict[str, int], int]:
+    async with server(store) as es:
+        report = await es.load(model_id)
+        units = es.models[model_id].units
+        es.pools["cpu"].check_integrity()
+        hashes = es.scheduler.hashes
+        out = await es.complete(model_id, [4, 8, 15, 16], max_tokens=5, temperature=0,
+                                ignore_eos=True)
+        assert out.token_ids == hf_greedy(store / model_id, [4, 8, 15, 16], 5)
+        assert report.bytes_from_disk == report.bytes_total > 0
+        return ({n: u.key for n, u in units.items()}, {n: u.nbytes for n, u in units.items()},
+                hashes.streamed * 100 + hashes.computed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])   # direct and staged reads
+async def test_first_sight_gives_the_keys_of_cached_hashes(tmp_path, dtype):
+    store = tmp_path / "store"
+    make_model("qwen2", store / "qwen2", seed=5, dtype=dtype)
+    first, sizes, counts = await keys_of(store, "qwen2")
+    assert counts == 101                    # hashed once, while the load read the file
+    assert all(first.values())
+    again, sizes_again, counts = await keys_of(store, "qwen2")
+    assert counts == 0                      # the cache made by the first sight serves
+    assert again == first and sizes_again == sizes
+    file = store / "qwen2" / "model.safetensors"
+    assert HashCache(store).cached(file) == hash_file(file)       # a separate pass agrees
+
+
+async def test_legacy_blake2b_entries_are_kept_apart(tmp_path):
+    store = tmp_path / "store"
+    make_model("llama", store / "llama", seed=6)
+    file = store / "llama" / "model.safetensors"
+    legacy = HashCache(store).get(file, "blake2b")
+    keys, _, counts = await keys_of(store, "llama")
+    assert all(keys.values())
+    assert counts == 101                    # blake3 hashes made once, by the load
+    cache = HashCache(store)
+    assert cache.cached(file, "blake2b") == legacy != cache.cached(file)
+
+
+async def test_units_found_resident_after_the_read_are_released(tmp_path, tiny_store):
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store / "llama", store / "llama")
+    shutil.copytree(tiny_store / "llama", store / "llama-copy")
+    async with server(store) as es:
+        await es.load("llama")
+        pool = es.pools["cpu"]
+        held = pool.bytes_by_kind()["weight"]
+        # Pretend no resident unit could match, so the copy streams its hashes.
+        es.scheduler.placer.resident_sizes = lambda: set()  # type: ignore[method-assign]
+        report = await es.load("llama-copy")
+        assert es.scheduler.hashes.streamed == 2          # both files, while read
+        assert report.bytes_released == report.bytes_total == report.bytes_from_device
+        assert report.bytes_from_disk == 0
+        assert pool.bytes_by_kind()["weight"] == held
+        ids = {u.id for u in es.models["llama"].units.values()}
+        assert {u.id for u in es.models["llama-copy"].units.values()} == ids
+        pool.check_integrity()
+        out = await es.complete("llama-copy", [1, 2, 3], max_tokens=4, temperature=0,
+                                ignore_eos=True)
+        assert out.token_ids == hf_greedy(store / "llama", [1, 2, 3], 4)
+
+
+@pytest.mark.gpu
+async def test_first_sight_on_cuda_gives_the_keys_of_the_cpu(tmp_path):
+    """On CUDA the reads are staged through pinned buffers: the readers hash those."""
+    store = tmp_path / "store"
+    make_model("llama", store / "llama", seed=8, dtype=torch.bfloat16)
+    keys = {}
+    for device in ("cuda", "cpu"):
+        async with EdgeServer(models=store, device=device, pool_size="64MiB",
+                              dtype="float32", prewarm=False) as es:
+            await es.load("llama")
+            keys[device] = {n: u.key for n, u in es.models["llama"].units.items()}
+            assert es.scheduler.hashes.streamed == (1 if device == "cuda" else 0)
+    assert keys["cuda"] == keys["cpu"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_hashes_equal_a_hashing_pass_in_any_chunking(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    from edgeserve.checkpoint import StreamHashes, read_header, tensor_hasher
+    from edgeserve.tiers import DiskJob, DiskLoader, ReadOptions
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(997 * i + 5, generator=g).to(dtype) for i in range(12)}
+    file = tmp_path / "m.safetensors"
+    save_file(tensors, file)
+    raw = file.read_bytes()
+    expected = {}
+    for t in read_header(file):
+        h = tensor_hasher(t)
+        h.update(raw[t.start:t.end])
+        expected[t.name] = h.hexdigest()
+    for chunk in (4096, 1 << 20):
+        assert hash_file(file, chunk=chunk) == expected
+        streamed = StreamHashes()
+        jobs = [DiskJob(t, torch.empty(t.shape, dtype=torch.float32)) for t in read_header(file)]
+        DiskLoader(readers=3, chunk=chunk).load(jobs[:-2], options=ReadOptions(streamed))
+        assert streamed.complete(file) == expected        # the last two: hashed after
+        for job in jobs[:-2]:
+            assert torch.equal(job.dest, tensors[job.tensor.name].float())

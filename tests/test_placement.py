@@ -1,0 +1,161 @@
+"""Placement across devices (simulated: separate CPU pools) by expected time to first token."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from hf_models import hf_greedy
+from test_reuse import fine_tune
+
+from edgeserve import EdgeServer
+from edgeserve.demand import DemandHistory
+from edgeserve.eviction import PolicyContext
+from edgeserve.placement import Missing, Placement, Score
+from edgeserve.pool import BlockPool, UnitKind
+from edgeserve.results import InvalidRequest
+from edgeserve.server import create_app
+
+
+@pytest.fixture
+def store(tmp_path, tiny_store):
+    root = tmp_path / "store"
+    for arch in ("llama", "qwen2", "mistral"):
+        shutil.copytree(tiny_store / arch, root / arch)
+    fine_tune(root / "llama", root / "llama-ft")
+    return root
+
+
+def server(store, sizes: str, devices: str = "cpu:0,cpu:1") -> EdgeServer:
+    return EdgeServer(models=store, device=devices, pool_size=sizes, block_size="4KiB",
+                      host_size="64MiB", prewarm=False)
+
+
+def check(es: EdgeServer) -> None:
+    for pool in es.pools.values():
+        pool.check_integrity()
+
+
+def scores(report) -> dict:
+    return report.placement["scores"]
+
+
+async def test_devices_and_pool_sizes_are_separate_pools(store):
+    async with server(store, "2MiB,1MiB,1MiB", "cpu:0,cpu:1,cpu:2") as es:
+        assert [p.total_bytes for p in es.pools.values()] == [2 << 20, 1 << 20, 1 << 20]
+        assert set(es.stats()["devices"]) == {"cpu:0", "cpu:1", "cpu:2"}
+    with pytest.raises(ValueError, match="3 sizes for 2"):
+        await server(store, "1MiB,1MiB,1MiB").start()
+
+
+async def test_a_fine_tune_loads_where_its_base_is(store):
+    async with server(store, "2MiB,1MiB") as es:
+        await es.load("llama", device="cpu:1")
+        report = await es.load("llama-ft")
+        assert report.device == "cpu:1" and not report.placement["override"]
+        assert scores(report)["cpu:1"]["move_s"] < 0.2 * scores(report)["cpu:0"]["move_s"]
+        assert report.bytes_from_device > 0.8 * report.bytes_total
+        assert es.models["llama-ft"].pool is es.pools["cpu:1"]
+        out = await es.complete("llama-ft", [3, 14, 15], max_tokens=6, temperature=0,
+                                ignore_eos=True)
+        assert out.token_ids == hf_greedy(store / "llama-ft", [3, 14, 15], 6)
+        check(es)
+
+
+async def test_retained_units_win_over_more_free_memory(store):
+    async with server(store, "2MiB,1MiB") as es:
+        await es.load("qwen2", device="cpu:1")
+        await es.unload("qwen2")                      # its units stay retained on cpu:1
+        report = await es.load("qwen2")
+        assert report.device == "cpu:1" and report.bytes_from_device == report.bytes_total
+        terms = scores(report)
+        assert terms["cpu:0"]["free_bytes"] > terms["cpu:1"]["free_bytes"]
+        assert terms["cpu:1"]["move_s"] == 0 < terms["cpu:0"]["move_s"]
+        check(es)
+
+
+async def test_the_device_whose_evictions_cost_least_wins(store):
+    # Each pool holds one model (and some KV), not two; cpu:0 has more free memory.
+    async with server(store, "800KiB,720KiB") as es:
+        await es.load("llama", device="cpu:0")
+        for _ in range(3):                                  # llama is in demand
+            await es.complete("llama", [1, 2, 3], max_tokens=2)
+        await es.load("qwen2", device="cpu:1")              # qwen2 never asked for
+        await es.unload("llama")
+        await es.unload("qwen2")
+        held = es.pools["cpu:0"].bytes_by_kind()["weight"]
+        report = await es.load("mistral")
+        terms = scores(report)
+        assert terms["cpu:0"]["free_bytes"] > terms["cpu:1"]["free_bytes"]
+        assert terms["cpu:0"]["evict_s"] > 0 == terms["cpu:1"]["evict_s"]
+        assert report.device == "cpu:1"
+        assert es.pools["cpu:0"].bytes_by_kind()["weight"] == held   # llama kept
+        check(es)
+
+
+async def test_explicit_device_overrides_the_score(store):
+    async with server(store, "2MiB,2MiB") as es:
+        await es.load("llama", device="cpu:1")
+        report = await es.load("llama-ft", device="cpu:0")
+        assert report.device == "cpu:0" and report.placement["override"]
+        assert report.bytes_from_disk == report.bytes_total
+        assert scores(report)["cpu:1"]["total_s"] < scores(report)["cpu:0"]["total_s"]
+        with pytest.raises(InvalidRequest, match="resident on cpu:1"):
+            await es.load("llama", device="cpu:0")
+        with pytest.raises(InvalidRequest, match="not one of"):
+            await es.load("qwen2", device="cuda:3")
+        check(es)
+
+
+async def test_device_on_the_admin_route(store, aiohttp_client):
+    es = server(store, "2MiB,2MiB")
+    client = await aiohttp_client(create_app(es))
+    resp = await client.post("/admin/models/qwen2/load?device=cpu:1")
+    assert resp.status == 200 and (await resp.json())["device"] == "cpu:1"
+    resp = await client.post("/admin/models/mistral/load", json={"device": "cpu:0"})
+    body = await resp.json()
+    assert body["device"] == "cpu:0" and body["placement"]["override"] is True
+    resp = await client.post("/admin/models/llama/load", json={"device": "tpu:0"})
+    assert resp.status == 400
+    pool = await (await client.get("/admin/pool")).json()
+    assert pool["devices"]["cpu:1"]["resident_models"].keys() == {"qwen2"}
+    resp = await client.get("/api/ps")
+    models = {m["name"]: m["devices"] for m in (await resp.json())["models"]}
+    assert models["qwen2"].keys() == {"cpu:1"} and models["mistral"].keys() == {"cpu:0"}
+
+
+def test_score_terms_and_ties():
+    ctx = PolicyContext(DemandHistory())
+    placement = Placement(ctx, step_seconds=0.01)
+    a = BlockPool("cpu:0", 64 << 10, 4096, storage=False)
+    b = BlockPool("cpu:1", 128 << 10, 4096, storage=False)
+    missing = [Missing(8192, "disk"), Missing(8192, "host")]
+    sa = placement.score(a, missing, set(), [], [], queued_steps=0)
+    sb = placement.score(b, missing, set(), [], [], queued_steps=0)
+    bw = ctx.bandwidth
+    assert sa.move_s == pytest.approx(8192 / bw["disk"] + 8192 / bw["host"])
+    assert Placement.choose([sa, sb]).device == "cpu:1"          # tie: more free memory
+    busy = placement.score(b, missing, set(), [], [], queued_steps=5)
+    assert busy.queue_s == pytest.approx(0.05)
+    assert Placement.choose([sa, busy]).device == "cpu:0"        # queued work counts
+    # A device that cannot make room scores infinity.
+    full = placement.score(a, [Missing(1 << 20, "disk")], set(), [], [], queued_steps=0)
+    assert not full.fits and Placement.choose([full, sb]).device == "cpu:1"
+
+
+def test_eviction_loss_follows_demand():
+    ctx = PolicyContext(DemandHistory())
+    placement = Placement(ctx)
+    pool = BlockPool("cpu:0", 16 << 10, 4096, storage=False)
+    hot = pool.allocate(UnitKind.WEIGHT, 8192, key="hot", owner="h", pin=False)
+    cold = pool.allocate(UnitKind.WEIGHT, 8192, key="cold", owner="c", pin=False)
+    for _ in range(5):
+        ctx.demand.record("h")
+    need = [Missing(8192, "disk")]
+    only_cold = placement.score(pool, need, set(), [cold, hot], [], 0)
+    only_hot = placement.score(pool, need, set(), [hot, cold], [], 0)
+    assert only_cold.evict_s == 0 < only_hot.evict_s
+    # A load never evicts a unit it needs itself.
+    assert not placement.score(pool, [Missing(16384, "disk")], {"hot"}, [hot, cold], [],
+                               0).fits
+    assert isinstance(only_cold, Score)

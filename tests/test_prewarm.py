@@ -1,0 +1,135 @@
+"""Predictive prewarming: periodic demand, idle-time loads, yielding, never evicting more."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+
+import pytest
+
+from edgeserve import EdgeServer
+from edgeserve.config import Config, PoolConfig, SchedulerConfig, TierConfig
+from edgeserve.demand import DemandHistory
+
+
+@pytest.fixture
+def store(tmp_path, tiny_store):
+    root = tmp_path / "store"
+    for arch in ("llama", "qwen2"):
+        shutil.copytree(tiny_store / arch, root / arch)
+    return root
+
+
+def config(store, pool: int = 16 << 20, host: int = 64 << 20, prewarm: bool = False,
+           chunk: int = 32 << 20) -> Config:
+    return Config(models=store, device="cpu", pool=PoolConfig(pool_size=pool, block_size=4096),
+                  tiers=TierConfig(host_size=host, read_chunk=chunk),
+                  scheduler=SchedulerConfig(prewarm=prewarm))
+
+
+def periodic(es: EdgeServer, model: str, period: float = 1.0, bursts: int = 3) -> None:
+    """A history of bursts every `period` s, the next one due now."""
+    now = time.monotonic()
+    for i in range(bursts, 0, -1):
+        es.scheduler.ctx.demand.record(model, now - i * period)
+
+
+async def wait_for(condition, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+def test_demand_finds_the_period_between_bursts():
+    d = DemandHistory(burst_gap=0.5)
+    for t in (0.0, 0.1, 0.2, 2.0, 2.05, 4.1, 6.0):
+        d.record("a", t)
+    assert len(d.bursts["a"]) == 4 and d.period("a") == pytest.approx(2.0, abs=0.11)
+    assert d.next_burst("a", now=6.5) == pytest.approx(6.0 + d.period("a"))
+    assert d.next_burst("a", now=11.0) == pytest.approx(6.0 + 3 * d.period("a"))
+    for t in (0.0, 1.0, 5.0, 5.8):                      # irregular: no period
+        d.record("b", t)
+    assert d.period("b") is None and d.next_burst("b") is None
+
+
+async def test_a_periodic_model_is_loaded_in_idle_time(store):
+    async with EdgeServer(config=config(store, prewarm=True)) as es:
+        periodic(es, "llama")
+        await wait_for(lambda: "llama" in es.models)
+        assert es.stats()["prewarm"]["prewarms"] == 1
+        await es.complete("llama", [1, 2, 3], max_tokens=2)
+        assert es.stats()["prewarm"]["hits"] == 1
+        assert "qwen2" not in es.models                 # no history, no prewarm
+        metrics = es.metrics.render().decode()
+        assert "edgeserve:prewarms 1.0" in metrics and "edgeserve:prewarm_hits 1.0" in metrics
+        es.pools["cpu"].check_integrity()
+
+
+async def test_a_prewarm_yields_to_a_real_request_at_once(store, monkeypatch):
+    import edgeserve.tiers as tiers
+
+    read = tiers.read_into
+
+    def slow(path, offset, buffer):               # llama's reads crawl: 0.1 s per 4 KiB
+        if "llama" in str(path):
+            time.sleep(0.1)
+        read(path, offset, buffer)
+
+    monkeypatch.setattr(tiers, "read_into", slow)
+    async with EdgeServer(config=config(store, chunk=4096)) as es:
+        periodic(es, "llama")
+        prewarm = asyncio.create_task(es.scheduler.prewarm.prewarm("llama"))
+        await wait_for(lambda: es.scheduler.grouping.locked() and es.pools["cpu"].units)
+        start = time.monotonic()
+        await es.complete("qwen2", [1, 2, 3], max_tokens=2)
+        assert time.monotonic() - start < 1.5        # the whole llama read takes > 2.5 s
+        assert await prewarm is None and "llama" not in es.models
+        stats = es.stats()["prewarm"]
+        assert stats["cancelled"] == 1 and stats["prewarms"] == 0
+        pool = es.pools["cpu"]
+        assert set(pool.bytes_by_owner()) == {"qwen2"}    # what the prewarm took went back
+        pool.check_integrity()
+
+
+def one_model_pool(store) -> int:
+    from test_reuse import pool_for_two
+
+    return pool_for_two(store) * 6 // 10
+
+
+async def test_a_prewarm_never_evicts_a_more_valuable_unit(store):
+    # No host room: retained units would come back from disk, at full cost.
+    async with EdgeServer(config=config(store, pool=one_model_pool(store), host=4096)) as es:
+        for _ in range(8):
+            await es.complete("qwen2", [1, 2, 3], max_tokens=1)
+        await es.unload("qwen2")                  # retained, and often asked for
+        held = es.pools["cpu"].bytes_by_kind()["weight"]
+        periodic(es, "llama")                     # asked for less often
+        assert await es.scheduler.prewarm.prewarm("llama") is None
+        assert "llama" not in es.models and es.pools["cpu"].bytes_by_kind()["weight"] == held
+        es.pools["cpu"].check_integrity()
+
+
+async def test_a_prewarm_unloads_an_idle_model_only_if_worth_less(store):
+    async with EdgeServer(config=config(store, pool=one_model_pool(store))) as es:
+        await es.load("qwen2")                    # resident, idle, never asked for
+        periodic(es, "llama")
+        assert await es.scheduler.prewarm.prewarm("llama") == "cpu"
+        assert "llama" in es.models and "qwen2" not in es.models
+        es.pools["cpu"].check_integrity()
+
+
+async def test_a_prewarm_without_device_room_goes_to_the_host_tier(store):
+    async with EdgeServer(config=config(store, pool=one_model_pool(store))) as es:
+        for _ in range(20):                       # resident, idle and much in demand
+            await es.complete("qwen2", [1, 2, 3], max_tokens=1)
+        periodic(es, "llama")
+        assert await es.scheduler.prewarm.prewarm("llama") == "host"
+        assert "qwen2" in es.models and "llama" not in es.models
+        await es.unload("qwen2")
+        report = await es.load("llama")
+        assert report.bytes_from_host == report.bytes_total > 0
+        es.pools["cpu"].check_integrity()
