@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeserve.prewarm")
 TICK = 0.05           # seconds between two looks at the demand history
 LEAD = 2.0            # prewarm at most this long before a burst is due (or half a period)
+RETRY = 0.5           # seconds before a prewarm that found no room is tried again
 
 
 @dataclass(slots=True)
@@ -51,6 +53,7 @@ class Prewarmer:
         self.s, self.enabled = scheduler, enabled
         self.counts = dict.fromkeys(("prewarms", "hits", "wasted", "cancelled"), 0)
         self.pending: dict[str, float] = {}     # prewarmed model -> end of its burst window
+        self.tried: dict[str, float] = {}       # model -> when a prewarm last failed
         self.current: _Current | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -111,7 +114,8 @@ class Prewarmer:
         for model in demand.models():
             at = demand.next_burst(model, now)
             period = demand.period(model)
-            if at is None or period is None or model in self.s.models or model in self.pending:
+            if at is None or period is None or model in self.s.models or model in self.pending \
+                    or now - self.tried.get(model, -math.inf) < RETRY:
                 continue
             if at - min(LEAD, period / 2) <= now:
                 out.append((at, model))
@@ -140,10 +144,13 @@ class Prewarmer:
             where = await self._place(model_id, current.stop)
         except LoadCancelled:
             log.info("prewarm of %s yielded to a request", model_id)
+            self.tried[model_id] = now
             return None
         finally:
             self.current = None
-        if where is not None:
+        if where is None:
+            self.tried[model_id] = now
+        else:
             self.counts["prewarms"] += 1
             self.pending[model_id] = at + max(period / 2, 1.0)
             log.info("prewarmed %s into %s (next burst in %.2f s)", model_id, where, at - now)
