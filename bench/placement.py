@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--mean-gap", type=float, default=0.2)
     parser.add_argument("--duration", type=float, default=45.0, help="periodic trace, s")
     parser.add_argument("--traces", default="mixed,periodic")
+    parser.add_argument("--policies", default=",".join(POLICIES))
     args = parser.parse_args()
     traces = args.traces.split(",")
     make_store()
@@ -172,7 +173,7 @@ def main() -> None:
             "pool_gb_per_device": round(pool / 1e9, 3)}
     mixed = mixed_trace(args.requests, args.seed, args.mean_gap, period=3.0)
     results: dict[str, dict[str, object]] = {}
-    for policy in POLICIES if "mixed" in traces else ():
+    for policy in args.policies.split(",") if "mixed" in traces else ():
         results[policy] = asyncio.run(replay(policy, mixed, pool, prewarm=False))
         print(json.dumps({**head, "trace": "mixed", **results[policy]}))
     periodic = periodic_trace(args.duration, args.seed)
@@ -186,11 +187,13 @@ def main() -> None:
         return round(float(a[key]) / max(float(b[key]), 1e-9), 3)  # type: ignore[arg-type]
 
     out: dict[str, object] = {"bench": "placement"}
-    if results:
+    if "affinity" in results and "most-free" in results:
         best, base = results["affinity"], results["most-free"]
         out |= {"p95_affinity_vs_most_free": ratio(best, base, "ttft_p95_ms"),
-                "bytes_affinity_vs_most_free": ratio(best, base, "gb_moved"),
-                "p95_affinity_vs_ollama": ratio(best, results["ollama"], "ttft_p95_ms")}
+                "bytes_affinity_vs_most_free": ratio(best, base, "gb_moved")}
+    if "affinity" in results and "ollama" in results:
+        out["p95_affinity_vs_ollama"] = ratio(results["affinity"], results["ollama"],
+                                              "ttft_p95_ms")
     if on_off:
         out["p95_prewarm_on_vs_off"] = ratio(on_off[True], on_off[False], "ttft_p95_ms")
     print(json.dumps(out))

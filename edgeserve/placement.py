@@ -37,6 +37,7 @@ class Score:
     missing_bytes: int
     free_bytes: int
     fits: bool = True
+    drain_s: float = 0.0     # the work queued on this device alone: its busy models' rest
 
     @property
     def total_s(self) -> float:
@@ -98,9 +99,11 @@ class Placement:
 
     def score(self, pool: BlockPool, missing: Sequence[Missing], keep: set[str],
               victims: Sequence[Unit], idle_models: Sequence[Sequence[Unit]],
-              queued_steps: int) -> Score:
+              queued_steps: int, own_steps: int | None = None) -> Score:
         """victims: the unpinned units in the policy's eviction order; idle_models: the
-        units each idle model would give back if unloaded, in the policy's order."""
+        units each idle model would give back if unloaded, in the policy's order;
+        queued_steps: the work ahead of a load there (on CPU pools, all of the CPU's);
+        own_steps: the work of this device's own models (default queued_steps)."""
         bw = self._bw(pool.device)
         move = sum(m.nbytes / bw[m.tier] for m in missing)
         need = sum(pool.blocks_for(m.nbytes) for m in missing) - pool.free_bytes // pool.block_size
@@ -114,15 +117,19 @@ class Placement:
                 gone.add(unit.id)
                 need -= unit.nblocks
                 evict += self.loss(unit, pool.device)
+        own = queued_steps if own_steps is None else own_steps
         return Score(pool.device, move, evict, queued_steps * self.step_seconds,
-                     sum(m.nbytes for m in missing), pool.free_bytes, fits=need <= 0)
+                     sum(m.nbytes for m in missing), pool.free_bytes, fits=need <= 0,
+                     drain_s=own * self.step_seconds)
 
     @staticmethod
     def choose(scores: Sequence[Score]) -> Score:
-        """The lowest total; ties to more free memory; none fits: the least missing."""
+        """The lowest total; ties to more free memory. None fits (busy models hold the
+        room): the device whose own queued work drains first, then the least missing."""
         fitting = [s for s in scores if s.fits]
         if not fitting:
-            return min(scores, key=lambda s: (s.missing_bytes - s.free_bytes, s.device))
+            return min(scores, key=lambda s: (round(s.drain_s, 6),
+                                              s.missing_bytes - s.free_bytes, s.device))
         return min(fitting, key=lambda s: (round(s.total_s, 6), -s.free_bytes, s.device))
 
 

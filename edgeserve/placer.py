@@ -110,9 +110,9 @@ class Placer:
     def scores(self, model_id: str, needs: Needs) -> list[Score]:
         """(step thread) Every device's score for loading model_id. CPU pools share the
         CPU's compute: each sees the work queued on all of them."""
-        queued = self.s.engine.queued_steps()
-        on_cpu = sum(n for d, n in queued.items() if d.startswith("cpu"))
-        queued |= {d: on_cpu for d in self.s.pools if d.startswith("cpu")}
+        own = self.s.engine.queued_steps()
+        on_cpu = sum(n for d, n in own.items() if d.startswith("cpu"))
+        queued = own | {d: on_cpu for d in self.s.pools if d.startswith("cpu")}
         out = []
         for device, pool in self.s.pools.items():
             arenas = [a for a in self.s.tasks.arenas.values() if a.pool is pool]
@@ -125,7 +125,7 @@ class Placer:
             victims = pool.policy([u for u in pool.units.values() if u.pins == 0])
             idle = [units for _, units in self.idle_units(pool, model_id)]
             out.append(self.placement.score(pool, missing, keep, victims, idle,
-                                            queued.get(device, 0)))
+                                            queued.get(device, 0), own.get(device, 0)))
         return out
 
     def idle_units(self, pool: BlockPool, loading: str) -> list[tuple[str, list[Unit]]]:

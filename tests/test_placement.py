@@ -141,6 +141,12 @@ def test_score_terms_and_ties():
     # A device that cannot make room scores infinity.
     full = placement.score(a, [Missing(1 << 20, "disk")], set(), [], [], queued_steps=0)
     assert not full.fits and Placement.choose([full, sb]).device == "cpu:1"
+    # None fits (busy models hold the room): the device whose own work drains first.
+    big = [Missing(1 << 20, "disk")]
+    busy_a = placement.score(a, big, set(), [], [], queued_steps=9, own_steps=8)
+    busy_b = placement.score(b, big, set(), [], [], queued_steps=9, own_steps=1)
+    assert not busy_a.fits and not busy_b.fits and busy_a.queue_s == busy_b.queue_s
+    assert Placement.choose([busy_a, busy_b]).device == "cpu:1"
 
 
 def test_eviction_loss_follows_demand():
