@@ -186,10 +186,9 @@ class Scheduler(Residencies):
         """Prepare the units and fill them; files never seen are hashed as they are read."""
         pool = ctx.pool
         prepared, sources = await self._prepare(model_id, weights, spec, ctx, report,
-                                                host_only, stop)
-        first = FirstSight.of(sources)
-        pool.freeze()
+                                                host_only, stop)      # returns it frozen
         try:
+            first = FirstSight.of(sources)
             with _progress(model_id, report.bytes_from_disk + report.bytes_from_host) as bar:
                 options = first.options(stop) if first else ReadOptions(stop=stop)
                 seconds = await asyncio.to_thread(fill, prepared, ctx, bar, options)
@@ -231,8 +230,8 @@ class Scheduler(Residencies):
             ReadOptions(stop=stop).check()
             attempt = replace(report)
             try:
-                prepared = await self.engine.run(prepare, path, spec, ctx, model_id, attempt,
-                                                 sources, host_only)
+                prepared = await self.engine.run(_prepare_frozen, path, spec, ctx, model_id,
+                                                 attempt, sources, host_only)
             except PoolFull as e:
                 if not sources.known:      # sharing may make room: hash, then try again
                     sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id)
@@ -341,6 +340,17 @@ class Scheduler(Residencies):
             model.release(retain=False)
         self.models.clear()
         self.kv_host.clear(self.pools.values())
+
+
+def _prepare_frozen(path: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
+                    report: LoadReport, sources: Sources, host_only: frozenset[str]
+                    ) -> Prepared:
+    """prepare, then freeze the pool before the step thread runs another step: a
+    compaction for KV in between would move the new units under the views the fill
+    writes through (the caller thaws it once the fill is done)."""
+    prepared = prepare(path, spec, ctx, owner, report, sources, host_only)
+    ctx.pool.freeze()
+    return prepared
 
 
 @contextlib.contextmanager
