@@ -245,17 +245,32 @@ def test_the_setting_from_flag_and_environment(monkeypatch, tmp_path):
         from_env()
 
 
-async def test_a_preempted_sequence_finds_its_own_pages(store, caplog):
-    caplog.set_level("INFO", logger="edgeserve.engine")
-    batch = [tokens(n, 30 + n) for n in (40, 52, 47, 60, 44, 56)]
-    computed, outs = {}, {}
+def preempt_first(engine) -> None:
+    engine._preempt(engine._running[0])
+
+
+async def test_a_preempted_sequence_finds_its_own_pages(store):
+    prompt = tokens(60, 31)
+    outs, extra = {}, {}
     for reuse in (False, True):
-        async with server(store, reuse=reuse, pool_size="520KiB") as es:
-            outs[reuse] = await asyncio.gather(*[es.complete(
-                "llama", p, max_tokens=30, temperature=0, ignore_eos=True) for p in batch])
-            computed[reuse] = es.engine.tokens_computed
+        async with server(store, reuse=reuse) as es:
+            await es.load("llama")
+            engine = es.engine
+            assert engine is not None
+            before = engine.tokens_computed
+            stream = es.stream_complete("llama", prompt, max_tokens=60, temperature=0,
+                                        ignore_eos=True)
+            got: list[int] = []
+            async for delta in stream:
+                got.extend(delta.token_ids)
+                if len(got) == 12:          # preempt it mid-reply, as memory pressure would
+                    await engine.run(preempt_first, engine)
+            outs[reuse] = got
+            # Tokens computed beyond the prompt and the 59 replies fed back.
+            extra[reuse] = engine.tokens_computed - before - (60 + 59)
             es.pools["cpu"].check_integrity()
-    assert "preempting" in caplog.text
-    assert [o.token_ids for o in outs[True]] == [o.token_ids for o in outs[False]]
-    # Recomputing a preempted sequence costs only its last, partly filled page.
-    assert computed[True] < computed[False], computed
+    assert outs[True] == outs[False] and len(outs[True]) == 60
+    # Without reuse the whole prompt and the replies so far are computed again; with it,
+    # only the partly filled last page.
+    assert extra[False] >= 60 + 11
+    assert 0 <= extra[True] < P
