@@ -72,8 +72,8 @@ class EdgeServer:
                  policy: str | None = None, expert_budget: float | None = None,
                  expert_policy: str | None = None, prefix_cache: bool | None = None,
                  prewarm: bool | None = None,
-                 config: Config | None = None) -> None:
-        cfg = config or from_env(models=models, device=device, dtype=dtype)
+                 quantize: str | None = None, config: Config | None = None) -> None:
+        cfg = config or from_env(models=models, device=device, dtype=dtype, quantize=quantize)
         if prewarm is not None:
             cfg = replace(cfg, scheduler=replace(cfg.scheduler, prewarm=prewarm))
         if host_size is not None or policy is not None:
@@ -125,7 +125,7 @@ class EdgeServer:
         self.host = HostTier(host_size, pinned=any(d.startswith("cuda") for d in self.pools))
         self._scheduler = Scheduler(self.store, self.pools, self.engine, self.metrics,
                                     self.dtype_for, tiers, self.host, self.config.experts,
-                                    self.config.scheduler)
+                                    self.config.scheduler, self.config.quantize)
         return self
 
     def _queues(self) -> dict[str, tuple[int, int]]:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from edgeserve.pool import Unit
 
+if TYPE_CHECKING:
+    from edgeserve.quant.linear import QWeight
+
 
 class Delta(Protocol):
-    def linear(self, unit: str, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+    def linear(self, unit: str, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | QWeight,
                b: torch.Tensor | None) -> torch.Tensor: ...
 
     def norm(self, unit: str, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor: ...

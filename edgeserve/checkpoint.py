@@ -25,7 +25,8 @@ import torch
 from edgeserve.arch.spec import ModelFormatError
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+          "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+          "I8": torch.int8, "U8": torch.uint8}          # quantized weights (quant/format.py)
 MAX_HEADER = 100 << 20
 
 

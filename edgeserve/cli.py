@@ -116,6 +116,8 @@ def _engine_args(p: argparse.ArgumentParser, cfg: Config) -> None:
                    default="on" if cfg.scheduler.prewarm else "off",
                    help="load models predicted to be asked for next, in idle time "
                         "(default: %(default)s)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=cfg.quantize,
+                   help="quantize models named without a tag (default: their own dtype)")
 
 
 def _log_arg(p: argparse.ArgumentParser, default: str) -> None:
@@ -180,7 +182,7 @@ def _edge_server(args: argparse.Namespace) -> EdgeServer:
                       dtype=args.dtype, host_size=args.host_size, policy=args.policy,
                       expert_budget=args.expert_budget, expert_policy=args.expert_policy,
                       prefix_cache=args.prefix_cache == "on",
-                      prewarm=args.prewarm == "on")
+                      prewarm=args.prewarm == "on", quantize=args.quantize)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -152,6 +152,11 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    quantize: str | None = None    # int8 | int4: the scheme of untagged model ids
+
+    def __post_init__(self) -> None:
+        if self.quantize not in (None, "int8", "int4"):
+            raise ValueError(f"quantize must be int8 or int4, got {self.quantize!r}")
 
 
 def from_env(**overrides: object) -> Config:
@@ -175,6 +180,7 @@ def from_env(**overrides: object) -> Config:
         dtype=env.get("EDGESERVE_DTYPE") or None,
         pool=pool,
         api_key=env.get("EDGESERVE_API_KEY") or None,
+        quantize=env.get("EDGESERVE_QUANTIZE") or None,
     )
     if "EDGESERVE_PREFIX_CACHE" in env:
         cfg = replace(cfg, engine=replace(cfg.engine, prefix_cache=parse_switch(

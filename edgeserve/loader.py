@@ -28,6 +28,10 @@ from edgeserve.arch import WeightUnit, weight_plan
 from edgeserve.arch.spec import ModelFormatError, ModelSpec, load_spec
 from edgeserve.checkpoint import HashCache, TensorInfo, read_header
 from edgeserve.pool import BlockPool, PoolFull, Unit
+from edgeserve.quant.format import read_quant
+from edgeserve.quant.layout import QuantLayout
+from edgeserve.quant.linear import QWeight
+from edgeserve.quant.units import check_parts, disk_jobs, part_hash, unit_nbytes, unit_schemes
 from edgeserve.tiers import DiskJob, DiskLoader, HostSlab, HostTier, ReadOptions
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -57,6 +61,9 @@ class LoadReport:
     # were resident already: counted in bytes_from_device, and here as the extra read
     bytes_released: int = 0
     placement: dict[str, Any] | None = None     # the device chosen, and every device's score
+    scheme: str | None = None         # int8 / int4 / mixed: quantized weights
+    quantize_seconds: float = 0.0     # spent quantizing the checkpoint (first load only)
+    source: str = ""                  # the folder the weights were read from
 
 
 def scan_checkpoint(model_dir: Path) -> dict[str, TensorInfo]:
@@ -99,6 +106,7 @@ class Prepared:
     host: HostUnits | None = None     # units read into host memory instead of the pool
     from_host: list[tuple[torch.Tensor, Unit]] = field(default_factory=list)
     from_disk: list[DiskJob] = field(default_factory=list)
+    schemes: dict[str, str] = field(default_factory=dict)   # quantized unit -> scheme
 
 
 def unit_keys(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
@@ -106,29 +114,40 @@ def unit_keys(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
               known: dict[Path, dict[str, str]] | None = None) -> dict[str, str]:
     """Content key of every unit the model is made of; with compute=False, {} unless every
     file's tensor hashes are cached or known (a file never seen is hashed as a load reads
-    it)."""
+    it). A quantized unit's key is made of its scheme and its source tensors' hashes (from
+    quant.json when it has them, else the stored components'), a float unit's of the
+    compute dtype and its tensors' hashes."""
     plan = weight_plan(spec)
+    info = read_quant(model_dir)
+    schemes = unit_schemes(model_dir, plan, info)
     hashes: dict[str, str] = {}
-    for path in {t.path for t in tensors.values()}:
-        cached = (known or {}).get(path)
-        if cached is None:
-            cached = ctx.hashes.get(path) if compute else ctx.hashes.cached(path)
-        if cached is None:
-            return {}
-        hashes |= cached
+    recorded = info.hashes if info is not None else {}
+    if any(p not in recorded for u in plan.values() for p in u.parts):
+        for path in {t.path for t in tensors.values()}:
+            cached = (known or {}).get(path)
+            if cached is None:
+                cached = ctx.hashes.get(path) if compute else ctx.hashes.cached(path)
+            if cached is None:
+                return {}
+            hashes |= cached
     keys = {}
     for name, unit in plan.items():
-        h = hashlib.blake2b(f"{ctx.dtype}|{unit.shape}|".encode(), digest_size=16)
+        scheme = schemes.get(name)
+        h = hashlib.blake2b(f"{scheme or ctx.dtype}|{unit.shape}|".encode(), digest_size=16)
         for part in unit.parts:
-            h.update(hashes[part].encode())
+            h.update(part_hash(part, scheme, hashes, info).encode())
         if not ctx.share:
             h.update(f"|{owner}".encode())
         keys[name] = h.hexdigest()
     return keys
 
 
-def _check(model_dir: Path, spec: ModelSpec, tensors: dict[str, TensorInfo]) -> None:
-    for unit in weight_plan(spec).values():
+def _check(model_dir: Path, spec: ModelSpec, tensors: dict[str, TensorInfo],
+           schemes: dict[str, str]) -> None:
+    for name, unit in weight_plan(spec).items():
+        if name in schemes:
+            check_parts(model_dir, unit, schemes[name], tensors)
+            continue
         for part, _, rows in unit.slices():
             t = tensors.get(part)
             if t is None:
@@ -144,14 +163,16 @@ class Sources:
 
     tensors: dict[str, TensorInfo]
     keys: dict[str, str]             # unit name -> content key ({} while not known)
+    schemes: dict[str, str] = field(default_factory=dict)   # quantized unit -> scheme
 
     @classmethod
     def scan(cls, model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
              compute: bool = True) -> Sources:
         """compute=False: no file is hashed here; keys stay {} if one was never seen."""
         tensors = scan_checkpoint(model_dir)
-        _check(model_dir, spec, tensors)
-        return cls(tensors, unit_keys(model_dir, spec, ctx, owner, tensors, compute))
+        schemes = unit_schemes(model_dir, weight_plan(spec), read_quant(model_dir))
+        _check(model_dir, spec, tensors, schemes)
+        return cls(tensors, unit_keys(model_dir, spec, ctx, owner, tensors, compute), schemes)
 
     @property
     def known(self) -> bool:
@@ -170,7 +191,8 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
     tensors, keys = sources.tensors, sources.keys
     pool, whole = ctx.pool, weight_plan(spec)
     plan = {n: u for n, u in whole.items() if n not in host_only}
-    out = Prepared({})
+    schemes = sources.schemes
+    out = Prepared({}, schemes=schemes)
     try:
         counted: set[int] = set()
         for name in plan:                     # pin first: this load never evicts its own
@@ -181,7 +203,7 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
                 if unit.id not in counted:        # equal bytes twice in one model: once
                     counted.add(unit.id)
                     report.bytes_from_device += unit.nbytes
-        _check_room(plan, out.units, keys, ctx)
+        _check_room(plan, out.units, keys, ctx, schemes)
         for name, planned in plan.items():
             if name in out.units:
                 continue
@@ -191,7 +213,7 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
                 pool.pin(same)
                 out.units[name] = same
                 continue
-            nbytes = math.prod(planned.shape) * ctx.dtype.itemsize
+            nbytes = unit_nbytes(planned, schemes.get(name), ctx.dtype)
             unit = pool.allocate(planned.kind, nbytes, key=key, owner=owner)
             out.units[name] = unit
             out.fresh.append(unit)
@@ -200,10 +222,13 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
                 out.from_host.append((cached, unit))
                 report.bytes_from_host += nbytes
                 continue
+            report.bytes_from_disk += nbytes
+            if name in schemes:
+                out.from_disk += disk_jobs(planned, schemes[name], tensors, pool.raw(unit))
+                continue
             view = pool.view(unit, ctx.dtype, planned.shape)
             for part, first, rows in planned.slices():
                 out.from_disk.append(DiskJob(tensors[part], view[first:first + rows]))
-            report.bytes_from_disk += nbytes
         if host_only:
             out.host = _host_units(whole, host_only, sources, ctx, out.from_disk)
             report.bytes_from_disk += out.host.nbytes
@@ -231,6 +256,11 @@ class HostUnits:
 def _host_units(plan: dict[str, WeightUnit], names: frozenset[str], sources: Sources,
                 ctx: LoadContext, jobs: list[DiskJob]) -> HostUnits:
     """Host tensors for the named units, adding the disk jobs that fill them to jobs."""
+    quantized = sorted(names & set(sources.schemes))
+    if quantized:
+        raise ModelFormatError(f"experts kept in host memory must be float for now, but "
+                               f"'{quantized[0]}' is {sources.schemes[quantized[0]]}: serve "
+                               f"this model with expert budget 1")
     ordered = sorted(names)
     slab = HostSlab([math.prod(plan[n].shape) * ctx.dtype.itemsize for n in ordered])
     out = {}
@@ -244,8 +274,8 @@ def _host_units(plan: dict[str, WeightUnit], names: frozenset[str], sources: Sou
 
 
 def _check_room(plan: dict[str, WeightUnit], have: dict[str, Unit], keys: dict[str, str],
-                ctx: LoadContext) -> None:
-    missing = {keys.get(n, f"?{n}"): math.prod(u.shape) * ctx.dtype.itemsize
+                ctx: LoadContext, schemes: dict[str, str]) -> None:
+    missing = {keys.get(n, f"?{n}"): unit_nbytes(u, schemes.get(n), ctx.dtype)
                for n, u in plan.items() if n not in have}
     blocks = sum(ctx.pool.blocks_for(b) for b in missing.values())
     spare = ctx.pool.spare_blocks()
@@ -285,9 +315,19 @@ def abort(prepared: Prepared, pool: BlockPool) -> None:
 
 
 def weight_views(pool: BlockPool, units: dict[str, Unit], spec: ModelSpec,
-                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    plan = weight_plan(spec)
-    return {name: pool.view(unit, dtype, plan[name].shape) for name, unit in units.items()}
+                 dtype: torch.dtype, schemes: dict[str, str] | None = None
+                 ) -> dict[str, torch.Tensor | QWeight]:
+    """Views of a model's units: tensors, or QWeights for its quantized units."""
+    plan, schemes = weight_plan(spec), schemes or {}
+    out: dict[str, torch.Tensor | QWeight] = {}
+    for name, unit in units.items():
+        scheme = schemes.get(name)
+        if scheme:
+            views = QuantLayout(scheme, plan[name].shape).views(pool.raw(unit))
+            out[name] = QWeight.of(scheme, views)
+        else:
+            out[name] = pool.view(unit, dtype, plan[name].shape)
+    return out
 
 
 def read_spec(model_dir: Path) -> ModelSpec:

@@ -33,6 +33,7 @@ class ResidentModel:
     task: TaskBlocks | None = None  # a task of a base model: its blocks over these weights
     base: str | None = None         # that base model's id
     weights_key: str = ""           # of every weight unit it was loaded with (KV identity)
+    schemes: dict[str, str] = field(default_factory=dict)   # quantized unit -> int8 / int4
     _runner: Model | None = field(default=None, repr=False)
     _epoch: int = -1
 
@@ -52,13 +53,16 @@ class ResidentModel:
             raise
         finally:
             ctx.pool.thaw()
-        return cls.from_units(model_id, path, spec, ctx.pool, ctx.dtype, prepared.units)
+        return cls.from_units(model_id, path, spec, ctx.pool, ctx.dtype, prepared.units,
+                              prepared.schemes)
 
     @classmethod
     def from_units(cls, model_id: str, path: Path, spec: ModelSpec, pool: BlockPool,
-                   dtype: torch.dtype, units: dict[str, Unit]) -> ResidentModel:
+                   dtype: torch.dtype, units: dict[str, Unit],
+                   schemes: dict[str, str] | None = None) -> ResidentModel:
         kv = KVCache(pool, KVLayout.for_model(spec, dtype, pool.block_size), model_id)
         model = cls(model_id, path, spec, pool, dtype, units, kv, frozenset(spec.eos_token_ids),
+                    schemes=dict(schemes or {}),
                     weights_key=kv_identity(f"{name}={unit.key or id(unit)}"
                                             for name, unit in sorted(units.items())))
         kv._identity = lambda: model.kv_identity
@@ -83,7 +87,7 @@ class ResidentModel:
         if self._runner is None or self._epoch != self.pool.epoch:
             self._epoch = self.pool.epoch
             self._runner = build_model(self.spec, weight_views(self.pool, self.units, self.spec,
-                                                              self.dtype))
+                                                              self.dtype, self.schemes))
             if self.offload is not None:
                 self.offload.attach(self._runner)
         return self._runner

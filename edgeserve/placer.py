@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +22,7 @@ from edgeserve.blocks.task import TaskSource
 from edgeserve.loader import LoadReport, Sources
 from edgeserve.placement import Placement, Score, missing_units, report
 from edgeserve.pool import BlockPool, Unit, UnitKind
+from edgeserve.quant.units import unit_nbytes
 from edgeserve.results import InvalidRequest
 
 if TYPE_CHECKING:
@@ -73,8 +73,10 @@ class Placer:
         for device, pool in self.s.pools.items():
             ctx = self.s.context(pool)
             if ctx.dtype not in by_dtype:
-                nbytes = {n: math.prod(u.shape) * ctx.dtype.itemsize for n, u in plan.items()}
-                keys = Sources.scan(weights, spec, ctx, model_id, compute=False).keys
+                sources = Sources.scan(weights, spec, ctx, model_id, compute=False)
+                nbytes = {n: unit_nbytes(u, sources.schemes.get(n), ctx.dtype)
+                          for n, u in plan.items()}            # quantized units: smaller
+                keys = sources.keys
                 if not keys and sizes & set(nbytes.values()):
                     keys = Sources.scan(weights, spec, ctx, model_id).keys
                 units: list[tuple[str | None, int]] = [

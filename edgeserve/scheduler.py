@@ -51,8 +51,9 @@ from edgeserve.model import ResidentModel
 from edgeserve.placer import Placer
 from edgeserve.pool import BlockPool, PoolFull, Unit, UnitKind
 from edgeserve.prewarm import Prewarmer
+from edgeserve.quant.cache import QuantCache
 from edgeserve.residency import Residencies, Residency
-from edgeserve.store import ModelStore
+from edgeserve.store import ModelStore, split_tag
 from edgeserve.tiers import DiskLoader, HostTier, LoadCancelled, ReadOptions
 from edgeserve.tokenizer import Tokenizer
 from edgeserve.tokenizer_cache import TokenizerCache
@@ -68,7 +69,8 @@ class Scheduler(Residencies):
                  metrics: Metrics, dtype_for: Callable[[str], torch.dtype],
                  tiers: TierConfig | None = None, host: HostTier | None = None,
                  experts: ExpertConfig | None = None,
-                 config: SchedulerConfig | None = None) -> None:
+                 config: SchedulerConfig | None = None, quantize: str | None = None
+                 ) -> None:
         self.store, self.pools, self.engine, self.metrics = store, pools, engine, metrics
         self.dtype_for = dtype_for
         tiers = tiers or TierConfig()
@@ -78,6 +80,7 @@ class Scheduler(Residencies):
         self.config = config or SchedulerConfig()
         self.ctx = PolicyContext(DemandHistory(), host=self.host)
         self.hashes = HashCache(store.root)
+        self.quant, self.quantize = QuantCache(store.root, self.hashes), quantize
         self.disk = DiskLoader(tiers.readers, tiers.read_chunk,
                                pinned=any(p.device.startswith("cuda") for p in pools.values()))
         self.kv_host = KVHostTier(self.host, self.ctx.bandwidth)
@@ -135,6 +138,11 @@ class Scheduler(Residencies):
         pack = await asyncio.to_thread(self.tasks.pack, model_id, path, self.store)
         weights = self.store.path(pack.base) if pack is not None else path
         spec = await asyncio.to_thread(read_spec, weights)
+        tag = split_tag(model_id)[1]
+        scheme = tag or self.quantize
+        checkpoint, quantizing = (await asyncio.to_thread(self.quant.folder, weights, scheme,
+                                                          tag is not None)
+                                  if scheme else (weights, 0.0))
         task = await asyncio.to_thread(self.tasks.source, path, spec, weights, self.hashes) \
             if pack else None
         tokenizer = None
@@ -146,14 +154,16 @@ class Scheduler(Residencies):
         async with self.grouping.turn(model_id, real=stop is None):
             ReadOptions(stop=stop).check()
             sizes = await self.engine.run(self.placer.resident_sizes)
-            needs = await asyncio.to_thread(self.placer.needs, model_id, weights, spec, task,
+            needs = await asyncio.to_thread(self.placer.needs, model_id, checkpoint, spec, task,
                                             host_only, sizes)
             pool, placement = await self.placer.place(model_id, needs, device)
             self.grouping.placed(model_id, pool.device)
             ctx = self.context(pool)
-            report = LoadReport(model_id, pool.device, placement=placement)
-            model, host = await self._read(model_id, weights, spec, ctx, report, host_only,
+            report = LoadReport(model_id, pool.device, placement=placement,
+                                quantize_seconds=quantizing, source=str(checkpoint))
+            model, host = await self._read(model_id, checkpoint, spec, ctx, report, host_only,
                                            stop)
+            report.scheme = _scheme(model.schemes)
             model.kv.host = self.kv_host
             if task is not None:
                 model.base = task.pack.base
@@ -202,7 +212,7 @@ class Scheduler(Residencies):
         finally:
             pool.thaw()
         return ResidentModel.from_units(model_id, weights, spec, pool, ctx.dtype,
-                                        prepared.units), prepared.host
+                                        prepared.units, prepared.schemes), prepared.host
 
     async def _offload(self, model: ResidentModel, spec: ModelSpec,
                        host: HostUnits | None) -> None:
@@ -361,3 +371,9 @@ def _progress(model_id: str, total: int) -> Iterator[Callable[[int], None]]:
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {model_id}", delay=1.0,
               leave=False) as bar:
         yield bar.update
+
+
+def _scheme(schemes: dict[str, str]) -> str | None:
+    """A load's scheme: int8, int4, mixed, or None for float weights."""
+    found = set(schemes.values())
+    return (found.pop() if len(found) == 1 else "mixed") if found else None

@@ -8,12 +8,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeserve.blocks.pack import TASK_FILE
+from edgeserve.quant.cache import cached_schemes
+from edgeserve.quant.format import SCHEMES
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
 
 
 def valid_id(model_id: str) -> bool:
     return isinstance(model_id, str) and bool(_ID_RE.match(model_id)) and ".." not in model_id
+
+
+def split_tag(model_id: str) -> tuple[str, str | None]:
+    """'NAME:int8' -> ('NAME', 'int8'); an id without a known tag -> (id, None)."""
+    name, sep, tag = model_id.rpartition(":")
+    return (name, tag) if sep and name and tag in SCHEMES else (model_id, None)
 
 
 class UnknownModel(LookupError):
@@ -29,6 +37,7 @@ class StoredModel:
     created: int            # folder modification time, seconds
     parent: str | None      # the base model of a derived model, else None
     size_bytes: int
+    tag: str | None = None  # int8 / int4: a quantized variant of the model at `path`
 
 
 class ModelStore:
@@ -36,11 +45,12 @@ class ModelStore:
         self.root = Path(root)
 
     def path(self, model_id: str) -> Path:
-        """The folder of model_id; UnknownModel unless it is a model folder inside the store."""
+        """The folder of model_id; UnknownModel unless it is a model folder inside the store.
+        A tagged id ('NAME:int8') names the folder of NAME."""
         if not valid_id(model_id):
             raise UnknownModel(str(model_id), self.root)
         root = self.root.resolve()
-        path = (root / model_id).resolve()
+        path = (root / split_tag(model_id)[0]).resolve()
         # resolve() follows symlinks: a link that leads out of the store is refused.
         if path.parent != root or not ((path / "config.json").is_file()
                                        or (path / TASK_FILE).is_file()):
@@ -58,6 +68,11 @@ class ModelStore:
                 continue
             models.append(StoredModel(child.name, path, int(path.stat().st_mtime),
                                       _parent(path), _size(path)))
+            # Quantized variants once they exist in the store (made by their first load).
+            for scheme, folder in cached_schemes(self.root, path).items():
+                models.append(StoredModel(f"{child.name}:{scheme}", path,
+                                          int(folder.stat().st_mtime), child.name,
+                                          _size(folder), scheme))
         return models
 
 

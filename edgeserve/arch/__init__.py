@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from edgeserve.arch.dense import WeightUnit
+from edgeserve.arch.dense import Weight, WeightUnit
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.batch import StepBatch
 
@@ -34,7 +34,7 @@ def weight_plan(spec: ModelSpec) -> dict[str, WeightUnit]:
     return plan
 
 
-def build_model(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> Model:
+def build_model(spec: ModelSpec, weights: dict[str, Weight]) -> Model:
     model: Model = family(spec).build(spec, weights)
     return model
 

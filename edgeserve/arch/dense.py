@@ -17,6 +17,10 @@ from edgeserve.arch import rope
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.batch import StepBatch
 from edgeserve.pool import UnitKind
+from edgeserve.quant import linear as quant
+from edgeserve.quant.linear import QWeight
+
+Weight = torch.Tensor | QWeight        # a linear's weight: float, or quantized in place
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"     # unit names
 
@@ -100,8 +104,8 @@ def weight_plan(spec: ModelSpec) -> dict[str, WeightUnit]:
 
 
 class Attention(NamedTuple):
-    qkv: torch.Tensor
-    o: torch.Tensor
+    qkv: Weight
+    o: Weight
     qkv_bias: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
@@ -109,25 +113,32 @@ class Attention(NamedTuple):
     prefix: str = ""                # unit names: prefix + "qkv_proj.weight", ...
 
     @classmethod
-    def of(cls, w: dict[str, torch.Tensor], layer: str) -> Attention:
+    def of(cls, w: dict[str, Weight], layer: str) -> Attention:
         a = layer + "self_attn."
-        return cls(w[a + "qkv_proj.weight"], w[a + "o_proj.weight"], w.get(a + "qkv_proj.bias"),
-                   w.get(a + "q_norm.weight"), w.get(a + "k_norm.weight"),
-                   w.get(a + "o_proj.bias"), a)
+        return cls(w[a + "qkv_proj.weight"], w[a + "o_proj.weight"], floats(w, a + "qkv_proj.bias"),
+                   floats(w, a + "q_norm.weight"), floats(w, a + "k_norm.weight"),
+                   floats(w, a + "o_proj.bias"), a)
 
 
 class Mlp(NamedTuple):
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: Weight
+    down: Weight
     gate_up_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
     prefix: str = ""
 
     @classmethod
-    def of(cls, w: dict[str, torch.Tensor], prefix: str) -> Mlp:
+    def of(cls, w: dict[str, Weight], prefix: str) -> Mlp:
         return cls(w[prefix + "gate_up_proj.weight"], w[prefix + "down_proj.weight"],
-                   w.get(prefix + "gate_up_proj.bias"), w.get(prefix + "down_proj.bias"),
+                   floats(w, prefix + "gate_up_proj.bias"), floats(w, prefix + "down_proj.bias"),
                    prefix)
+
+
+def floats(w: dict[str, Weight], name: str) -> torch.Tensor | None:
+    """A tensor that is never quantized (norms, biases), None when absent."""
+    t = w.get(name)
+    assert t is None or isinstance(t, torch.Tensor), f"{name} cannot be quantized"
+    return t
 
 
 class Layer(NamedTuple):
@@ -158,19 +169,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class DenseModel:
     """Forward passes over weight views; holds no memory of its own."""
 
-    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, spec: ModelSpec, weights: dict[str, Weight]) -> None:
         self.spec = spec
         self.embed = weights[EMBED]
-        self.norm = weights["model.norm.weight"]
+        norm = floats(weights, "model.norm.weight")
+        assert norm is not None
+        self.norm, self.dtype = norm, norm.dtype          # the compute dtype
         self.lm_head = self.embed if spec.tie_embeddings else weights[HEAD]
         self.layers = [self._layer(weights, f"model.layers.{n}.") for n in range(spec.num_layers)]
         self.inv_freq = rope.inv_freq(spec.rope, spec.head_dim).to(self.embed.device)
 
     @staticmethod
-    def _layer(w: dict[str, torch.Tensor], p: str) -> Layer:
+    def _layer(w: dict[str, Weight], p: str) -> Layer:
         mlp = Mlp.of(w, p + "mlp.") if p + "mlp.gate_up_proj.weight" in w else None
-        return Layer(w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"],
-                     Attention.of(w, p), mlp, p)
+        norm_in, norm_post = (floats(w, p + "input_layernorm.weight"),
+                              floats(w, p + "post_attention_layernorm.weight"))
+        assert norm_in is not None and norm_post is not None
+        return Layer(norm_in, norm_post, Attention.of(w, p), mlp, p)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -194,7 +209,7 @@ class DenseModel:
     def _layers(self, batch: StepBatch, kv: torch.Tensor) -> torch.Tensor:
         """The embedding and every layer: hidden states (B, S, D) before the final norm."""
         spec = self.spec
-        x = F.embedding(batch.tokens, self.embed)                       # (B, S, D)
+        x = embedding(batch.tokens, self.embed, self.dtype)              # (B, S, D)
         if batch.delta is not None:
             x = batch.delta.embed(EMBED, batch.tokens, x, spec.vocab_size)
         cos, sin = rope.cos_sin(self.inv_freq, batch.positions, x.dtype)
@@ -217,10 +232,20 @@ class DenseModel:
         return mlp(h, w, batch)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, batch: StepBatch | None,
+def embedding(tokens: torch.Tensor, w: Weight, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of the embedding matrix (only the looked-up rows are dequantized)."""
+    return w.rows(tokens, dtype) if isinstance(w, QWeight) else F.embedding(tokens, w)
+
+
+def matmul(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T + b, over a float or a quantized weight."""
+    return quant.linear(x, w, b) if isinstance(w, QWeight) else F.linear(x, w, b)
+
+
+def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None, batch: StepBatch | None,
            unit: str) -> torch.Tensor:
     """x @ w.T + b, plus the batch's task blocks for this unit, if any."""
-    y = F.linear(x, w, b)
+    y = matmul(x, w, b)
     delta = batch.delta if batch is not None else None
     return y if delta is None else delta.linear(unit, x, y, w, b)
 
@@ -308,5 +333,5 @@ def visibility(batch: StepBatch, window: int | None) -> Visibility:
     return Visibility(visible[:, None], False, int(visible.shape[-1]))
 
 
-def build(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> DenseModel:
+def build(spec: ModelSpec, weights: dict[str, Weight]) -> DenseModel:
     return DenseModel(spec, weights)

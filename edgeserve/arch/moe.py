@@ -36,10 +36,13 @@ import torch.nn.functional as F
 from edgeserve.arch.dense import (
     DenseModel,
     Mlp,
+    Weight,
     WeightUnit,
     attention_plan,
     base_plan,
+    floats,
     fused,
+    matmul,
     mlp,
     mlp_plan,
     one,
@@ -48,7 +51,7 @@ from edgeserve.arch.spec import ModelSpec
 from edgeserve.batch import StepBatch
 from edgeserve.pool import UnitKind
 
-ExpertWeights = tuple[torch.Tensor, torch.Tensor]      # gate_up (2I, D), down (D, I)
+ExpertWeights = tuple[Weight, Weight]                  # gate_up (2I, D), down (D, I)
 ExpertLookup = Callable[[int, int], ExpertWeights]      # (layer, expert) -> its weights
 EXPERT = UnitKind.EXPERT
 
@@ -114,7 +117,7 @@ class MoeModel(DenseModel):
     """The dense decoder with sparse feed-forward layers. Expert weights are looked up by
     (layer, expert) through `expert_weights`, so that an expert cache can supply them."""
 
-    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, spec: ModelSpec, weights: dict[str, Weight]) -> None:
         super().__init__(spec, weights)
         self.sparse: dict[int, Sparse] = {}
         self.resident: dict[int, dict[int, ExpertWeights]] = {}   # present at build time
@@ -123,8 +126,10 @@ class MoeModel(DenseModel):
                 p = f"model.layers.{n}.mlp."
                 shared = Mlp.of(weights, p + "shared_expert.") \
                     if spec.shared_expert_intermediate_size else None
-                self.sparse[n] = Sparse(weights[p + "gate.weight"], shared,
-                                        weights.get(p + "shared_expert_gate.weight"))
+                router = floats(weights, p + "gate.weight")
+                assert router is not None
+                self.sparse[n] = Sparse(router, shared,
+                                        floats(weights, p + "shared_expert_gate.weight"))
                 self.resident[n] = _experts_of(spec, weights, p)
         self.expert_weights: ExpertLookup = self._resident_expert
 
@@ -167,8 +172,8 @@ class MoeModel(DenseModel):
         for e in self.expert_order(layer, picked):
             span = slice(starts[e], starts[e + 1])
             gate_up, down = self.expert_weights(layer, e)
-            gate, up = F.linear(x[tokens[span]], gate_up).chunk(2, dim=-1)  # (n, I) each
-            torch.mul(F.linear(F.silu(gate) * up, down), weights[span], out=ys[span])
+            gate, up = matmul(x[tokens[span]], gate_up).chunk(2, dim=-1)    # (n, I) each
+            torch.mul(matmul(F.silu(gate) * up, down), weights[span], out=ys[span])
         out = torch.zeros_like(x)
         for e in picked:        # by expert: rows unique per call, deterministic on CUDA too
             span = slice(starts[e], starts[e + 1])
@@ -181,7 +186,7 @@ class MoeModel(DenseModel):
         return experts
 
 
-def _experts_of(spec: ModelSpec, w: dict[str, torch.Tensor], p: str
+def _experts_of(spec: ModelSpec, w: dict[str, Weight], p: str
                 ) -> dict[int, ExpertWeights]:
     """The experts whose weights are resident (an expert cache supplies the others)."""
     if spec.expert_layout == "stacked":
@@ -192,5 +197,5 @@ def _experts_of(spec: ModelSpec, w: dict[str, torch.Tensor], p: str
     return {e: (w[g], w[d]) for e, (g, d) in names.items() if g in w and d in w}
 
 
-def build(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> MoeModel:
+def build(spec: ModelSpec, weights: dict[str, Weight]) -> MoeModel:
     return MoeModel(spec, weights)

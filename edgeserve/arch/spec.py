@@ -242,8 +242,9 @@ def expert_layout(model_dir: Path) -> str:
         names = [t.name for t in read_header(single)]
     else:
         return "per_expert"                           # the loader names what is missing
-    return "stacked" if any(n.endswith(".experts.gate_up_proj") for n in names) \
-        else "per_expert"
+    # A quantized checkpoint stores the stacked tensor as its components (quant/format.py).
+    return "stacked" if any(n.removesuffix(".qweight").endswith(".experts.gate_up_proj")
+                            for n in names) else "per_expert"
 
 
 def load_spec(model_dir: Path) -> ModelSpec:

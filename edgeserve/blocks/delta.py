@@ -23,18 +23,21 @@ import torch.nn.functional as F
 from edgeserve.arch.dense import rms_norm
 from edgeserve.blocks.task import Index, TaskBlocks
 from edgeserve.kernels.block_delta import block_delta_cuda
+from edgeserve.quant.linear import QWeight
 
 FEW_ROWS = 8        # up to this many rows (decode): x @ V^T - x @ W^T, not x @ (V - W)^T
 
 
-def block_delta(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: torch.Tensor,
-                index: Index) -> torch.Tensor:
+def block_delta(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor | QWeight,
+                tiles: torch.Tensor, index: Index) -> torch.Tensor:
     """The torch path: y (.., R) plus the blocks' differences applied to x (.., C)."""
     rows_idx, cols_idx, addr, w_rows = index
     br, bc = int(tiles.shape[1]), int(tiles.shape[2])
     r, c = w.shape
     new = tiles.index_select(0, addr).to(x.dtype)                               # (n, br, bc)
-    old = F.embedding(w_rows, w.view(-1, bc)).view(-1, br, bc).to(x.dtype)
+    # A quantized base: its values dequantized, only the blocks' (blocks replace them).
+    old = (w.chunks(w_rows, bc, x.dtype) if isinstance(w, QWeight) else
+           F.embedding(w_rows, w.view(-1, bc)).to(x.dtype)).view(-1, br, bc)
     lead = x.shape[:-1]
     xb = x.reshape(-1, c // bc, bc).index_select(1, cols_idx).transpose(0, 1)   # (n, N, bc)
     if x.dtype == torch.float32 and xb.shape[1] <= FEW_ROWS:
@@ -72,7 +75,7 @@ class TaskDelta:
     def __init__(self, groups: Sequence[tuple[torch.Tensor | None, TaskBlocks]]) -> None:
         self.groups = groups        # (batch rows, or None for every row; the task's blocks)
 
-    def linear(self, unit: str, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+    def linear(self, unit: str, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | QWeight,
                b: torch.Tensor | None) -> torch.Tensor:
         bias = unit.removesuffix("weight") + "bias"
         for rows, task in self.groups:
@@ -107,7 +110,8 @@ def _on_rows(out: torch.Tensor, rows: torch.Tensor | None, f: Callable[..., torc
     return out.index_copy(0, rows, f(*(t[rows] for t in per_row), *rest))
 
 
-def _linear(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+def _linear(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor | QWeight,
+            b: torch.Tensor | None,
             task: TaskBlocks, index: Index | None, new_bias: torch.Tensor | None
             ) -> torch.Tensor:
     """One task's rows of a linear: its blocks, then its bias's difference."""
@@ -118,10 +122,10 @@ def _linear(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor |
     return y
 
 
-def _apply(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, task: TaskBlocks,
+def _apply(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor | QWeight, task: TaskBlocks,
            index: Index) -> torch.Tensor:
     arena = task.arena
-    if y.is_cuda and arena.pool.slab is not None:
+    if y.is_cuda and arena.pool.slab is not None and isinstance(w, torch.Tensor):
         return block_delta_cuda(y, x, w, arena.pool.slab, arena.step, index[:3], arena.shape,
                                 lambda: block_delta(y, x, w, arena.tiles, index))
     return block_delta(y, x, w, arena.tiles, index)

@@ -306,8 +306,12 @@ def _check(model: ResidentModel, budget: float, policy: str) -> None:
             f"save_pretrained(save_original_format=True), or serve it with expert budget 1")
     if model.offload is not None:
         raise ValueError(f"{model.id}: its experts are offloaded already")
+    if model.schemes:
+        raise ValueError(f"{model.id}: expert offload needs float experts, but this model's "
+                         f"weights are quantized; serve it with expert budget 1")
     ExpertConfig(budget, policy)            # raises on a budget or policy out of range
 
 
 def model_views(model: ResidentModel) -> dict[str, torch.Tensor]:
-    return weight_views(model.pool, model.units, model.spec, model.dtype)
+    views = weight_views(model.pool, model.units, model.spec, model.dtype)   # float units
+    return {n: v for n, v in views.items() if isinstance(v, torch.Tensor)}

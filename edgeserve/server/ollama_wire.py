@@ -234,6 +234,15 @@ _GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "to
                     "repetition_penalty": "repeat_penalty"}
 
 
+def describe_tagged(path: Path, tag: str | None) -> Description:
+    """describe(path) of a model's quantized variant (tag int8 / int4) or of the model."""
+    out = describe(path)
+    if tag is not None:
+        out.details.quantization_level = tag.upper()
+        out.details.parent_model = out.details.parent_model or path.name
+    return out
+
+
 def describe(path: Path) -> Description:
     """Facts about the model folder at `path` (blocking: it reads files). A task is
     described as its base, with the base as its parent."""

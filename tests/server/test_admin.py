@@ -16,7 +16,8 @@ from edgeserve.server import SERVER, create_app
 
 MODEL = "demo-llama"
 REPORT_KEYS = {"model", "device", "seconds", "bytes_total", "bytes_from_device",
-               "bytes_from_host", "bytes_from_disk", "bytes_released", "placement"}
+               "bytes_from_host", "bytes_from_disk", "bytes_released", "placement",
+               "scheme", "quantize_seconds", "source"}
 
 
 async def cpu_pool(client: Any) -> dict[str, Any]:

@@ -1,0 +1,221 @@
+"""Quantized models on one device: bytes, prefill, decode and agreement with fp32.
+
+For fp32, bf16, int8 and int4 variants of one Llama-family model (by default a random model
+of SmolLM2-135M's shape: hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536,
+vocabulary 49152, tied embeddings; `--model DIR` for a real one): device bytes, prefill
+tokens/s at 512 tokens, aggregate decode tokens/s with 1, 8 and 32 streams, and top-1
+agreement and mean KL against fp32, teacher-forced over 32 prompts x 64 tokens. Also how
+many int8 against fp32 models fit in bench/multimodel.py's pool, and llama.cpp's figures
+where `llama-bench` is found (PATH or $LLAMA_BENCH) and GGUF files are given (--gguf).
+Prints one JSON line per variant, then one summary line with the ratios.
+
+    .venv/bin/python bench/quant.py [--model DIR] [--tokens 32] [--repeats 3]
+                                    [--gguf F32=a.gguf,Q8_0=b.gguf,Q4_1=c.gguf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeserve import EdgeServer
+from edgeserve.checkpoint import HashCache
+from edgeserve.loader import LoadContext, parse_dtype
+from edgeserve.model import ResidentModel
+from edgeserve.pool import BlockPool
+from edgeserve.quant.cache import QuantCache
+from edgeserve.quant.quality import Agreement, compare, logits_of
+
+OUT = Path(__file__).parent / "out" / "quant-store"
+SMOLLM2: dict[str, Any] = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+               tie_word_embeddings=True, max_position_embeddings=2048, rope_theta=100000.0,
+               rms_norm_eps=1e-5)
+VARIANTS = {"fp32": ("", "float32"), "bf16": ("", "bfloat16"),
+            "int8": (":int8", "float32"), "int4": (":int4", "float32")}
+
+
+def make_model() -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = OUT / "smollm2-shape"
+    if not (path / "config.json").is_file():
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**SMOLLM2)).save_pretrained(path)
+    return path
+
+
+def ids(n: int, vocab: int, seed: int) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+async def once(es: EdgeServer, model: str, prompts: list[list[int]], tokens: int) -> float:
+    """Seconds for every prompt to get `tokens` new tokens, all running together."""
+    start = time.perf_counter()
+    await asyncio.gather(*[es.complete(model, p, max_tokens=tokens, temperature=0,
+                                       ignore_eos=True) for p in prompts])
+    return time.perf_counter() - start
+
+
+async def speed(store: Path, name: str, variants: list[str], vocab: int,
+                args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Every variant resident (bf16 in a server of its own, computing in bf16); rounds
+    alternate the variants so that noise on a shared machine hits all alike."""
+    # Without prefix reuse: every round computes its prompts (they repeat across rounds).
+    fp32 = EdgeServer(models=store, device="cpu", pool_size=args.pool_size, prefix_cache=False)
+    bf16 = EdgeServer(models=store, device="cpu", pool_size=args.pool_size, dtype="bfloat16",
+                      prefix_cache=False)
+    async with fp32, bf16:
+        servers = {v: (bf16 if v == "bf16" else fp32, name + VARIANTS[v][0]) for v in variants}
+        out: dict[str, dict[str, float]] = {}
+        for v, (es, model) in servers.items():
+            report = await es.load(model)
+            out[v] = {"device_bytes": report.bytes_total,
+                      "quantize_s": round(report.quantize_seconds, 2)}
+        tests = {"prefill_512_tok_s": ([ids(512, vocab, 1)], 1)} | {
+            f"decode_{n}_tok_s": ([ids(8, vocab, 100 + s) for s in range(n)], args.tokens)
+            for n in (1, 8, 32)}
+        times: dict[tuple[str, str], list[float]] = {}
+        for r in range(args.repeats + 1):              # round 0 warms up
+            for test, (prompts, tokens) in tests.items():
+                for v, (es, model) in servers.items():
+                    t = await once(es, model, prompts, tokens)
+                    if r:
+                        times.setdefault((v, test), []).append(t)
+        for (v, test), ts in times.items():
+            prompts, tokens = tests[test]
+            work = 512 if test.startswith("prefill") else len(prompts) * tokens
+            out[v][test] = round(work / statistics.median(ts), 1)
+        for es in (fp32, bf16):
+            for pool in es.pools.values():
+                pool.check_integrity()
+    return out
+
+
+def text_prompts(path: Path, n: int, length: int) -> list[list[int]]:
+    """n windows of `length` tokens of real text (this repository's README) where the model
+    has a tokenizer; [] where it has none (random token ids are used then)."""
+    if not (path / "tokenizer.json").is_file():
+        return []
+    from tokenizers import Tokenizer
+
+    tokens = Tokenizer.from_file(str(path / "tokenizer.json")).encode(
+        (Path(__file__).parent.parent / "README.md").read_text()).ids
+    step = max(length, (len(tokens) - length) // n)
+    return [tokens[i * step:i * step + length] for i in range(n)
+            if len(tokens[i * step:i * step + length]) == length]
+
+
+def quality(path: Path, store: Path, args: argparse.Namespace) -> dict[str, Agreement]:
+    """Teacher-forced agreement of every variant with fp32, models loaded straight into a
+    pool (no server)."""
+    hashes = HashCache(store)
+    vocab = int(SMOLLM2["vocab_size"]) if args.model is None else \
+        int(json.loads((path / "config.json").read_text())["vocab_size"])
+    prompts = text_prompts(path, args.quality_prompts, args.quality_tokens) or \
+        [ids(args.quality_tokens, vocab, 10_000 + i) for i in range(args.quality_prompts)]
+    pool = BlockPool("cpu", 3 << 30, 1 << 20)
+    teacher = None
+    out: dict[str, Agreement] = {}
+    for name, (tag, dtype) in VARIANTS.items():
+        folder = QuantCache(store, hashes).folder(path, tag[1:])[0] if tag else path
+        ctx = LoadContext(pool, parse_dtype(dtype), hashes)
+        model = ResidentModel.load(name, folder, ctx)
+        logits = torch.cat([logits_of(model, p) for p in prompts])
+        if teacher is None:
+            teacher = logits
+        out[name] = compare(teacher, logits)
+        model.release(retain=False)
+    pool.check_integrity()
+    return out
+
+
+def capacity() -> dict[str, int]:
+    """Models resident at once in bench/multimodel.py's pool, fp32 against int8: each
+    variant's bytes measured by loading it, the pool's blocks divided by them."""
+    import multimodel
+
+    total = multimodel.make_store()
+    pool_size = total // 2 + (8 << 20)
+    out = {}
+
+    async def one(model: str) -> int:
+        async with EdgeServer(models=multimodel.OUT, device="cpu", pool_size=pool_size) as es:
+            await es.load(model)
+            return int(es.stats()["devices"]["cpu"]["resident_models"][model])
+
+    for name, model in (("fp32", "base-a"), ("int8", "base-a:int8"), ("int4", "base-a:int4")):
+        out[f"{name}_models_in_pool"] = pool_size // asyncio.run(one(model))
+    out["pool_bytes"] = pool_size
+    return out
+
+
+def llama_cpp(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """llama-bench's prefill (512) and decode (1 stream) tokens/s per GGUF file given."""
+    exe = os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench")
+    if not exe or not args.gguf:
+        return {}
+    out = {}
+    for item in args.gguf.split(","):
+        label, file = item.split("=", 1)
+        run = subprocess.run([exe, "-m", file, "-p", "512", "-n", str(args.tokens), "-t",
+                              str(torch.get_num_threads()), "-o", "json"],
+                             capture_output=True, text=True, check=True)
+        rows = json.loads(run.stdout)
+        out[label] = {("prefill_512_tok_s" if r["n_prompt"] else "decode_1_tok_s"):
+                      round(float(r["avg_ts"]), 1) for r in rows}
+        out[label]["bytes"] = int(rows[0]["model_size"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None, help="a Hugging Face folder")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quality-prompts", type=int, default=32)
+    parser.add_argument("--quality-tokens", type=int, default=64)
+    parser.add_argument("--pool-size", default="3GiB")
+    parser.add_argument("--gguf", default="", help="LABEL=file.gguf,... for llama-bench")
+    parser.add_argument("--only", default=",".join(VARIANTS), help="variants to time")
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-capacity", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    path = make_model() if args.model is None else args.model.resolve()
+    store = path.parent
+    vocab = int(json.loads((path / "config.json").read_text())["vocab_size"])
+    variants = [v for v in args.only.split(",") if v]
+    measured = asyncio.run(speed(store, path.name, variants, vocab, args)) if variants else {}
+    rows: dict[str, dict[str, object]] = {}
+    for name in variants:
+        rows[name] = {"bench": "quant", "variant": name, "model": path.name, **measured[name]}
+        print(json.dumps(rows[name]), flush=True)
+    if not args.skip_quality:
+        for name, a in quality(path, store, args).items():
+            rows.setdefault(name, {"variant": name}).update(
+                top1=round(a.top1, 4), mean_kl=round(a.kl, 5), positions=a.positions)
+    summary: dict[str, object] = {"bench": "quant-summary", "variants": rows}
+    fp32 = rows.get("fp32", {})
+    for name, row in rows.items():
+        if name != "fp32" and "device_bytes" in row and "device_bytes" in fp32:
+            summary[f"{name}_bytes_vs_fp32"] = round(
+                float(row["device_bytes"]) / float(fp32["device_bytes"]), 3)  # type: ignore[arg-type]
+    if not args.skip_capacity:
+        summary["capacity"] = capacity()
+    summary["llama_cpp"] = llama_cpp(args)
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
