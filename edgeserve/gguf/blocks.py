@@ -1,0 +1,131 @@
+"""GGUF tensor blocks decoded into edgeserve's weight layouts.
+
+| GGUF type        | edgeserve linear weight        | how                                        |
+| ---------------- | ------------------------------ | ------------------------------------------ |
+| F32, F16, BF16   | float (its own dtype)          | as stored                                  |
+| Q4_0, Q4_1, Q4_K | int4, groups of 32             | exact: the same codes, scales and minimums |
+| Q8_0, Q5_K, Q6_K | int8, per output channel       | re-quantized from the dequantized values   |
+
+Q4_0 block (32 weights): f16 d, 16 bytes of codes; w = d (q - 8).
+Q4_1 block (32 weights): f16 d, f16 m, 16 bytes of codes; w = d q + m.
+    Byte j holds weight j (low nibble) and weight j + 16 (high nibble).
+Q4_K super-block (256 weights = 8 groups of 32): f16 d, f16 dmin, 12 bytes of 6-bit group
+    scales and minimums, 128 bytes of codes; w = d sc[g] q - dmin m[g]. The codes come in 4
+    chunks of 32 bytes: chunk c holds group 2c in its low nibbles, group 2c + 1 in its high.
+Other types are dequantized by the `gguf` package itself.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from edgeserve.gguf.reader import GGUFTensor
+
+GROUP = 32
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+INT8_TYPES = ("Q8_0", "Q5_K", "Q6_K")
+
+
+class Int4(NamedTuple):
+    codes: torch.Tensor      # uint8 [rows, cols], 0..15
+    scale: torch.Tensor      # float32 [rows, cols // 32]
+    min: torch.Tensor        # float32 [rows, cols // 32]; w = code * scale + min
+
+
+class Int8(NamedTuple):
+    qweight: torch.Tensor    # int8 [rows, cols]
+    scale: torch.Tensor      # float32 [rows]; w = qweight * scale
+
+
+def _blocks(t: GGUFTensor, nbytes: int) -> torch.Tensor:
+    """The tensor's bytes as (rows, blocks per row, block bytes), flattened leading dims."""
+    rows = int(np.prod(t.shape[:-1]))
+    raw = torch.from_numpy(np.array(t.data, dtype=np.uint8))     # a copy: the map is read-only
+    return raw.reshape(rows, -1, nbytes)
+
+
+def _f16(raw: torch.Tensor) -> torch.Tensor:
+    """(..., 2) bytes -> (...) float32."""
+    return raw.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(..., 16) bytes -> (..., 32) codes: low nibbles first, then high nibbles."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def int4(t: GGUFTensor) -> Int4:
+    """Codes, scales and minimums of a Q4_0 / Q4_1 / Q4_K tensor, exactly."""
+    if t.type == "Q4_0":
+        b = _blocks(t, 18)
+        d = _f16(b[..., 0:2])
+        return _int4(t, _nibbles(b[..., 2:]), d, -8.0 * d)
+    if t.type == "Q4_1":
+        b = _blocks(t, 20)
+        return _int4(t, _nibbles(b[..., 4:]), _f16(b[..., 0:2]), _f16(b[..., 2:4]))
+    if t.type == "Q4_K":
+        b = _blocks(t, 144)
+        d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+        sc, m = _k_scales(b[..., 4:16])                          # (rows, nb, 8) each
+        qs = b[..., 16:].reshape(*b.shape[:2], 4, 32)            # 4 chunks of 32 bytes
+        codes = torch.stack([qs & 0x0F, qs >> 4], dim=-2)        # (rows, nb, 4, 2, 32)
+        return _int4(t, codes, d.unsqueeze(-1) * sc, -(dmin.unsqueeze(-1) * m))
+    raise ValueError(f"{t.name}: {t.type} is not an int4 type ({', '.join(INT4_TYPES)})")
+
+
+def _int4(t: GGUFTensor, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> Int4:
+    rows, cols = int(np.prod(t.shape[:-1])), t.shape[-1]
+    return Int4(codes.reshape(rows, cols).contiguous(),
+                scale.reshape(rows, cols // GROUP).contiguous(),
+                low.reshape(rows, cols // GROUP).contiguous())
+
+
+def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K's 12 bytes -> 8 six-bit group scales and 8 six-bit group minimums (float32).
+    Bytes 0-3: scales 0-3 (low 6 bits), bytes 4-7: minimums 0-3; bytes 8-11 hold the low
+    4 bits of scales 4-7 (low nibble) and minimums 4-7 (high nibble), whose top 2 bits are
+    the top bits of bytes 0-3 (scales) and 4-7 (minimums)."""
+    lo, mid, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = torch.cat([lo & 63, (hi & 0x0F) | ((lo >> 6) << 4)], dim=-1)
+    m = torch.cat([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], dim=-1)
+    return sc.float(), m.float()
+
+
+def dequantize(t: GGUFTensor) -> torch.Tensor:
+    """The tensor's values as float32, shape t.shape."""
+    if t.type in INT4_TYPES:
+        q = int4(t)
+        groups = q.codes.reshape(q.scale.shape[0], -1, GROUP).float()
+        w = groups * q.scale.unsqueeze(-1) + q.min.unsqueeze(-1)
+        return w.reshape(t.shape)
+    if t.type in ("F32", "F16", "BF16"):
+        return float_values(t).float()
+    values = gguf_dequantize(t.data, GGMLQuantizationType[t.type])
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(t.shape)
+
+
+def float_values(t: GGUFTensor) -> torch.Tensor:
+    """An F32 / F16 / BF16 tensor in its own dtype (BF16 arrives as raw bytes)."""
+    if t.type == "BF16":
+        raw = torch.from_numpy(np.array(t.data, dtype=np.uint8))
+        return raw.view(torch.bfloat16).reshape(t.shape)
+    return torch.from_numpy(np.array(t.data)).reshape(t.shape)
+
+
+def to_int8(w: torch.Tensor) -> Int8:
+    """Symmetric per-row int8 of a float matrix [rows, cols]."""
+    w = w.float()
+    scale = w.abs().amax(dim=-1).clamp_min(1e-30) / 127.0
+    q = torch.round(w / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return Int8(q, scale)
+
+
+def int8_error(w: torch.Tensor, q: Int8) -> float:
+    """Relative RMS error that re-quantizing w to q adds: |w - q| / |w| (Frobenius)."""
+    back = q.qweight.float() * q.scale.unsqueeze(-1)
+    return float((back - w).norm() / w.norm().clamp_min(1e-30))

@@ -1,0 +1,168 @@
+"""A GGUF file -> a Hugging Face model folder that edgeserve loads like any other.
+
+The folder (config.json, generation_config.json, tokenizer.json, tokenizer_config.json,
+model.safetensors, quant.json, gguf.json) follows the pre-quantized checkpoint layout of
+QUANT_FORMAT: linear weights stored as Q4_0 / Q4_1 / Q4_K become int4 groups (exactly),
+Q8_0 / Q5_K / Q6_K become int8 per output channel (re-quantized; gguf.json records the
+error that adds), float ones stay float. Every other tensor (embeddings, norms, biases) is
+dequantized to float32 or kept in its float dtype. With `dequantize=True` every tensor is
+float, which makes a plain checkpoint (a reference for comparisons and benchmarks).
+
+A folder is written once per version of its file (size and modification time) into a
+temporary folder renamed into place, so readers never see half a conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from edgeserve.gguf import blocks
+from edgeserve.gguf.config import architecture, hf_config
+from edgeserve.gguf.names import DERIVED, heads_of, hf_name, unpermute
+from edgeserve.gguf.reader import FLOAT_TYPES, SUPPORTED_TYPES, GGUFError, GGUFFile, GGUFTensor
+from edgeserve.gguf.vocab import build_tokenizer, end_of_generation_ids, tokenizer_config
+
+log = logging.getLogger(__name__)
+FORMAT = 1
+REPORT_FILE = "gguf.json"
+_lock = threading.Lock()
+
+
+@dataclass
+class Conversion:
+    """What became of each GGUF tensor type: scheme and, where re-quantized, the error."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    schemes: dict[str, str] = field(default_factory=dict)       # HF weight name -> int4/int8
+    types: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def note(self, gguf_type: str, became: str, error: float | None = None) -> None:
+        entry = self.types.setdefault(gguf_type, {"tensors": 0, "became": {}})
+        entry["tensors"] += 1
+        entry["became"][became] = entry["became"].get(became, 0) + 1
+        if error is not None:
+            entry["max_relative_error"] = max(entry.get("max_relative_error", 0.0), error)
+
+
+def _is_linear(name: str) -> bool:
+    return name.endswith("_proj.weight") or name == "lm_head.weight"
+
+
+def convert_tensors(f: GGUFFile, dequantize: bool = False) -> Conversion:
+    """Every tensor of the file under its Hugging Face name, in edgeserve's layouts."""
+    _, permuted = architecture(f)
+    heads = int(f.arch("attention.head_count"))
+    kv_heads = int(f.arch("attention.head_count_kv", heads))
+    out = Conversion()
+    for t in f.tensors.values():
+        if t.name in DERIVED:
+            continue
+        name = hf_name(t.name)
+        if name is None:
+            raise GGUFError(f"{f.path}: tensor '{t.name}' is not one this project knows")
+        if t.type not in SUPPORTED_TYPES:
+            raise GGUFError(f"{f.path}: tensor '{t.name}' has type {t.type}, which is not "
+                            f"supported (supported: {', '.join(SUPPORTED_TYPES)})")
+        n = heads_of(name, heads, kv_heads) if permuted else None
+        fix = (lambda x, n=n: unpermute(x, n)) if n is not None else (lambda x: x)
+        _convert_one(out, t, name, fix, dequantize or not _is_linear(name))
+    return out
+
+
+def _convert_one(out: Conversion, t: GGUFTensor, name: str, fix: Any, to_float: bool) -> None:
+    base = name.removesuffix(".weight")
+    if t.type in FLOAT_TYPES:
+        out.tensors[name] = fix(blocks.float_values(t)).contiguous()
+        out.note(t.type, str(out.tensors[name].dtype).removeprefix("torch."))
+    elif to_float:
+        out.tensors[name] = fix(blocks.dequantize(t)).contiguous()
+        out.note(t.type, "float32")
+    elif t.type in blocks.INT4_TYPES:
+        q = blocks.int4(t)
+        codes = fix(q.codes)
+        out.tensors[f"{base}.weight.qweight"] = (codes[:, 0::2] | (codes[:, 1::2] << 4)) \
+            .contiguous()
+        out.tensors[f"{base}.weight.scale"] = fix(q.scale).contiguous()
+        out.tensors[f"{base}.weight.min"] = fix(q.min).contiguous()
+        out.schemes[name] = "int4"
+        out.note(t.type, "int4")
+    else:
+        w = fix(blocks.dequantize(t))
+        q8 = blocks.to_int8(w)
+        out.tensors[f"{base}.weight.qweight"] = q8.qweight.contiguous()
+        out.tensors[f"{base}.weight.scale"] = q8.scale.contiguous()
+        out.schemes[name] = "int8"
+        out.note(t.type, "int8", blocks.int8_error(w, q8))
+
+
+def _stamp(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "format": FORMAT}
+
+
+def is_current(folder: Path, gguf: Path, dequantize: bool) -> bool:
+    try:
+        report = json.loads((folder / REPORT_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(report, dict) and report.get("stamp") == _stamp(gguf) \
+        and report.get("dequantized") == dequantize
+
+
+def ensure_folder(gguf: Path, folder: Path, dequantize: bool = False) -> Path:
+    """folder holding the conversion of gguf, converting it first unless current."""
+    with _lock:
+        if is_current(folder, gguf, dequantize):
+            return folder
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            write_folder(GGUFFile(gguf), tmp, dequantize)
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+
+def write_folder(f: GGUFFile, folder: Path, dequantize: bool = False) -> dict[str, Any]:
+    """Write the Hugging Face folder of f into folder; returns gguf.json's content."""
+    config = hf_config(f)
+    tokenizer = build_tokenizer(f)
+    conversion = convert_tensors(f, dequantize)
+    save_file(conversion.tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _json(folder / "config.json", config)
+    _json(folder / "generation_config.json", {"eos_token_id": end_of_generation_ids(f),
+                                              **({"bos_token_id": config["bos_token_id"]}
+                                                 if "bos_token_id" in config else {})})
+    tokenizer.save(str(folder / "tokenizer.json"))
+    _json(folder / "tokenizer_config.json", tokenizer_config(f))
+    source = f"{f.path.name}: " + ", ".join(
+        f"{k} x{v['tensors']} -> {'/'.join(v['became'])}" for k, v in conversion.types.items())
+    if conversion.schemes:
+        kinds = set(conversion.schemes.values())
+        _json(folder / "quant.json", {"format": 1,
+                                      "scheme": kinds.pop() if len(kinds) == 1 else "mixed",
+                                      "tensors": conversion.schemes, "source": source})
+    report = {"stamp": _stamp(f.path), "dequantized": dequantize, "types": conversion.types,
+              "summary": source}
+    _json(folder / REPORT_FILE, report)
+    log.info("converted %s", source)
+    return report
+
+
+def _json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
