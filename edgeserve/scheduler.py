@@ -133,7 +133,7 @@ class Scheduler(Residencies):
 
     async def _load(self, model_id: str, device: str | None, stop: threading.Event | None
                     ) -> LoadReport:
-        path = self.store.path(model_id)
+        path = await asyncio.to_thread(self.store.prepare, model_id)   # GGUF: converted
         start = time.perf_counter()
         pack = await asyncio.to_thread(self.tasks.pack, model_id, path, self.store)
         weights = self.store.path(pack.base) if pack is not None else path

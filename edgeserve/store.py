@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeserve.blocks.pack import TASK_FILE
+from edgeserve.gguf import entries as gguf_entries
 from edgeserve.quant.cache import cached_schemes
 from edgeserve.quant.format import SCHEMES
 
@@ -50,18 +51,37 @@ class ModelStore:
         if not valid_id(model_id):
             raise UnknownModel(str(model_id), self.root)
         root = self.root.resolve()
-        path = (root / split_tag(model_id)[0]).resolve()
+        name = split_tag(model_id)[0]
+        path = (root / name).resolve()
         # resolve() follows symlinks: a link that leads out of the store is refused.
         if path.parent != root or not ((path / "config.json").is_file()
                                        or (path / TASK_FILE).is_file()):
+            if gguf_entries.find(root, name) is not None:
+                return gguf_entries.folder(root, name)      # made by prepare()
             raise UnknownModel(model_id, self.root)
         return path
+
+    def prepare(self, model_id: str) -> Path:
+        """path(), after converting a GGUF model into its folder if needed (slow the first
+        time: call it off the event loop)."""
+        path = self.path(model_id)
+        name = split_tag(model_id)[0]
+        gguf = None if path.parent == self.root.resolve() else gguf_entries.find(self.root, name)
+        return gguf_entries.prepare(self.root, name, gguf) if gguf is not None else path
 
     def list(self) -> list[StoredModel]:
         if not self.root.is_dir():
             return []
         models = []
         for child in sorted(self.root.iterdir()):
+            gguf_name = gguf_entries.model_name(child)
+            if gguf_name is not None:
+                source = gguf_entries.find(self.root, gguf_name)
+                if source is not None:
+                    models.append(StoredModel(gguf_name, self.path(gguf_name),
+                                              int(source.stat().st_mtime), None,
+                                              source.stat().st_size))
+                continue
             try:
                 path = self.path(child.name)
             except UnknownModel:

@@ -37,11 +37,6 @@ class Int4(NamedTuple):
     min: torch.Tensor        # float32 [rows, cols // 32]; w = code * scale + min
 
 
-class Int8(NamedTuple):
-    qweight: torch.Tensor    # int8 [rows, cols]
-    scale: torch.Tensor      # float32 [rows]; w = qweight * scale
-
-
 def _blocks(t: GGUFTensor, nbytes: int) -> torch.Tensor:
     """The tensor's bytes as (rows, blocks per row, block bytes), flattened leading dims."""
     rows = int(np.prod(t.shape[:-1]))
@@ -115,17 +110,3 @@ def float_values(t: GGUFTensor) -> torch.Tensor:
         raw = torch.from_numpy(np.array(t.data, dtype=np.uint8))
         return raw.view(torch.bfloat16).reshape(t.shape)
     return torch.from_numpy(np.array(t.data)).reshape(t.shape)
-
-
-def to_int8(w: torch.Tensor) -> Int8:
-    """Symmetric per-row int8 of a float matrix [rows, cols]."""
-    w = w.float()
-    scale = w.abs().amax(dim=-1).clamp_min(1e-30) / 127.0
-    q = torch.round(w / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-    return Int8(q, scale)
-
-
-def int8_error(w: torch.Tensor, q: Int8) -> float:
-    """Relative RMS error that re-quantizing w to q adds: |w - q| / |w| (Frobenius)."""
-    back = q.qweight.float() * q.scale.unsqueeze(-1)
-    return float((back - w).norm() / w.norm().clamp_min(1e-30))

@@ -19,6 +19,7 @@ import logging
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from edgeserve.gguf.config import architecture, hf_config
 from edgeserve.gguf.names import DERIVED, heads_of, hf_name, unpermute
 from edgeserve.gguf.reader import FLOAT_TYPES, SUPPORTED_TYPES, GGUFError, GGUFFile, GGUFTensor
 from edgeserve.gguf.vocab import build_tokenizer, end_of_generation_ids, tokenizer_config
+from edgeserve.quant.format import QUANT_FILE, QuantInfo, pack_int4, quantize_int8
+from edgeserve.quant.format import dequantize as dequantize_scheme
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -58,51 +61,79 @@ def _is_linear(name: str) -> bool:
     return name.endswith("_proj.weight") or name == "lm_head.weight"
 
 
+def _own_scheme(t: GGUFTensor, name: str, dequantize: bool) -> str | None:
+    """The scheme a tensor maps onto by itself (None: float)."""
+    if dequantize or not _is_linear(name) or t.type in FLOAT_TYPES:
+        return None
+    return "int4" if t.type in blocks.INT4_TYPES else "int8"
+
+
+def _fused(name: str) -> str:
+    """Tensors the pool fuses into one unit (q/k/v, gate/up) must share a scheme."""
+    for group, members in (("qkv", ("q_proj", "k_proj", "v_proj")),
+                           ("gate_up", ("gate_proj", "up_proj"))):
+        for member in members:
+            if name.endswith(f".{member}.weight"):
+                return name.removesuffix(f"{member}.weight") + group
+    return name
+
+
+def plan_schemes(f: GGUFFile, dequantize: bool = False) -> dict[str, str | None]:
+    """GGUF tensor name -> the scheme it is stored in: its own, unless the tensors fused
+    with it differ; then int8 for all (int4 and float parts re-quantized), as one unit
+    holds one scheme."""
+    own = {t.name: _own_scheme(t, hf_name(t.name) or "", dequantize)
+           for t in f.tensors.values() if t.name not in DERIVED}
+    groups: dict[str, set[str | None]] = {}
+    for gname, scheme in own.items():
+        groups.setdefault(_fused(hf_name(gname) or gname), set()).add(scheme)
+    return {g: s if len(groups[_fused(hf_name(g) or g)]) == 1 else "int8"
+            for g, s in own.items()}
+
+
 def convert_tensors(f: GGUFFile, dequantize: bool = False) -> Conversion:
     """Every tensor of the file under its Hugging Face name, in edgeserve's layouts."""
     _, permuted = architecture(f)
     heads = int(f.arch("attention.head_count"))
     kv_heads = int(f.arch("attention.head_count_kv", heads))
-    out = Conversion()
     for t in f.tensors.values():
-        if t.name in DERIVED:
-            continue
-        name = hf_name(t.name)
-        if name is None:
+        if t.name not in DERIVED and hf_name(t.name) is None:
             raise GGUFError(f"{f.path}: tensor '{t.name}' is not one this project knows")
         if t.type not in SUPPORTED_TYPES:
             raise GGUFError(f"{f.path}: tensor '{t.name}' has type {t.type}, which is not "
                             f"supported (supported: {', '.join(SUPPORTED_TYPES)})")
+    out = Conversion()
+    for gname, scheme in plan_schemes(f, dequantize).items():
+        t, name = f.tensors[gname], hf_name(gname) or gname
         n = heads_of(name, heads, kv_heads) if permuted else None
         fix = (lambda x, n=n: unpermute(x, n)) if n is not None else (lambda x: x)
-        _convert_one(out, t, name, fix, dequantize or not _is_linear(name))
+        _convert_one(out, t, name, fix, scheme)
     return out
 
 
-def _convert_one(out: Conversion, t: GGUFTensor, name: str, fix: Any, to_float: bool) -> None:
-    base = name.removesuffix(".weight")
-    if t.type in FLOAT_TYPES:
+def _convert_one(out: Conversion, t: GGUFTensor, name: str,
+                 fix: Callable[[torch.Tensor], torch.Tensor], scheme: str | None) -> None:
+    if scheme is None and t.type in FLOAT_TYPES:
         out.tensors[name] = fix(blocks.float_values(t)).contiguous()
         out.note(t.type, str(out.tensors[name].dtype).removeprefix("torch."))
-    elif to_float:
+        return
+    if scheme is None:
         out.tensors[name] = fix(blocks.dequantize(t)).contiguous()
         out.note(t.type, "float32")
-    elif t.type in blocks.INT4_TYPES:
+        return
+    out.schemes[name] = scheme
+    if scheme == "int4":                      # exact: the file's own codes and scales
         q = blocks.int4(t)
-        codes = fix(q.codes)
-        out.tensors[f"{base}.weight.qweight"] = (codes[:, 0::2] | (codes[:, 1::2] << 4)) \
-            .contiguous()
-        out.tensors[f"{base}.weight.scale"] = fix(q.scale).contiguous()
-        out.tensors[f"{base}.weight.min"] = fix(q.min).contiguous()
-        out.schemes[name] = "int4"
+        parts = {"qweight": pack_int4(fix(q.codes)), "scale": fix(q.scale),
+                 "min": fix(q.min)}
         out.note(t.type, "int4")
     else:
         w = fix(blocks.dequantize(t))
-        q8 = blocks.to_int8(w)
-        out.tensors[f"{base}.weight.qweight"] = q8.qweight.contiguous()
-        out.tensors[f"{base}.weight.scale"] = q8.scale.contiguous()
-        out.schemes[name] = "int8"
-        out.note(t.type, "int8", blocks.int8_error(w, q8))
+        parts = quantize_int8(w)
+        back = dequantize_scheme("int8", parts)
+        out.note(t.type, "int8", float((back - w).norm() / w.norm().clamp_min(1e-30)))
+    for comp, value in parts.items():
+        out.tensors[f"{name}.{comp}"] = value.contiguous()
 
 
 def _stamp(path: Path) -> dict[str, Any]:
@@ -154,9 +185,8 @@ def write_folder(f: GGUFFile, folder: Path, dequantize: bool = False) -> dict[st
         f"{k} x{v['tensors']} -> {'/'.join(v['became'])}" for k, v in conversion.types.items())
     if conversion.schemes:
         kinds = set(conversion.schemes.values())
-        _json(folder / "quant.json", {"format": 1,
-                                      "scheme": kinds.pop() if len(kinds) == 1 else "mixed",
-                                      "tensors": conversion.schemes, "source": source})
+        info = QuantInfo(kinds.pop() if len(kinds) == 1 else "mixed", conversion.schemes, source)
+        (folder / QUANT_FILE).write_text(info.to_json() + "\n")
     report = {"stamp": _stamp(f.path), "dequantized": dequantize, "types": conversion.types,
               "summary": source}
     _json(folder / REPORT_FILE, report)

