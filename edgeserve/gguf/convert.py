@@ -91,17 +91,22 @@ def plan_schemes(f: GGUFFile, dequantize: bool = False) -> dict[str, str | None]
             for g, s in own.items()}
 
 
+def check_tensors(f: GGUFFile) -> None:
+    """GGUFError naming the first tensor of an unknown name or an unsupported type."""
+    for t in f.tensors.values():
+        if t.type not in SUPPORTED_TYPES:
+            raise GGUFError(f"{f.path}: tensor '{t.name}' has type {t.type}, which is not "
+                            f"supported (supported: {', '.join(SUPPORTED_TYPES)})")
+        if t.name not in DERIVED and hf_name(t.name) is None:
+            raise GGUFError(f"{f.path}: tensor '{t.name}' is not one this project knows")
+
+
 def convert_tensors(f: GGUFFile, dequantize: bool = False) -> Conversion:
     """Every tensor of the file under its Hugging Face name, in edgeserve's layouts."""
     _, permuted = architecture(f)
     heads = int(f.arch("attention.head_count"))
     kv_heads = int(f.arch("attention.head_count_kv", heads))
-    for t in f.tensors.values():
-        if t.name not in DERIVED and hf_name(t.name) is None:
-            raise GGUFError(f"{f.path}: tensor '{t.name}' is not one this project knows")
-        if t.type not in SUPPORTED_TYPES:
-            raise GGUFError(f"{f.path}: tensor '{t.name}' has type {t.type}, which is not "
-                            f"supported (supported: {', '.join(SUPPORTED_TYPES)})")
+    check_tensors(f)
     out = Conversion()
     for gname, scheme in plan_schemes(f, dequantize).items():
         t, name = f.tensors[gname], hf_name(gname) or gname
@@ -171,6 +176,8 @@ def ensure_folder(gguf: Path, folder: Path, dequantize: bool = False) -> Path:
 
 def write_folder(f: GGUFFile, folder: Path, dequantize: bool = False) -> dict[str, Any]:
     """Write the Hugging Face folder of f into folder; returns gguf.json's content."""
+    architecture(f)
+    check_tensors(f)
     config = hf_config(f)
     tokenizer = build_tokenizer(f)
     conversion = convert_tensors(f, dequantize)

@@ -42,11 +42,12 @@ def model_name(entry: Path) -> str | None:
     return None
 
 
-def folder(store: Path, name: str) -> Path:
-    """Where model `name`'s converted folder lives (made or not)."""
-    return cache_root(store.resolve()) / name
+def folder(store: Path, name: str, dequantize: bool = False) -> Path:
+    """Where model `name`'s converted folder lives (made or not). The dequantized one (all
+    float32) is the source that tagged ids (`NAME:int8`) are quantized from."""
+    return cache_root(store.resolve()) / (f"{name}.f32" if dequantize else name)
 
 
-def prepare(store: Path, name: str, gguf: Path) -> Path:
+def prepare(store: Path, name: str, gguf: Path, dequantize: bool = False) -> Path:
     """The converted folder of `gguf`, converting it first unless current."""
-    return ensure_folder(gguf, folder(store, name))
+    return ensure_folder(gguf, folder(store, name, dequantize), dequantize)

