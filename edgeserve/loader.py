@@ -64,6 +64,7 @@ class LoadReport:
     scheme: str | None = None         # int8 / int4 / mixed: quantized weights
     quantize_seconds: float = 0.0     # spent quantizing the checkpoint (first load only)
     source: str = ""                  # the folder the weights were read from
+    converted: str = ""               # a GGUF file's tensor types and what they became
 
 
 def scan_checkpoint(model_dir: Path) -> dict[str, TensorInfo]:

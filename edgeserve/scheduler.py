@@ -33,6 +33,7 @@ from edgeserve.events import publish
 from edgeserve.eviction import PolicyContext, create_policy
 from edgeserve.experts.offload import ExpertOffload, host_only_units
 from edgeserve.first_sight import FirstSight, settle
+from edgeserve.gguf.convert import summary as gguf_summary
 from edgeserve.grouping import Grouping
 from edgeserve.kv.offload import KVHostTier
 from edgeserve.loader import (
@@ -160,7 +161,8 @@ class Scheduler(Residencies):
             self.grouping.placed(model_id, pool.device)
             ctx = self.context(pool)
             report = LoadReport(model_id, pool.device, placement=placement,
-                                quantize_seconds=quantizing, source=str(checkpoint))
+                                quantize_seconds=quantizing, source=str(checkpoint),
+                                converted=gguf_summary(path))
             model, host = await self._read(model_id, checkpoint, spec, ctx, report, host_only,
                                            stop)
             report.scheme = _scheme(model.schemes)

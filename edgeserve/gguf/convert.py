@@ -188,8 +188,7 @@ def write_folder(f: GGUFFile, folder: Path, dequantize: bool = False) -> dict[st
                                                  if "bos_token_id" in config else {})})
     tokenizer.save(str(folder / "tokenizer.json"))
     _json(folder / "tokenizer_config.json", tokenizer_config(f))
-    source = f"{f.path.name}: " + ", ".join(
-        f"{k} x{v['tensors']} -> {'/'.join(v['became'])}" for k, v in conversion.types.items())
+    source = f"{f.path.name}: " + ", ".join(_describe(k, v) for k, v in conversion.types.items())
     if conversion.schemes:
         kinds = set(conversion.schemes.values())
         info = QuantInfo(kinds.pop() if len(kinds) == 1 else "mixed", conversion.schemes, source)
@@ -199,6 +198,22 @@ def write_folder(f: GGUFFile, folder: Path, dequantize: bool = False) -> dict[st
     _json(folder / REPORT_FILE, report)
     log.info("converted %s", source)
     return report
+
+
+def _describe(gguf_type: str, entry: dict[str, Any]) -> str:
+    text = f"{gguf_type} x{entry['tensors']} -> {'/'.join(sorted(entry['became']))}"
+    if "max_relative_error" in entry:
+        text += f" (re-quantized, relative error <= {entry['max_relative_error']:.2%})"
+    return text
+
+
+def summary(folder: Path) -> str:
+    """What the conversion in folder made of each GGUF tensor type; "" for other folders."""
+    try:
+        report = json.loads((folder / REPORT_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return ""
+    return str(report.get("summary", "")) if isinstance(report, dict) else ""
 
 
 def _json(path: Path, data: Any) -> None:

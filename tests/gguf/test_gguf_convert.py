@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from edgeserve.batch import build_batch
 from edgeserve.gguf import ensure_folder
+from edgeserve.gguf.convert import summary
 from edgeserve.pool import BlockPool
 
 ARCHS = ["llama", "qwen2", "qwen3"]      # llama: q/k rows interleaved by llama.cpp
@@ -103,5 +104,7 @@ def test_quantized_units_keep_int4_and_requantize_the_rest(arch, hf_models, tmp_
     report = json.loads((folder / "gguf.json").read_text())["types"]
     assert report["Q4_0"]["became"] == {"int4": 3}
     assert 0 < report["Q6_K"]["max_relative_error"] < 0.01
+    assert "Q6_K x1 -> int8 (re-quantized, relative error <= " in summary(folder)
+    assert "Q4_0 x3 -> int4," in summary(folder)
     plain = ensure_folder(gguf, tmp_path / "plain", dequantize=True)
     assert rel_err(logits_of(folder, arch, IDS), logits_of(plain, arch, IDS)) < 5e-2

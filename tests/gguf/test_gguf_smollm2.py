@@ -81,6 +81,7 @@ async def test_served_over_http_answers_paris(smollm2_store, aiohttp_client):
     assert listed == ["smollm2"]
     report = await edge.load("smollm2")
     assert report.scheme == "int4"                    # Q4_1 blocks kept as int4 units
+    assert "Q4_1 x210 -> int4" in report.converted
     assert report.bytes_total < 0.4 * 538_090_408     # the fp32 model's weights
     resp = await client.post("/v1/chat/completions", json={
         "model": "smollm2", "max_tokens": 16, "temperature": 0,
