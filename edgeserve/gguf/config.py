@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgeserve.gguf.names import ARCHITECTURES
+from edgeserve.gguf.names import ARCHITECTURES, MIXTRAL
 from edgeserve.gguf.reader import GGUFError, GGUFFile
 
 
@@ -14,10 +14,14 @@ def architecture(f: GGUFFile) -> tuple[str, bool]:
     if arch not in ARCHITECTURES:
         raise GGUFError(f"{f.path}: architecture '{arch}' is not supported "
                         f"(supported: {', '.join(ARCHITECTURES)})")
-    if int(f.arch("expert_count", 0) or 0) > 0:
-        raise GGUFError(f"{f.path}: architecture '{arch}' with experts (mixture of experts) "
-                        "is not supported from GGUF files yet")
-    return ARCHITECTURES[arch]
+    experts = int(f.arch("expert_count", 0) or 0)
+    hf_arch, permuted = ARCHITECTURES[arch]
+    if experts and arch == "llama":
+        return MIXTRAL, permuted
+    if bool(experts) != hf_arch.endswith(("MoeForCausalLM", "OlmoeForCausalLM")):
+        raise GGUFError(f"{f.path}: architecture '{arch}' with expert_count {experts} is not "
+                        "supported")
+    return hf_arch, permuted
 
 
 def hf_config(f: GGUFFile) -> dict[str, Any]:
@@ -50,7 +54,7 @@ def hf_config(f: GGUFFile) -> dict[str, Any]:
         "attention_bias": "blk.0.attn_q.bias" in f.tensors,
         "torch_dtype": "float32",
     }
-    config |= _rope_scaling(f)
+    config |= _rope_scaling(f) | _experts(f, hf_arch)
     window = f.arch("attention.sliding_window", None)
     if window:
         config["sliding_window"] = int(window)
@@ -60,6 +64,32 @@ def hf_config(f: GGUFFile) -> dict[str, Any]:
         if value is not None:
             config[key] = int(value)
     return config
+
+
+def _experts(f: GGUFFile, hf_arch: str) -> dict[str, Any]:
+    """The mixture-of-experts fields; {} for a dense model."""
+    experts = int(f.arch("expert_count", 0) or 0)
+    if not experts:
+        return {}
+    out: dict[str, Any] = {"num_experts_per_tok": int(f.arch("expert_used_count")),
+                           "num_local_experts" if hf_arch == MIXTRAL else "num_experts": experts}
+    size = f.arch("expert_feed_forward_length", None)
+    if hf_arch in (MIXTRAL, "OlmoeForCausalLM"):
+        if size is not None:
+            out["intermediate_size"] = int(size)
+        return out | {"clip_qkv": f.arch("attention.clamp_kqv", None)}
+    layers = int(f.arch("block_count"))
+    out |= {"moe_intermediate_size": int(size if size is not None
+                                         else f.arch("feed_forward_length")),
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [n for n in range(layers)
+                                if f"blk.{n}.ffn_gate_inp.weight" not in f.tensors],
+            "norm_topk_prob": bool(f.arch("expert_weights_norm",
+                                          hf_arch == "Qwen3MoeForCausalLM"))}
+    shared = f.arch("expert_shared_feed_forward_length", None)
+    if shared is not None:
+        out["shared_expert_intermediate_size"] = int(shared)
+    return out
 
 
 def _rope_scaling(f: GGUFFile) -> dict[str, Any]:

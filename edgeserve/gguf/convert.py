@@ -29,7 +29,14 @@ from safetensors.torch import save_file
 
 from edgeserve.gguf import blocks
 from edgeserve.gguf.config import architecture, hf_config
-from edgeserve.gguf.names import DERIVED, heads_of, hf_name, unpermute
+from edgeserve.gguf.names import (
+    DERIVED,
+    fused_group,
+    heads_of,
+    hf_names,
+    is_linear,
+    unpermute,
+)
 from edgeserve.gguf.reader import FLOAT_TYPES, SUPPORTED_TYPES, GGUFError, GGUFFile, GGUFTensor
 from edgeserve.gguf.vocab import build_tokenizer, end_of_generation_ids, tokenizer_config
 from edgeserve.quant.format import QUANT_FILE, QuantInfo, pack_int4, quantize_int8
@@ -57,48 +64,42 @@ class Conversion:
             entry["max_relative_error"] = max(entry.get("max_relative_error", 0.0), error)
 
 
-def _is_linear(name: str) -> bool:
-    return name.endswith("_proj.weight") or name == "lm_head.weight"
-
-
-def _own_scheme(t: GGUFTensor, name: str, dequantize: bool) -> str | None:
+def _own_scheme(t: GGUFTensor, dequantize: bool) -> str | None:
     """The scheme a tensor maps onto by itself (None: float)."""
-    if dequantize or not _is_linear(name) or t.type in FLOAT_TYPES:
+    if dequantize or not is_linear(t.name) or t.type in FLOAT_TYPES:
         return None
     return "int4" if t.type in blocks.INT4_TYPES else "int8"
 
 
-def _fused(name: str) -> str:
-    """Tensors the pool fuses into one unit (q/k/v, gate/up) must share a scheme."""
-    for group, members in (("qkv", ("q_proj", "k_proj", "v_proj")),
-                           ("gate_up", ("gate_proj", "up_proj"))):
-        for member in members:
-            if name.endswith(f".{member}.weight"):
-                return name.removesuffix(f"{member}.weight") + group
-    return name
-
-
 def plan_schemes(f: GGUFFile, dequantize: bool = False) -> dict[str, str | None]:
     """GGUF tensor name -> the scheme it is stored in: its own, unless the tensors fused
-    with it differ; then int8 for all (int4 and float parts re-quantized), as one unit
-    holds one scheme."""
-    own = {t.name: _own_scheme(t, hf_name(t.name) or "", dequantize)
+    with it (q/k/v, gate/up) differ; then int8 for all (int4 and float parts re-quantized),
+    as one unit holds one scheme."""
+    own = {t.name: _own_scheme(t, dequantize)
            for t in f.tensors.values() if t.name not in DERIVED}
     groups: dict[str, set[str | None]] = {}
     for gname, scheme in own.items():
-        groups.setdefault(_fused(hf_name(gname) or gname), set()).add(scheme)
-    return {g: s if len(groups[_fused(hf_name(g) or g)]) == 1 else "int8"
-            for g, s in own.items()}
+        groups.setdefault(fused_group(gname), set()).add(scheme)
+    return {g: s if len(groups[fused_group(g)]) == 1 else "int8" for g, s in own.items()}
 
 
-def check_tensors(f: GGUFFile) -> None:
-    """GGUFError naming the first tensor of an unknown name or an unsupported type."""
+def tensor_names(f: GGUFFile) -> dict[str, list[str]]:
+    """GGUF tensor -> its Hugging Face names; GGUFError naming the first tensor of an
+    unsupported type or an unknown name."""
+    hf_arch, _ = architecture(f)
+    experts = int(f.arch("expert_count", 0) or 0)
+    out = {}
     for t in f.tensors.values():
         if t.type not in SUPPORTED_TYPES:
             raise GGUFError(f"{f.path}: tensor '{t.name}' has type {t.type}, which is not "
                             f"supported (supported: {', '.join(SUPPORTED_TYPES)})")
-        if t.name not in DERIVED and hf_name(t.name) is None:
+        if t.name in DERIVED:
+            continue
+        names = hf_names(t.name, hf_arch, experts)
+        if names is None:
             raise GGUFError(f"{f.path}: tensor '{t.name}' is not one this project knows")
+        out[t.name] = names
+    return out
 
 
 def convert_tensors(f: GGUFFile, dequantize: bool = False) -> Conversion:
@@ -106,39 +107,40 @@ def convert_tensors(f: GGUFFile, dequantize: bool = False) -> Conversion:
     _, permuted = architecture(f)
     heads = int(f.arch("attention.head_count"))
     kv_heads = int(f.arch("attention.head_count_kv", heads))
-    check_tensors(f)
+    names = tensor_names(f)
     out = Conversion()
     for gname, scheme in plan_schemes(f, dequantize).items():
-        t, name = f.tensors[gname], hf_name(gname) or gname
-        n = heads_of(name, heads, kv_heads) if permuted else None
+        n = heads_of(names[gname][0], heads, kv_heads) if permuted else None
         fix = (lambda x, n=n: unpermute(x, n)) if n is not None else (lambda x: x)
-        _convert_one(out, t, name, fix, scheme)
+        _convert_one(out, f.tensors[gname], names[gname], fix, scheme)
     return out
 
 
-def _convert_one(out: Conversion, t: GGUFTensor, name: str,
+def _convert_one(out: Conversion, t: GGUFTensor, names: list[str],
                  fix: Callable[[torch.Tensor], torch.Tensor], scheme: str | None) -> None:
-    if scheme is None and t.type in FLOAT_TYPES:
-        out.tensors[name] = fix(blocks.float_values(t)).contiguous()
-        out.note(t.type, str(out.tensors[name].dtype).removeprefix("torch."))
-        return
+    """Store t under names: one name, or one per expert of a stacked (E, rows, cols) t."""
+    values: dict[str, torch.Tensor]
     if scheme is None:
-        out.tensors[name] = fix(blocks.dequantize(t)).contiguous()
-        out.note(t.type, "float32")
-        return
-    out.schemes[name] = scheme
-    if scheme == "int4":                      # exact: the file's own codes and scales
+        float_value = blocks.float_values(t) if t.type in FLOAT_TYPES else blocks.dequantize(t)
+        values = {"": fix(float_value)}
+        out.note(t.type, str(float_value.dtype).removeprefix("torch."))
+    elif scheme == "int4":                    # exact: the file's own codes and scales
         q = blocks.int4(t)
-        parts = {"qweight": pack_int4(fix(q.codes)), "scale": fix(q.scale),
-                 "min": fix(q.min)}
+        values = {".qweight": pack_int4(fix(q.codes)), ".scale": fix(q.scale),
+                  ".min": fix(q.min)}
         out.note(t.type, "int4")
     else:
-        w = fix(blocks.dequantize(t))
-        parts = quantize_int8(w)
-        back = dequantize_scheme("int8", parts)
+        w = fix(blocks.dequantize(t).reshape(-1, t.shape[-1]))
+        values = {f".{k}": v for k, v in quantize_int8(w).items()}
+        back = dequantize_scheme("int8", {k[1:]: v for k, v in values.items()})
         out.note(t.type, "int8", float((back - w).norm() / w.norm().clamp_min(1e-30)))
-    for comp, value in parts.items():
-        out.tensors[f"{name}.{comp}"] = value.contiguous()
+    for e, name in enumerate(names):
+        if scheme is not None:
+            out.schemes[name] = scheme
+        for suffix, value in values.items():
+            if len(names) > 1:                # rows of expert e
+                value = value.reshape(len(names), -1, *value.shape[1:])[e]
+            out.tensors[name + suffix] = value.contiguous()
 
 
 def _stamp(path: Path) -> dict[str, Any]:
@@ -176,8 +178,7 @@ def ensure_folder(gguf: Path, folder: Path, dequantize: bool = False) -> Path:
 
 def write_folder(f: GGUFFile, folder: Path, dequantize: bool = False) -> dict[str, Any]:
     """Write the Hugging Face folder of f into folder; returns gguf.json's content."""
-    architecture(f)
-    check_tensors(f)
+    tensor_names(f)                   # refuses unsupported tensors before any work
     config = hf_config(f)
     tokenizer = build_tokenizer(f)
     conversion = convert_tensors(f, dequantize)
