@@ -122,6 +122,8 @@ def _convert_one(out: Conversion, t: GGUFTensor, names: list[str],
     values: dict[str, torch.Tensor]
     if scheme is None:
         float_value = blocks.float_values(t) if t.type in FLOAT_TYPES else blocks.dequantize(t)
+        if names[0].endswith("shared_expert_gate.weight"):
+            float_value = float_value.reshape(1, -1)    # llama.cpp keeps it as a vector
         values = {"": fix(float_value)}
         out.note(t.type, str(float_value.dtype).removeprefix("torch."))
     elif scheme == "int4":                    # exact: the file's own codes and scales
@@ -139,7 +141,7 @@ def _convert_one(out: Conversion, t: GGUFTensor, names: list[str],
             out.schemes[name] = scheme
         for suffix, value in values.items():
             if len(names) > 1:                # rows of expert e
-                value = value.reshape(len(names), -1, *value.shape[1:])[e]
+                value = value.reshape(len(names), -1, value.shape[-1])[e]
             out.tensors[name + suffix] = value.contiguous()
 
 

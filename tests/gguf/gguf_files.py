@@ -20,7 +20,15 @@ _LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"
           "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 _ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
-         "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+         "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+         "MixtralForCausalLM": "llama", "Qwen2MoeForCausalLM": "qwen2moe",
+         "Qwen3MoeForCausalLM": "qwen3moe", "OlmoeForCausalLM": "olmoe"}
+_MOE = {"mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp",
+        "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+        "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj":
+        "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp"}
+_EXPERT = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
+           "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -34,7 +42,24 @@ def gguf_name(name: str) -> str:
         return "output.weight"
     _, _, n, rest = name.split(".", 3)
     module, kind = rest.rsplit(".", 1)
-    return f"blk.{n}.{_LAYER[module]}.{kind}"
+    return f"blk.{n}.{(_LAYER | _MOE)[module]}.{kind}"
+
+
+def _stack_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert tensors -> llama.cpp's (E, rows, cols) tensor per layer and projection."""
+    out: dict[str, torch.Tensor] = {}
+    stacks: dict[str, dict[int, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        parts = name.split(".")
+        if "experts" in parts and parts[parts.index("experts") + 1].isdigit():
+            i = parts.index("experts")
+            key = f"blk.{parts[2]}.{_EXPERT[parts[i + 2]]}.weight"
+            stacks.setdefault(key, {})[int(parts[i + 1])] = t
+        else:
+            out[gguf_name(name)] = t
+    for key, experts in stacks.items():
+        out[key] = torch.stack([experts[e] for e in range(len(experts))])
+    return out
 
 
 def interleave(rows: torch.Tensor, heads: int) -> torch.Tensor:
@@ -101,20 +126,38 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str = "F32",
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_chat_template(TEMPLATE)
-    for name, t in load_file(str(hf_dir / "model.safetensors")).items():
+    _add_experts_metadata(w, config)
+    for g, t in _stack_experts(load_file(str(hf_dir / "model.safetensors"))).items():
         t = t.float()
-        if arch == "llama" and ".q_proj." in name:
+        if arch == "llama" and ".attn_q." in g:
             t = interleave(t, heads)
-        elif arch == "llama" and ".k_proj." in name:
+        elif arch == "llama" and ".attn_k." in g:
             t = interleave(t, kv)
-        g = gguf_name(name)
-        kind = (types or {}).get(g) or (qtype if t.dim() == 2 else "F32")
+        if g.endswith("ffn_gate_inp_shexp.weight"):
+            t = t.reshape(-1)                 # llama.cpp stores the shared gate as a vector
+        kind = (types or {}).get(g) or (qtype if t.dim() >= 2 and "gate_inp" not in g else "F32")
         _add(w, g, t, kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def _add_experts_metadata(w: gguf.GGUFWriter, config: dict) -> None:
+    experts = config.get("num_local_experts") or config.get("num_experts")
+    if not experts:
+        return
+    w.add_expert_count(experts)
+    w.add_expert_used_count(config["num_experts_per_tok"])
+    if config.get("moe_intermediate_size"):
+        w.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    if config.get("shared_expert_intermediate_size"):
+        w.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
+    if config.get("norm_topk_prob") is not None:
+        w.add_expert_weights_norm(bool(config["norm_topk_prob"]))
+    if config.get("clip_qkv"):
+        w.add_clamp_kqv(config["clip_qkv"])
 
 
 def _add(w: gguf.GGUFWriter, name: str, t: torch.Tensor, kind: str) -> None:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from gguf_files import write_gguf
-from hf_models import load_resident, make_model, reference
+from hf_models import MOE_ARCHS, load_resident, make_model, reference
 from safetensors.torch import load_file
 
 from edgeserve.batch import build_batch
@@ -108,3 +108,26 @@ def test_quantized_units_keep_int4_and_requantize_the_rest(arch, hf_models, tmp_
     assert "Q4_0 x3 -> int4," in summary(folder)
     plain = ensure_folder(gguf, tmp_path / "plain", dequantize=True)
     assert rel_err(logits_of(folder, arch, IDS), logits_of(plain, arch, IDS)) < 5e-2
+
+
+@pytest.mark.parametrize("arch", list(MOE_ARCHS))
+def test_moe_files_give_the_original_experts_and_logits(arch, tmp_path):
+    """llama.cpp stacks each layer's experts into one (E, rows, cols) tensor: split back into
+    the Hugging Face experts; F32 gives transformers' logits, Q4_0 int4 experts close ones."""
+    sizes = {"qwen2-moe": dict(moe_intermediate_size=64, shared_expert_intermediate_size=64),
+             "qwen3-moe": dict(moe_intermediate_size=64)}.get(arch, {})
+    hf = make_model(arch, tmp_path / "hf", seed=11, intermediate_size=64, **sizes)
+    gguf = write_gguf(hf, tmp_path / f"{arch}.gguf", "F32")
+    folder = ensure_folder(gguf, tmp_path / "f32")
+    ours, theirs = load_file(str(folder / "model.safetensors")), \
+        load_file(str(hf / "model.safetensors"))
+    assert set(ours) == set(theirs)
+    for name, t in theirs.items():
+        assert torch.equal(ours[name], t.float()), name
+    with torch.no_grad():
+        expected = reference(hf)(torch.tensor([IDS])).logits[0]
+    assert rel_err(logits_of(folder, arch, IDS), expected) < 1e-4
+    q4 = ensure_folder(write_gguf(hf, tmp_path / "q4.gguf", "Q4_0"), tmp_path / "q4")
+    quant = json.loads((q4 / "quant.json").read_text())["tensors"]
+    assert sum(".experts." in n for n in quant) == 2 * 8 * 3     # 2 sparse layers, 8 experts
+    assert rel_err(logits_of(q4, arch, IDS), expected) < 0.2
