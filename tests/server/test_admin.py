@@ -17,7 +17,7 @@ from edgeserve.server import SERVER, create_app
 MODEL = "demo-llama"
 REPORT_KEYS = {"model", "device", "seconds", "bytes_total", "bytes_from_device",
                "bytes_from_host", "bytes_from_disk", "bytes_released", "placement",
-               "scheme", "quantize_seconds", "source"}
+               "scheme", "quantize_seconds", "source", "converted"}
 
 
 async def cpu_pool(client: Any) -> dict[str, Any]:
