@@ -83,6 +83,8 @@ class ModelStore:
                     models.append(StoredModel(gguf_name, self.path(gguf_name),
                                               int(source.stat().st_mtime), None,
                                               source.stat().st_size))
+                    float32 = gguf_entries.folder(self.root, gguf_name, dequantize=True)
+                    models += _variants(self.root, gguf_name, float32)
                 continue
             try:
                 path = self.path(child.name)
@@ -90,12 +92,15 @@ class ModelStore:
                 continue
             models.append(StoredModel(child.name, path, int(path.stat().st_mtime),
                                       _parent(path), _size(path)))
-            # Quantized variants once they exist in the store (made by their first load).
-            for scheme, folder in cached_schemes(self.root, path).items():
-                models.append(StoredModel(f"{child.name}:{scheme}", path,
-                                          int(folder.stat().st_mtime), child.name,
-                                          _size(folder), scheme))
+            models += _variants(self.root, child.name, path)
         return models
+
+
+def _variants(root: Path, name: str, path: Path) -> list[StoredModel]:
+    """Quantized variants once they exist in the store (made by their first load)."""
+    return [StoredModel(f"{name}:{scheme}", path, int(folder.stat().st_mtime), name,
+                        _size(folder), scheme)
+            for scheme, folder in cached_schemes(root, path).items()]
 
 
 def _parent(path: Path) -> str | None:

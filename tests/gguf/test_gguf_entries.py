@@ -53,3 +53,4 @@ async def test_gguf_model_and_its_tags_generate(tiny_gguf, tmp_path):
             out = await es.complete(model, [5, 6, 7], max_tokens=6, temperature=0)
             assert out.usage.completion_tokens >= 1
         es.pools["cpu"].check_integrity()
+        assert {m.id: m.tag for m in es.store.list()} == {"tiny": None, "tiny:int8": "int8"}
