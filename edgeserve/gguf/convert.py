@@ -169,6 +169,7 @@ def ensure_folder(gguf: Path, folder: Path, dequantize: bool = False) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
             write_folder(GGUFFile(gguf), tmp, dequantize)
+            tmp.chmod(0o755)                  # mkdtemp made it private
             if folder.exists():
                 shutil.rmtree(folder)
             tmp.rename(folder)
