@@ -98,6 +98,8 @@ async def test_broken_files_fail_cleanly_while_other_models_serve(good_gguf, tmp
         ok = await client.post("/v1/chat/completions", json={**hi, "model": "demo-llama"})
         assert ok.status == 200, await ok.text()
         edge.pools["cpu"].check_integrity()
+    shown = await client.post("/api/show", json={"model": "tiny"})     # not loaded yet
+    assert shown.status == 200 and "im_start" in (await shown.json())["template"]
     resp = await client.post("/v1/chat/completions", json={**hi, "model": "tiny"})
     assert resp.status == 200, await resp.text()
     assert json.loads(await resp.text())["usage"]["completion_tokens"] == 4
