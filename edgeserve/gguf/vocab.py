@@ -13,12 +13,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from edgeserve.gguf.reader import GGUFError, GGUFFile
 
 CONTROL, USER_DEFINED = 3, 4          # llama.cpp's token types
+SPACE = "\u2581"                      # sentencepiece's visible space
 _CONTRACTIONS = r"'s|'t|'re|'ve|'m|'ll|'d"
 _LLAMA3 = (rf"(?i:{_CONTRACTIONS})|[^\r\n\p{{L}}\p{{N}}]?\p{{L}}+|\p{{N}}{{1,3}}"
            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -50,12 +51,31 @@ def byte_alphabet() -> dict[int, str]:
 
 
 def build_tokenizer(f: GGUFFile) -> Tokenizer:
-    """The byte-level BPE tokenizer of the file; GGUFError for any other kind."""
+    """The tokenizer of the file: byte-level BPE ("gpt2") or sentencepiece BPE ("llama")."""
     kind = f.get("tokenizer.ggml.model", None)
-    if kind != "gpt2":
+    if kind not in ("gpt2", "llama"):
         raise GGUFError(f"{f.path}: tokenizer model '{kind}' is not supported "
-                        "(supported: gpt2, byte-level BPE)")
+                        "(supported: gpt2 (byte-level BPE), llama (sentencepiece BPE))")
     tokens: list[str] = f.get("tokenizer.ggml.tokens")
+    types: list[int] = f.get("tokenizer.ggml.token_type", [])
+    tok = _byte_level(f, tokens) if kind == "gpt2" else _sentencepiece(f, tokens, types)
+    # In a byte-level vocabulary every real token is spelled in the byte alphabet: a
+    # control token spelled otherwise is a mislabel, left out.
+    spelled = set(byte_alphabet().values()) if kind == "gpt2" else None
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t, k in zip(tokens, types, strict=False)
+                            if k == CONTROL and (spelled is None or set(t) <= spelled)])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False)
+                    for t, k in zip(tokens, types, strict=False) if k == USER_DEFINED])
+    if kind == "llama" and f.get("tokenizer.ggml.add_bos_token", True):
+        bos = tokens[int(f.get("tokenizer.ggml.bos_token_id", 1))]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, tokens.index(bos))])
+    return tok
+
+
+def _byte_level(f: GGUFFile, tokens: list[str]) -> Tokenizer:
     merges: list[str] = f.get("tokenizer.ggml.merges")
     pre = f.get("tokenizer.ggml.pre", "default")
     if pre not in _SPLITS:
@@ -75,20 +95,52 @@ def build_tokenizer(f: GGUFFile) -> Tokenizer:
                         for s in splits or []]
     tok.pre_tokenizer = pre_tokenizers.Sequence([*steps, byte_level])
     tok.decoder = decoders.ByteLevel()
-    types: list[int] = f.get("tokenizer.ggml.token_type", [])
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                            for t, k in zip(tokens, types, strict=False)
-                            if k == CONTROL and set(t) <= alphabet])
-    tok.add_tokens([AddedToken(t, normalized=False, special=False)
-                    for t, k in zip(tokens, types, strict=False) if k == USER_DEFINED])
     return tok
+
+
+def _sentencepiece(f: GGUFFile, tokens: list[str], types: list[int]) -> Tokenizer:
+    """Sentencepiece BPE (Llama 2, Mistral): pieces with scores, "▁" for spaces, bytes
+    as <0xNN> pieces when no piece covers them."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = f.get("tokenizer.ggml.merges", None)
+    pairs = [(a, b) for a, _, b in (m.partition(" ") for m in merges)] if merges else \
+        spm_merges(vocab, f.get("tokenizer.ggml.scores"))
+    unk = f.get("tokenizer.ggml.unknown_token_id", None)
+    tok = Tokenizer(BPE(vocab, pairs, unk_token=tokens[int(unk)] if unk is not None else None,
+                        fuse_unk=True, byte_fallback=True))
+    prefix = bool(f.get("tokenizer.ggml.add_space_prefix", True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement=SPACE, prepend_scheme="first" if prefix else "never", split=False)
+    steps: list[Any] = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(steps)
+    return tok
+
+
+def spm_merges(vocab: dict[str, int], scores: list[float]) -> list[tuple[str, str]]:
+    """The merges a sentencepiece vocabulary implies: every split of a piece into two
+    pieces, the best-scored merged piece first (sentencepiece's BPE merges the pair whose
+    result scores highest); among equal scores, longer left then right parts first."""
+    found = []
+    for piece, i in vocab.items():
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                  if piece[:k] in vocab and piece[k:] in vocab]
+        found += [(a, b, scores[i]) for a, b in sorted(splits, key=lambda p: (vocab[p[0]],
+                                                                            vocab[p[1]]))]
+    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in found]
 
 
 def tokenizer_config(f: GGUFFile) -> dict[str, Any]:
     """tokenizer_config.json: the named special tokens and the chat template."""
     tokens: list[str] = f.get("tokenizer.ggml.tokens")
+    # A sentencepiece vocabulary's tokenizer adds BOS (its post-processor); byte-level
+    # ones add none, as transformers reads them.
+    adds_bos = f.get("tokenizer.ggml.model", None) == "llama" and \
+        bool(f.get("tokenizer.ggml.add_bos_token", True))
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
-                              "add_bos_token": False, "clean_up_tokenization_spaces": False}
+                              "add_bos_token": adds_bos, "clean_up_tokenization_spaces": False}
     for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
                       ("pad_token", "padding")):
         token_id = f.get(f"tokenizer.ggml.{key}_token_id", None)
