@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgeserve.gguf import blocks
 from edgeserve.gguf.names import ARCHITECTURES, MIXTRAL
 from edgeserve.gguf.reader import GGUFError, GGUFFile
+from edgeserve.gguf.rope import llama3_scaling
 
 
 def architecture(f: GGUFFile) -> tuple[str, bool]:
@@ -54,7 +56,7 @@ def hf_config(f: GGUFFile) -> dict[str, Any]:
         "attention_bias": "blk.0.attn_q.bias" in f.tensors,
         "torch_dtype": "float32",
     }
-    config |= _rope_scaling(f) | _experts(f, hf_arch)
+    config |= _rope_scaling(f, config["head_dim"]) | _experts(f, hf_arch)
     window = f.arch("attention.sliding_window", None)
     if window:
         config["sliding_window"] = int(window)
@@ -92,12 +94,11 @@ def _experts(f: GGUFFile, hf_arch: str) -> dict[str, Any]:
     return out
 
 
-def _rope_scaling(f: GGUFFile) -> dict[str, Any]:
+def _rope_scaling(f: GGUFFile, head_dim: int) -> dict[str, Any]:
     kind = f.arch("rope.scaling.type", "none")
-    if "rope_freqs.weight" in f.tensors:
-        # llama.cpp stores Llama 3's frequency scaling as a table, without its parameters.
-        raise GGUFError(f"{f.path}: rotary scaling given as a 'rope_freqs' table (Llama 3.1 "
-                        "and later) is not supported")
+    if "rope_freqs.weight" in f.tensors:      # Llama 3.1 and later: a table of divisors
+        table = blocks.dequantize(f.tensors["rope_freqs.weight"])
+        return {"rope_scaling": llama3_scaling(f, table, head_dim)}
     if kind in ("none", ""):
         return {}
     if kind == "linear":

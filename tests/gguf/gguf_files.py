@@ -114,7 +114,8 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str = "F32",
     w.add_key_length(config.get("head_dim") or hidden // heads)
     w.add_value_length(config.get("head_dim") or hidden // heads)
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    rope = config.get("rope_parameters") or {}
+    w.add_rope_freq_base(config.get("rope_theta") or rope.get("rope_theta", 10000.0))
     if config.get("sliding_window") and arch == "llama":
         w.add_sliding_window(config["sliding_window"])
     tokens, merges, ttypes = tiny_vocab(config["vocab_size"])
@@ -127,6 +128,11 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str = "F32",
     w.add_eos_token_id(2)
     w.add_chat_template(TEMPLATE)
     _add_experts_metadata(w, config)
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if scaling.get("rope_type") == "llama3":
+        head_dim = config.get("head_dim") or hidden // heads
+        w.add_tensor("rope_freqs.weight", llama3_divisors(scaling, head_dim,
+                                                           config.get("rope_theta", 10000.0)))
     for g, t in _stack_experts(load_file(str(hf_dir / "model.safetensors"))).items():
         t = t.float()
         if arch == "llama" and ".attn_q." in g:
@@ -142,6 +148,24 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str = "F32",
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def llama3_divisors(p: dict, head_dim: int, theta: float) -> np.ndarray:
+    """llama.cpp's rope_freqs table: per frequency, what divides it under Llama 3 scaling."""
+    theta = p.get("rope_theta", theta)
+    orig, low, high = (p["original_max_position_embeddings"], p["low_freq_factor"],
+                       p["high_freq_factor"])
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * np.pi * theta ** (i / head_dim)
+        if wavelen < orig / high:
+            out.append(1.0)
+        elif wavelen > orig / low:
+            out.append(p["factor"])
+        else:
+            s = (orig / wavelen - low) / (high - low)
+            out.append(1 / ((1 - s) / p["factor"] + s))
+    return np.array(out, np.float32)
 
 
 def _add_experts_metadata(w: gguf.GGUFWriter, config: dict) -> None:

@@ -15,7 +15,7 @@ from edgeserve.gguf import ensure_folder
 from edgeserve.gguf.convert import summary
 from edgeserve.pool import BlockPool
 
-ARCHS = ["llama", "qwen2", "qwen3"]      # llama: q/k rows interleaved by llama.cpp
+ARCHS = ["llama", "llama3-rope", "qwen2", "qwen3"]    # llama: q/k rows interleaved
 CPU = torch.device("cpu")
 
 
