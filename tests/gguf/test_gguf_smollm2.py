@@ -91,3 +91,33 @@ async def test_served_over_http_answers_paris(smollm2_store, aiohttp_client):
     assert "Paris" in body["choices"][0]["message"]["content"]
     assert body["choices"][0]["finish_reason"] == "stop"
     edge.pools["cpu"].check_integrity()
+
+
+def test_int4_logits_match_transformers_reading_the_file(smollm2_store, smollm2_file,
+                                                         transformers_tokenizer):
+    """The Q4_1 blocks kept as int4 units (q/k rows unpermuted): transformers' logits of the
+    same file, which it dequantizes itself."""
+    import torch
+    from hf_models import load_resident
+    from transformers import AutoModelForCausalLM
+
+    from edgeserve.batch import build_batch
+    from edgeserve.pool import BlockPool
+
+    ids = transformers_tokenizer("The capital of Germany is Berlin. The capital of Italy is")[
+        "input_ids"]
+    ref = AutoModelForCausalLM.from_pretrained(smollm2_file.parent, gguf_file=smollm2_file.name,
+                                               dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0]
+    pool = BlockPool("cpu", 512 << 20, 1 << 20)
+    model = load_resident("smollm2", ModelStore(smollm2_store).path("smollm2"), pool)
+    pages: list = []
+    model.kv.grow(pages, len(ids))
+    logits = model.forward(build_batch([(ids, 0, pages)], model.kv.layout.page_tokens,
+                                       torch.device("cpu")), all_logits=True)[0]
+    assert float((logits - expected).abs().max() / expected.abs().max()) < 1e-4
+    assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+    model.kv.release(pages)
+    model.release(retain=False)
+    pool.check_integrity()
