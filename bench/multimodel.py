@@ -33,9 +33,24 @@ SIZE = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
 MODELS = ["base-a", "base-a-ft1", "base-a-ft2", "base-b", "base-b-ft1", "base-b-ft2"]
 
 
+def fine_tune(base: Path, target: Path, seed: int) -> None:
+    """A copy of base with a tenth of its tensors changed a little (unless made already)."""
+    from safetensors.torch import load_file, save_file
+
+    if (target / "config.json").is_file():
+        return
+    shutil.copytree(base, target)
+    tensors = load_file(target / "model.safetensors")
+    names = sorted(tensors)
+    g = torch.Generator().manual_seed(seed)
+    for i in torch.randperm(len(names), generator=g)[: len(names) // 10].tolist():
+        t = tensors[names[i]]
+        tensors[names[i]] = t + 0.01 * torch.randn(t.shape, generator=g)
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+
+
 def make_store() -> int:
     """The six models; returns their total weight bytes."""
-    from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     for seed, base in enumerate(("base-a", "base-b")):
@@ -44,17 +59,7 @@ def make_store() -> int:
             torch.manual_seed(seed)
             LlamaForCausalLM(LlamaConfig(**SIZE)).save_pretrained(path)
         for ft in (1, 2):
-            target = OUT / f"{base}-ft{ft}"
-            if (target / "config.json").is_file():
-                continue
-            shutil.copytree(path, target)
-            tensors = load_file(target / "model.safetensors")
-            names = sorted(tensors)
-            g = torch.Generator().manual_seed(100 * seed + ft)
-            for i in torch.randperm(len(names), generator=g)[: len(names) // 10].tolist():
-                t = tensors[names[i]]
-                tensors[names[i]] = t + 0.01 * torch.randn(t.shape, generator=g)
-            save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+            fine_tune(path, OUT / f"{base}-ft{ft}", 100 * seed + ft)
     return sum((OUT / m / "model.safetensors").stat().st_size for m in MODELS)
 
 

@@ -30,12 +30,12 @@ import argparse
 import asyncio
 import json
 import random
-import shutil
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from multimodel import fine_tune
 
 from edgeserve import EdgeServer
 from edgeserve.config import Config, PoolConfig, SchedulerConfig, TierConfig
@@ -53,7 +53,6 @@ POLICIES = {  # name -> (eviction policy, placement)
 
 
 def make_store() -> None:
-    from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     for seed, base in enumerate(BASES):
@@ -62,17 +61,7 @@ def make_store() -> None:
             torch.manual_seed(seed)
             LlamaForCausalLM(LlamaConfig(**SIZE)).save_pretrained(path)
         for ft in (1, 2, 3):
-            target = OUT / f"{base}-ft{ft}"
-            if (target / "config.json").is_file():
-                continue
-            shutil.copytree(path, target)
-            tensors = load_file(target / "model.safetensors")
-            names = sorted(tensors)
-            g = torch.Generator().manual_seed(100 * seed + ft)
-            for i in torch.randperm(len(names), generator=g)[: len(names) // 10].tolist():
-                t = tensors[names[i]]
-                tensors[names[i]] = t + 0.01 * torch.randn(t.shape, generator=g)
-            save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+            fine_tune(path, OUT / f"{base}-ft{ft}", 100 * seed + ft)
 
 
 def unique_bytes() -> int:

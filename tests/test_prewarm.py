@@ -7,6 +7,7 @@ import shutil
 import time
 
 import pytest
+from test_scheduler import wait_for
 
 from edgeserve import EdgeServer
 from edgeserve.config import Config, PoolConfig, SchedulerConfig, TierConfig
@@ -35,12 +36,6 @@ def periodic(es: EdgeServer, model: str, period: float = 1.0, bursts: int = 3) -
         es.scheduler.ctx.demand.record(model, now - i * period)
 
 
-async def wait_for(condition, seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached in time")
 
 
 def test_demand_finds_the_period_between_bursts():
