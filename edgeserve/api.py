@@ -14,18 +14,18 @@ from typing import Any
 
 import torch
 
-from edgeserve.blocks.arena import TileArena, arena_stats
 from edgeserve.config import Config, PoolConfig, from_env, parse_size, parse_sizes
 from edgeserve.constrain import start_grammar
 from edgeserve.device import DeviceInfo, cpu_info, discover
 from edgeserve.embeddings import Embeddings, embed
 from edgeserve.engine import Engine
-from edgeserve.kv.stats import kv_bytes, prefix_stats
+from edgeserve.kv.stats import prefix_stats
 from edgeserve.loader import LoadReport, parse_dtype
 from edgeserve.mailbox import Mailbox
 from edgeserve.metrics import Metrics, live_gauges
 from edgeserve.model import ResidentModel
-from edgeserve.pool import BlockPool, Unit, UnitKind
+from edgeserve.pool import BlockPool, Unit
+from edgeserve.request_timer import RequestTimer
 from edgeserve.results import (
     Completion,
     Delta,
@@ -39,6 +39,7 @@ from edgeserve.sampling import SamplingParams
 from edgeserve.scheduler import Scheduler
 from edgeserve.sequence import Event, Status
 from edgeserve.sequence import Sequence as Seq
+from edgeserve.stats import pool_stats
 from edgeserve.store import ModelStore
 from edgeserve.tiers import HostTier
 from edgeserve.tokenizer import Tokenizer
@@ -280,7 +281,7 @@ class EdgeServer:
         seq = Seq(next(self._ids), model, prompt, params, sink,
                   tokenizer=self.tokenizer(model_id), grammar=grammar)
         self._engine.submit(seq)
-        timer = _RequestTimer(self.metrics, model_id, seq)
+        timer = RequestTimer(self.metrics, model_id, seq)
         try:
             while True:
                 event = await queue.get()
@@ -328,7 +329,7 @@ class EdgeServer:
         """Per device: sizes, bytes by unit kind and by model (shared bytes counted once),
         resident models; the host tier; request counts."""
         arenas = list(self._scheduler.tasks.arenas.values()) if self._scheduler else []
-        devices = {name: _pool_stats(pool, [m for m in self.models.values() if m.pool is pool],
+        devices = {name: pool_stats(pool, [m for m in self.models.values() if m.pool is pool],
                                      [a for a in arenas if a.pool is pool])
                    for name, pool in self.pools.items()}
         engine = self.engine
@@ -342,33 +343,6 @@ class EdgeServer:
                 "prewarm": self._scheduler.prewarm.stats() if self._scheduler else {},
                 "requests": {"running": engine.num_running if engine else 0,
                              "waiting": engine.num_waiting if engine else 0}}
-
-
-def _pool_stats(pool: BlockPool, models: list[ResidentModel],
-                arenas: list[TileArena]) -> dict[str, Any]:
-    users: dict[int, int] = {}
-    for model in models:
-        for unit in model.distinct_units:
-            users[unit.id] = users.get(unit.id, 0) + 1
-    block = pool.block_size
-    weights = [u for u in pool.units.values() if u.kind in (UnitKind.WEIGHT, UnitKind.EXPERT)]
-    return {
-        "total_bytes": pool.total_bytes, "free_bytes": pool.free_bytes, "block_size": block,
-        "bytes_by_kind": pool.bytes_by_kind(), "peak_bytes_by_kind": pool.peak_by_kind(),
-        "bytes_by_model": pool.bytes_by_owner(),
-        "resident_models": {m.id: m.resident_bytes for m in models},
-        "models": {m.id: {"bytes": m.resident_bytes,
-                          "shared_bytes": sum(u.nblocks * block for u in m.distinct_units
-                                              if users[u.id] > 1),
-                          "experts": m.offload.stats() if m.offload is not None else None,
-                          "base": m.base,
-                          "task_bytes": m.task.nbytes if m.task is not None else 0}
-                   for m in models},
-        "tasks": arena_stats(arenas),
-        "kv": kv_bytes(pool),
-        "weight_bytes_unique": sum(u.nblocks * block for u in weights),
-        "retained_bytes": sum(u.nblocks * block for u in weights if u.pins == 0),
-        "evictions": pool.evictions}
 
 
 def _check_prompt(model: ResidentModel, prompt: list[int], params: SamplingParams) -> None:
@@ -388,34 +362,3 @@ def _check_prompt(model: ResidentModel, prompt: list[int], params: SamplingParam
                              f"{model.spec.max_positions} tokens leaves {room} after the "
                              f"prompt's {len(prompt)}", "max_tokens")
 
-
-class _RequestTimer:
-    """Records one request's latencies in the metrics as its events arrive."""
-
-    def __init__(self, metrics: Metrics, model_id: str, seq: Seq) -> None:
-        self.metrics, self.model, self.seq = metrics, model_id, seq
-        self.last: float | None = None
-
-    def tokens(self, n: int) -> None:
-        now = time.monotonic()
-        if n == 0:
-            return
-        self.metrics.recent.tokens(n, now)
-        if self.last is None:
-            self.metrics.ttft.labels(self.model).observe(now - self.seq.arrival)
-            self.metrics.recent.first_token(now - self.seq.arrival, now)
-        else:
-            self.metrics.itl.labels(self.model).observe((now - self.last) / n)
-        self.last = now
-
-    def finish(self, event: Event) -> None:
-        m, seq = self.metrics, self.seq
-        m.e2e.labels(self.model).observe(time.monotonic() - seq.arrival)
-        if seq.started_at is not None:
-            m.queue.labels(self.model).observe(seq.started_at - seq.arrival)
-        m.prompt_tokens.labels(self.model).inc(event.prompt_tokens)
-        if seq.prefix.queried:
-            m.prefix_queries.labels(self.model).inc(event.prompt_tokens)
-            m.prefix_hits.labels(self.model).inc(event.cached_tokens)
-        m.generation_tokens.labels(self.model).inc(event.completion_tokens)
-        m.requests.labels(self.model, event.finish_reason or "").inc()
