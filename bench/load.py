@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from edgeserve import EdgeServer
-from edgeserve.config import Config, PoolConfig, TierConfig
+from edgeserve.config import Config, PoolConfig, SchedulerConfig, TierConfig
 
 OUT = Path(__file__).parent / "out" / "load-store"
 MODEL = "llama-500m"
@@ -134,7 +134,8 @@ async def first_sight(path: Path, device: str, repeats: int) -> dict[str, list[f
         shutil.copytree(path, store / MODEL)          # new files: never seen, never hashed
         cfg = Config(models=store, device=device, dtype="float32",
                      pool=PoolConfig(pool_size=int(nbytes * 1.3)),
-                     tiers=TierConfig(host_size=int(nbytes * 1.3)))
+                     tiers=TierConfig(host_size=int(nbytes * 1.3)),
+                     scheduler=SchedulerConfig(first_sight=True))
         for kind in ("first", "cached"):
             async with EdgeServer(config=cfg) as es:
                 drop_cache(store / MODEL)

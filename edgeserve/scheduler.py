@@ -237,7 +237,7 @@ class Scheduler(Residencies):
         unloads). Keys of files never hashed stay unknown unless room runs short."""
         deadline = time.monotonic() + BUSY_WAIT
         sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id,
-                                          bool(host_only))
+                                          bool(host_only) or not self.config.first_sight)
         while True:
             ReadOptions(stop=stop).check()
             attempt = replace(report)

@@ -11,11 +11,15 @@ from hf_models import hf_greedy, make_model
 
 from edgeserve import EdgeServer
 from edgeserve.checkpoint import HashCache, hash_file
+from edgeserve.config import Config, PoolConfig, SchedulerConfig
 
 
-def server(store) -> EdgeServer:
-    return EdgeServer(models=store, device="cpu", pool_size="16MiB", block_size="4KiB",
-                      prewarm=False)
+def server(store, device: str = "cpu", **kw) -> EdgeServer:
+    config = Config(models=store, device=device,
+                    pool=PoolConfig(pool_size=kw.pop("pool_size", 16 << 20),
+                                    block_size=kw.pop("block_size", 4096)),
+                    scheduler=SchedulerConfig(prewarm=False, first_sight=True), **kw)
+    return EdgeServer(config=config)
 
 
 async def keys_of(store, model_id: str) -> tuple[dict[str, str | None], dict[str, int], int]:
@@ -88,8 +92,8 @@ async def test_first_sight_on_cuda_gives_the_keys_of_the_cpu(tmp_path):
     make_model("llama", store / "llama", seed=8, dtype=torch.bfloat16)
     keys = {}
     for device in ("cuda", "cpu"):
-        async with EdgeServer(models=store, device=device, pool_size="64MiB",
-                              dtype="float32", prewarm=False) as es:
+        async with server(store, device, pool_size=64 << 20, block_size=None,
+                          dtype="float32") as es:
             await es.load("llama")
             keys[device] = {n: u.key for n, u in es.models["llama"].units.items()}
             assert es.scheduler.hashes.streamed == (1 if device == "cuda" else 0)
