@@ -194,6 +194,7 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
     plan = {n: u for n, u in whole.items() if n not in host_only}
     schemes = sources.schemes
     out = Prepared({}, schemes=schemes)
+    reads: list[tuple[str, Unit]] = []       # units to read from disk, in plan order
     try:
         counted: set[int] = set()
         for name in plan:                     # pin first: this load never evicts its own
@@ -224,6 +225,11 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
                 report.bytes_from_host += nbytes
                 continue
             report.bytes_from_disk += nbytes
+            reads.append((name, unit))
+        # Views only once every unit is allocated: a later allocation may compact the
+        # pool and move the units allocated before it.
+        for name, unit in reads:
+            planned = plan[name]
             if name in schemes:
                 out.from_disk += disk_jobs(planned, schemes[name], tensors, pool.raw(unit))
                 continue
