@@ -77,8 +77,12 @@ class KVCache:
     def grow(self, pages: list[Unit], tokens: int) -> None:
         """Append pages until `tokens` fit; raises PoolFull (keeping what was added)."""
         while len(pages) < self.layout.pages_for(tokens):
-            pages.append(self.pool.allocate(UnitKind.KV, self.layout.page_bytes,
-                                            owner=self.owner))
+            page = self.pool.allocate(UnitKind.KV, self.layout.page_bytes, owner=self.owner)
+            if self.pool.slab is not None:
+                # Batched attention reads a page's unwritten slots (masked out): whatever
+                # the blocks held before must not be a NaN pattern, or 0 x NaN poisons it.
+                self.pool.raw(page).zero_()
+            pages.append(page)
 
     def release(self, pages: list[Unit]) -> None:
         for page in pages:
