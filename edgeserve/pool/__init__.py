@@ -14,115 +14,18 @@ are disjoint and merged, and bytes by kind add up to the owned blocks.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from enum import StrEnum
 
 import torch
 
-from edgeserve.config import format_size
+from edgeserve.pool.blocks import Blocks, allocate_slab
+from edgeserve.pool.units import EvictionPolicy, PoolFull, Unit, UnitKind, lru_order
 
-
-class UnitKind(StrEnum):
-    WEIGHT = "weight"
-    TASK_BLOCK = "task_block"
-    EXPERT = "expert"
-    KV = "kv"
-
-
-@dataclass(eq=False, slots=True)
-class Unit:
-    id: int
-    kind: UnitKind
-    nbytes: int
-    start: int                  # first block; changes when compaction moves the unit
-    nblocks: int
-    key: str | None = None      # content hash of immutable units
-    owner: str | None = None    # model id that created it
-    pins: int = 0               # > 0: in use (loaded model or running step), never evicted
-    last_use: float = 0.0
-    uses: int = 0
-    importance: float = 0.0
-    reload_cost: float = 0.0
-    alive: bool = True
-
-
-class PoolFull(MemoryError):
-    """Not enough free blocks, even after evicting every unpinned unit."""
-
-    def __init__(self, device: str, needed: int, available: int, reason: str = "") -> None:
-        self.needed, self.available = needed, available
-        super().__init__((reason and f"{device}: {reason}") or
-            f"{device}: pool needs {format_size(needed)} more but only {format_size(available)} "
-            f"can be freed (missing {format_size(needed - available)})")
-
-
-# Chooses, among unpinned units, which to drop first; returns them in eviction order.
-EvictionPolicy = Callable[[list[Unit]], list[Unit]]
-
-
-def lru_order(units: list[Unit]) -> list[Unit]:
-    return sorted(units, key=lambda u: u.last_use)
-
-
-def allocate_slab(device: str, nbytes: int) -> torch.Tensor:
-    """A uint8 tensor of nbytes: CuPy memory on CUDA, host memory on the CPU."""
-    if device.startswith("cuda"):
-        import cupy
-
-        index = int(device.split(":")[1]) if ":" in device else 0
-        with cupy.cuda.Device(index):
-            mem = cupy.empty(nbytes, dtype=cupy.uint8)
-        # torch shares the CuPy allocation (no copy); DLPack keeps it alive with the tensor.
-        return torch.from_dlpack(mem)
-    return torch.empty(nbytes, dtype=torch.uint8)
-
-
-@dataclass
-class _Blocks:
-    """Free-run bookkeeping over block ids (no storage)."""
-
-    count: int
-    owner: list[int] = field(init=False)               # unit id per block, -1 when free
-    free_runs: list[tuple[int, int]] = field(init=False)  # (start, length), sorted, merged
-    free: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.owner = [-1] * self.count
-        self.free_runs = [(0, self.count)] if self.count else []
-        self.free = self.count
-
-    def find_run(self, n: int) -> int | None:
-        for start, length in self.free_runs:
-            if length >= n:
-                return start
-        return None
-
-    def take(self, start: int, n: int, unit_id: int) -> None:
-        i = bisect.bisect_right(self.free_runs, (start, self.count + 1)) - 1
-        run_start, run_len = self.free_runs[i]
-        assert run_start <= start and start + n <= run_start + run_len, "blocks not free"
-        pieces = [(run_start, start - run_start), (start + n, run_start + run_len - start - n)]
-        self.free_runs[i:i + 1] = [p for p in pieces if p[1] > 0]
-        self.owner[start:start + n] = [unit_id] * n
-        self.free -= n
-
-    def give(self, start: int, n: int) -> None:
-        self.owner[start:start + n] = [-1] * n
-        self.free += n
-        i = bisect.bisect_left(self.free_runs, (start, 0))
-        if i > 0 and sum(self.free_runs[i - 1]) == start:       # merge with the run before
-            i -= 1
-            start, n = self.free_runs[i][0], self.free_runs[i][1] + n
-            del self.free_runs[i]
-        if i < len(self.free_runs) and self.free_runs[i][0] == start + n:  # and the one after
-            n += self.free_runs[i][1]
-            del self.free_runs[i]
-        self.free_runs.insert(i, (start, n))
+__all__ = ["BlockPool", "EvictionPolicy", "PoolFull", "Unit", "UnitKind", "allocate_slab",
+           "lru_order"]
 
 
 class BlockPool:
@@ -144,7 +47,7 @@ class BlockPool:
         self.on_evict: list[Callable[[Unit], None]] = []
         self._frozen = 0                # > 0: a loader copies into units; nothing may move
         self.evictions = 0
-        self._blocks = _Blocks(self.num_blocks)
+        self._blocks = Blocks(self.num_blocks)
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._bytes_by_kind = dict.fromkeys(UnitKind, 0)
