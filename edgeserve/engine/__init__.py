@@ -23,11 +23,11 @@ from edgeserve.batch import build_batch
 from edgeserve.blocks.delta import task_delta
 from edgeserve.config import EngineConfig
 from edgeserve.constrain import advance, mask_logits
+from edgeserve.engine.rows import prefill_groups, queued_steps, row_logprobs
 from edgeserve.mailbox import resolve
 from edgeserve.model import ResidentModel
 from edgeserve.pool import PoolFull
-from edgeserve.results import TokenLogprob
-from edgeserve.sampling import sample, token_logprobs
+from edgeserve.sampling import sample
 from edgeserve.sequence import Event, Sequence, Status
 
 log = logging.getLogger("edgeserve.engine")
@@ -109,18 +109,9 @@ class Engine:
 
     def queued_steps(self) -> dict[str, int]:
         """Device -> forwards its queued sequences still need (per model, the longest)."""
-        longest: dict[int, tuple[str, int]] = {}
-        chunk = self.config.prefill_chunk
         with self._cond:
             seqs = [*self._running, *self._waiting, *self._inbox]
-        for seq in seqs:
-            left = seq.params.max_tokens - seq.sampled + -(-(seq.length - seq.cached) // chunk)
-            device, most = longest.get(id(seq.model), (seq.model.pool.device, 0))
-            longest[id(seq.model)] = (device, max(most, left))
-        out: dict[str, int] = {}
-        for device, steps in longest.values():
-            out[device] = out.get(device, 0) + steps
-        return out
+        return queued_steps(seqs, self.config.prefill_chunk)
 
     def has_sequences(self, model: ResidentModel) -> bool:
         return any(s.model is model for s in [*self._running, *self._waiting, *self._inbox])
@@ -175,7 +166,7 @@ class Engine:
         prefill = [s for s in running if s.length - s.cached > 1] + admitted
         if decode:
             self._forward(decode, 1)
-        for group in _prefill_groups(prefill, self.config.prefill_chunk):
+        for group in prefill_groups(prefill, self.config.prefill_chunk):
             self._forward(group, self.config.prefill_chunk)
 
     def _reserve(self, running: list[Sequence]) -> None:
@@ -269,7 +260,7 @@ class Engine:
             logits = mask_logits(logits, grammars)
             picked = sample(logits, [seqs[i].params for i in done],
                             [seqs[i].generator for i in done])
-            logprobs = _logprobs(logits, picked, [seqs[i].params.logprobs for i in done])
+            logprobs = row_logprobs(logits, picked, [seqs[i].params.logprobs for i in done])
             advance(grammars, picked.tolist())
         except Exception as e:          # fail these sequences, not the whole engine
             log.exception("sampling for %s failed", model.id)
@@ -317,34 +308,4 @@ class Engine:
             self._inbox.clear()
         for seq in [*self._running, *self._waiting]:
             self._fail(seq, RuntimeError("the engine stopped"))
-
-
-def _logprobs(logits: torch.Tensor, picked: torch.Tensor,
-              wanted: list[int | None]) -> dict[int, TokenLogprob]:
-    """Row -> log-probability of its token, for the rows that asked for them."""
-    rows = [j for j, n in enumerate(wanted) if n is not None]
-    if not rows:
-        return {}
-    top = max(wanted[j] or 0 for j in rows)
-    index = torch.tensor(rows, device=logits.device)
-    chosen, tops = token_logprobs(logits[index], picked[index], top)
-    return {j: TokenLogprob(int(picked[j]), chosen[k], tops[k][:wanted[j] or 0])
-            for k, j in enumerate(rows)}
-
-
-def _prefill_groups(seqs: list[Sequence], budget: int) -> list[list[Sequence]]:
-    """Batches of similar length whose padded size stays within `budget` tokens."""
-    groups: list[list[Sequence]] = []
-    real = 0
-    for seq in sorted(seqs, key=lambda s: s.length - s.cached):
-        n = min(budget, seq.length - seq.cached)
-        group = groups[-1] if groups else None
-        # Sorted by length, so n is the widest row: padding = rows * n - real tokens.
-        if group and (len(group) + 1) * n <= budget and (len(group) + 1) * n <= 1.5 * (real + n):
-            group.append(seq)
-            real += n
-        else:
-            groups.append([seq])
-            real = n
-    return groups
 
