@@ -12,12 +12,11 @@ unloads it; a pinned model never leaves.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -44,28 +43,26 @@ from edgeserve.loader import (
     Sources,
     abort,
     fill,
-    prepare,
     read_spec,
 )
 from edgeserve.metrics import Metrics
 from edgeserve.model import ResidentModel
 from edgeserve.placer import Placer
-from edgeserve.pool import BlockPool, PoolFull, Unit, UnitKind
+from edgeserve.pool import BlockPool, PoolFull
 from edgeserve.prewarm import Prewarmer
 from edgeserve.quant.cache import QuantCache
 from edgeserve.residency import Residencies, Residency
+from edgeserve.scheduler.loading import load_scheme, prepare_frozen, progress
+from edgeserve.scheduler.room import BUSY_WAIT, RoomMaking
 from edgeserve.store import ModelStore, split_tag
 from edgeserve.tiers import DiskLoader, HostTier, LoadCancelled, ReadOptions
 from edgeserve.tokenizer import Tokenizer
 from edgeserve.tokenizer_cache import TokenizerCache
 
 log = logging.getLogger("edgeserve.scheduler")
-WEIGHT_KINDS = (UnitKind.WEIGHT, UnitKind.EXPERT)   # immutable units worth keeping
-BUSY_WAIT = 120.0     # seconds a load waits for busy models to make room
-DEMOTE_GAIN = 1.5      # demote to the host tier only if it is this much faster than disk
 
 
-class Scheduler(Residencies):
+class Scheduler(Residencies, RoomMaking):
     def __init__(self, store: ModelStore, pools: dict[str, BlockPool], engine: Engine,
                  metrics: Metrics, dtype_for: Callable[[str], torch.dtype],
                  tiers: TierConfig | None = None, host: HostTier | None = None,
@@ -165,7 +162,7 @@ class Scheduler(Residencies):
                                 converted=gguf_summary(path))
             model, host = await self._read(model_id, checkpoint, spec, ctx, report, host_only,
                                            stop)
-            report.scheme = _scheme(model.schemes)
+            report.scheme = load_scheme(model.schemes)
             model.kv.host = self.kv_host
             if task is not None:
                 model.base = task.pack.base
@@ -201,7 +198,7 @@ class Scheduler(Residencies):
                                                 host_only, stop)      # returns it frozen
         try:
             first = FirstSight.of(sources)
-            with _progress(model_id, report.bytes_from_disk + report.bytes_from_host) as bar:
+            with progress(model_id, report.bytes_from_disk + report.bytes_from_host) as bar:
                 options = first.options(stop) if first else ReadOptions(stop=stop)
                 seconds = await asyncio.to_thread(fill, prepared, ctx, bar, options)
             self.placer.learn(report, seconds)
@@ -242,7 +239,7 @@ class Scheduler(Residencies):
             ReadOptions(stop=stop).check()
             attempt = replace(report)
             try:
-                prepared = await self.engine.run(_prepare_frozen, path, spec, ctx, model_id,
+                prepared = await self.engine.run(prepare_frozen, path, spec, ctx, model_id,
                                                  attempt, sources, host_only)
             except PoolFull as e:
                 if not sources.known:      # sharing may make room: hash, then try again
@@ -257,20 +254,6 @@ class Scheduler(Residencies):
                 setattr(report, name, getattr(attempt, name))
             return prepared, sources
 
-    async def _make_room(self, pool: BlockPool, loading: str, deadline: float,
-                         error: PoolFull) -> None:
-        """Unload one idle model, waiting for a busy one to go idle if need be; re-raises
-        PoolFull when nothing could make room."""
-        while True:
-            victim = self._idle_victim(pool, loading)
-            if victim is not None:
-                log.info("unloading %s to make room for %s", victim, loading)
-                await self.unload(victim)
-                return
-            if not self._busy(pool, loading) or time.monotonic() > deadline:
-                raise error
-            await asyncio.sleep(0.005)      # their requests end soon: then unload
-
     async def ready(self, model_id: str,
                     load: Callable[[str], Awaitable[LoadReport]] | None = None
                     ) -> ResidentModel:
@@ -278,38 +261,6 @@ class Scheduler(Residencies):
         default self.load) if need be, and held back while grouping lets a load that
         waited too long go first."""
         return await self.grouping.ready(self.models, model_id, load or self.load)
-
-    def _busy(self, pool: BlockPool, loading: str) -> bool:
-        """Models that could make room once their running requests end."""
-        return any(model.pool is pool and m != loading
-                   and not self.residency.get(m, Residency()).pinned
-                   for m, model in self.models.items())
-
-    def _idle_victim(self, pool: BlockPool, loading: str) -> str | None:
-        idle = [m for m, model in self.models.items()
-                if model.pool is pool and m != loading and not self.engine.has_sequences(model)
-                and not self.residency.get(m, Residency()).pinned]
-        order = self.policy.model_order(idle, self.ctx)
-        return order[0] if order else None
-
-    def _demote(self, unit: Unit) -> None:
-        """Before an evicted weight unit's blocks go back: keep its bytes in the host tier,
-        when coming back from there beats coming back from disk (else the copy is waste:
-        a disk served from the page cache is as fast as the host tier)."""
-        bandwidth = self.ctx.bandwidth
-        if bandwidth["host"] < DEMOTE_GAIN * bandwidth["disk"]:
-            return
-        if self.host is not None and unit.key is not None and unit.kind in WEIGHT_KINDS:
-            for pool in self.pools.values():
-                if pool.units.get(unit.id) is unit:
-                    if self.host.put(unit.key, pool.raw(unit)):
-                        publish(pool, "demote", unit.owner, unit=unit.id, bytes=unit.nbytes)
-                    return
-
-    def _forget_chunk(self, unit: Unit) -> None:
-        # Task-block chunks are never reloaded under the same key: drop their users entry.
-        if unit.kind is UnitKind.TASK_BLOCK and unit.key is not None:
-            self.ctx.users.pop(unit.key, None)
 
     def request_started(self, model_id: str) -> None:
         self.ctx.demand.record(model_id)
@@ -353,29 +304,3 @@ class Scheduler(Residencies):
         self.models.clear()
         self.kv_host.clear(self.pools.values())
 
-
-def _prepare_frozen(path: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
-                    report: LoadReport, sources: Sources, host_only: frozenset[str]
-                    ) -> Prepared:
-    """prepare, then freeze the pool before the step thread runs another step: a
-    compaction for KV in between would move the new units under the views the fill
-    writes through (the caller thaws it once the fill is done)."""
-    prepared = prepare(path, spec, ctx, owner, report, sources, host_only)
-    ctx.pool.freeze()
-    return prepared
-
-
-@contextlib.contextmanager
-def _progress(model_id: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr, shown only if the load takes over a second."""
-    from tqdm import tqdm
-
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {model_id}", delay=1.0,
-              leave=False) as bar:
-        yield bar.update
-
-
-def _scheme(schemes: dict[str, str]) -> str | None:
-    """A load's scheme: int8, int4, mixed, or None for float weights."""
-    found = set(schemes.values())
-    return (found.pop() if len(found) == 1 else "mixed") if found else None
