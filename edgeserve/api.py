@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from edgeserve.config import Config, PoolConfig, from_env, parse_size, parse_sizes
+from edgeserve.config import Config, from_env
 from edgeserve.constrain import start_grammar
-from edgeserve.device import DeviceInfo, cpu_info, discover
+from edgeserve.device import cpu_info, discover
 from edgeserve.embeddings import Embeddings, embed
 from edgeserve.engine import Engine
 from edgeserve.kv.stats import prefix_stats
@@ -26,6 +26,7 @@ from edgeserve.metrics import Metrics, live_gauges
 from edgeserve.model import ResidentModel
 from edgeserve.pool import BlockPool, Unit
 from edgeserve.request_timer import RequestTimer
+from edgeserve.requests import check_prompt
 from edgeserve.results import (
     Completion,
     Delta,
@@ -39,6 +40,7 @@ from edgeserve.sampling import SamplingParams
 from edgeserve.scheduler import Scheduler
 from edgeserve.sequence import Event, Status
 from edgeserve.sequence import Sequence as Seq
+from edgeserve.settings import pool_sizes, with_arguments
 from edgeserve.stats import pool_stats
 from edgeserve.store import ModelStore
 from edgeserve.tiers import HostTier
@@ -46,17 +48,6 @@ from edgeserve.tokenizer import Tokenizer
 from edgeserve.tools import parse_stream, plan_tools
 
 log = logging.getLogger("edgeserve")
-
-
-def _pool_sizes(device: DeviceInfo, cfg: PoolConfig, index: int = 0, count: int = 1
-                ) -> tuple[int, int]:
-    block = cfg.block_size or (cfg.cuda_block_size if device.is_cuda else cfg.cpu_block_size)
-    size = cfg.size_for(index, count)
-    if size is None and device.is_cuda:
-        size = int(device.free_bytes * cfg.cuda_fraction)
-    elif size is None:      # CPU pools share the machine's memory: the budget is split
-        size = min(cfg.cpu_cap, int(device.total_bytes * cfg.cpu_fraction)) // count
-    return size, block
 
 
 class EdgeServer:
@@ -74,26 +65,12 @@ class EdgeServer:
                  expert_policy: str | None = None, prefix_cache: bool | None = None,
                  prewarm: bool | None = None,
                  quantize: str | None = None, config: Config | None = None) -> None:
-        cfg = config or from_env(models=models, device=device, dtype=dtype, quantize=quantize)
-        if prewarm is not None:
-            cfg = replace(cfg, scheduler=replace(cfg.scheduler, prewarm=prewarm))
-        if host_size is not None or policy is not None:
-            cfg = replace(cfg, tiers=replace(
-                cfg.tiers,
-                host_size=parse_size(host_size) if host_size is not None else cfg.tiers.host_size,
-                policy=policy or cfg.tiers.policy))
-        if pool_size is not None or block_size is not None:
-            cfg = replace(cfg, pool=replace(
-                cfg.pool,
-                pool_size=parse_sizes(pool_size) if pool_size is not None else cfg.pool.pool_size,
-                block_size=(parse_size(block_size) if block_size is not None
-                            else cfg.pool.block_size)))
-        if expert_budget is not None or expert_policy is not None:
-            cfg = replace(cfg, experts=replace(
-                cfg.experts, budget=expert_budget if expert_budget is not None
-                else cfg.experts.budget, policy=expert_policy or cfg.experts.policy))
-        if prefix_cache is not None:
-            cfg = replace(cfg, engine=replace(cfg.engine, prefix_cache=prefix_cache))
+        cfg = with_arguments(config or from_env(models=models, device=device, dtype=dtype,
+                                                quantize=quantize),
+                             pool_size=pool_size, block_size=block_size, host_size=host_size,
+                             policy=policy, expert_budget=expert_budget,
+                             expert_policy=expert_policy, prefix_cache=prefix_cache,
+                             prewarm=prewarm)
         self.config = cfg
         self.store = ModelStore(cfg.models)
         self.pools: dict[str, BlockPool] = {}
@@ -113,7 +90,7 @@ class EdgeServer:
             return self
         devices = discover(self.config.device)
         for i, device in enumerate(devices):
-            size, block = _pool_sizes(device, self.config.pool, i, len(devices))
+            size, block = pool_sizes(device, self.config.pool, i, len(devices))
             pool = self.pools[device.name] = BlockPool(device.name, size, block)
             pool.on_evict.append(self._count_eviction)
             log.info("pool on %s (%s): %d blocks of %d bytes", device.name, device.description,
@@ -264,7 +241,7 @@ class EdgeServer:
             raise ServerClosing("the server is shutting down")
         self.scheduler.request_started(model_id)
         model = await self.scheduler.ready(model_id, self.load)
-        _check_prompt(model, prompt, params)
+        check_prompt(model, prompt, params)
         grammar = None
         if params.grammar is not None:      # compiled once per schema, off the event loop
             grammar = await asyncio.to_thread(start_grammar, params.grammar,
@@ -343,22 +320,3 @@ class EdgeServer:
                 "prewarm": self._scheduler.prewarm.stats() if self._scheduler else {},
                 "requests": {"running": engine.num_running if engine else 0,
                              "waiting": engine.num_waiting if engine else 0}}
-
-
-def _check_prompt(model: ResidentModel, prompt: list[int], params: SamplingParams) -> None:
-    if not prompt:
-        raise InvalidRequest("the prompt is empty", "prompt")
-    vocab = model.spec.vocab_size
-    bad = next((t for t in prompt if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise InvalidRequest(f"token id {bad} is outside the vocabulary (0..{vocab - 1})",
-                             "prompt")
-    if len(prompt) >= model.spec.max_positions:
-        raise InvalidRequest(f"the prompt has {len(prompt)} tokens; model '{model.id}' "
-                             f"accepts fewer than {model.spec.max_positions}", "prompt")
-    room = model.spec.max_positions - len(prompt)
-    if not params.clamp_max_tokens and params.max_tokens > room:
-        raise InvalidRequest(f"max_tokens is {params.max_tokens}, but the context of "
-                             f"{model.spec.max_positions} tokens leaves {room} after the "
-                             f"prompt's {len(prompt)}", "max_tokens")
-
