@@ -13,7 +13,8 @@ from typing import Protocol
 
 import torch
 
-from edgeserve.arch.dense import Weight, WeightUnit
+from edgeserve.arch.dense import Weight
+from edgeserve.arch.plan import WeightUnit
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.batch import StepBatch
 

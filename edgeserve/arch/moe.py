@@ -33,20 +33,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from edgeserve.arch.dense import (
-    DenseModel,
-    Mlp,
-    Weight,
-    WeightUnit,
-    attention_plan,
-    base_plan,
-    floats,
-    fused,
-    matmul,
-    mlp,
-    mlp_plan,
-    one,
-)
+from edgeserve.arch.dense import DenseModel, Mlp, Weight, floats, matmul, mlp
+from edgeserve.arch.plan import WeightUnit, attention_plan, base_plan, fused, mlp_plan, one
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.batch import StepBatch
 from edgeserve.pool import UnitKind

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from edgeserve.arch.dense import HEAD
+from edgeserve.arch.plan import HEAD
 from edgeserve.arch.spec import ModelFormatError
 from edgeserve.blocks.pack import (
     SAFETENSORS_DTYPES,

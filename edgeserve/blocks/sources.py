@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from edgeserve.arch.dense import EMBED, HEAD
+from edgeserve.arch.plan import EMBED, HEAD
 from edgeserve.arch.spec import ModelFormatError, ModelSpec
 from edgeserve.blocks.pack import is_task_dir
 from edgeserve.checkpoint import TensorInfo, read_header, read_into

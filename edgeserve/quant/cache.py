@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from edgeserve.arch import weight_plan
-from edgeserve.arch.dense import EMBED, HEAD, WeightUnit
+from edgeserve.arch.plan import EMBED, HEAD, WeightUnit
 from edgeserve.arch.spec import ModelFormatError, ModelSpec, load_spec
 from edgeserve.checkpoint import HashCache, TensorInfo, read_into
 from edgeserve.loader import scan_checkpoint

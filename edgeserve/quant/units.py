@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from edgeserve.arch.dense import WeightUnit
+from edgeserve.arch.plan import WeightUnit
 from edgeserve.arch.spec import ModelFormatError
 from edgeserve.checkpoint import TensorInfo
 from edgeserve.quant.format import QuantInfo, parts, shapes
