@@ -2,17 +2,15 @@
 
 Behaves like transformers' fast tokenizers (``encode``/``decode``/
 ``apply_chat_template``) on a Hugging Face model folder, without importing
-transformers: the ``tokenizers`` library does the encoding, jinja2 renders the
+transformers: the ``tokenizers`` library does the encoding, chat_template.py renders the
 chat template in the same sandbox with the same helpers transformers installs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +18,9 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Backend
+
+from edgeserve.chat_template import ChatTemplateError, compile_template
 
 # The named special tokens transformers passes to chat templates (its special_tokens_map).
 _SPECIAL_TOKEN_NAMES = tuple(
@@ -30,10 +29,6 @@ _SPECIAL_TOKEN_NAMES = tuple(
 # Names a message's reasoning may come under; transformers fills in the first two from any.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _REPLACEMENT = "\ufffd"
-
-
-class ChatTemplateError(ValueError):
-    """The chat template is missing, invalid, or rejected the conversation."""
 
 
 class Tokenizer:
@@ -135,7 +130,7 @@ class Tokenizer:
         template variables (e.g. ``tools``); it overrides the special tokens."""
         if not messages:
             raise ChatTemplateError("cannot render an empty conversation")
-        template = _compile(self._pick_template(extra.get("tools")))
+        template = compile_template(self._pick_template(extra.get("tools")))
         context = {"tools": None, "documents": None, **self.special_tokens, **extra}
         context["messages"] = [_normalise_message(m) for m in messages]
         context["add_generation_prompt"] = add_generation_prompt
@@ -283,63 +278,6 @@ def _join_text_parts(parts: list[Any]) -> str:
 
 
 # --- the jinja2 environment transformers renders chat templates in -----------------
-
-
-def _raise_exception(message: str) -> None:
-    raise ChatTemplateError(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, **kw: Any) -> str:
-    # Unlike jinja's own tojson: no HTML escaping, non-ASCII kept; takes
-    # json.dumps' separators and sort_keys too, as transformers' filter does.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, **kw)
-
-
-class _Namespace(jinja2.utils.Namespace):
-    """``namespace()`` that refuses underscore attributes (no reach into internals)."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:
-        self, rest = args[0], args[1:]  # jinja's signature trick: `self` may be a key
-        jinja2.utils.Namespace.__init__(self)
-        for key, value in dict(*rest, **kwargs).items():
-            _Namespace.__setitem__(self, key, value)  # attribute lookup would hit the keys
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """``{% generation %}...{% endgeneration %}`` marks assistant text for
-    transformers' assistant-token masks; rendering just passes the body through."""
-
-    tags = {"generation"}  # noqa: RUF012 (jinja reads this class attribute)
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body).set_lineno(lineno)
-
-
-@functools.cache
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.globals["namespace"] = _Namespace
-    return env
-
-
-@functools.lru_cache(maxsize=64)
-def _compile(source: str) -> jinja2.Template:
-    try:
-        return _environment().from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"invalid chat template (line {e.lineno}): {e.message}") from e
 
 
 def _byte_alphabet() -> dict[str, int]:
