@@ -22,6 +22,7 @@ from edgeserve.sampling import SamplingError, SamplingParams
 from edgeserve.server.app import SERVER, api_error
 from edgeserve.server.embeddings import ollama_embed
 from edgeserve.server.formats import format_grammar
+from edgeserve.server.ollama_show import describe_tagged
 from edgeserve.server.ollama_wire import (
     AssistantMessage,
     CallFunction,
@@ -31,7 +32,6 @@ from edgeserve.server.ollama_wire import (
     Response,
     ShowRequest,
     ToolCall,
-    describe_tagged,
     digest,
     from_epoch,
     in_seconds,
