@@ -228,7 +228,7 @@ async def test_prefix_cache_off_keeps_nothing(store):
 
 
 def test_the_setting_from_flag_and_environment(monkeypatch, tmp_path):
-    from edgeserve.cli import _edge_server, build_parser
+    from edgeserve.cli import build_parser, edge_server
     from edgeserve.config import from_env
 
     assert from_env().engine.prefix_cache is True
@@ -239,7 +239,7 @@ def test_the_setting_from_flag_and_environment(monkeypatch, tmp_path):
     assert args.prefix_cache == "off"
     args = build_parser(cfg).parse_args(["serve", "--models", str(tmp_path),
                                          "--prefix-cache", "on"])
-    assert _edge_server(args).config.engine.prefix_cache is True
+    assert edge_server(args).config.engine.prefix_cache is True
     monkeypatch.setenv("EDGESERVE_PREFIX_CACHE", "maybe")
     with pytest.raises(ValueError, match="EDGESERVE_PREFIX_CACHE"):
         from_env()
