@@ -17,7 +17,7 @@ from edgeserve.engine import Engine
 from edgeserve.loader import LoadContext, LoadReport
 from edgeserve.pool import BlockPool, PoolFull, Unit
 from edgeserve.store import ModelStore, UnknownModel
-from edgeserve.tiers import DiskLoader
+from edgeserve.tiers import DiskJob, DiskLoader
 
 DIRECT_MIN = 256 << 10      # a run of blocks this large is read straight into the pool
 
@@ -73,12 +73,11 @@ class TaskLoader:
         arena = self.arena(ctx.pool, source.pack.block, ctx.dtype)
         while True:
             try:
-                blocks, jobs, fresh = await self.engine.run(prepare, source, spec, arena,
-                                                            owner, report, units)
+                blocks, jobs, fresh = await self.engine.run(_prepare_frozen, source, spec,
+                                                            arena, owner, report, units)
                 break
             except PoolFull as e:
                 await make_room(e)
-        ctx.pool.freeze()
         try:
             await asyncio.to_thread(self.disk.load, jobs, None, DIRECT_MIN)
         except BaseException:
@@ -94,6 +93,16 @@ class TaskLoader:
 def _stamp(path: Path) -> tuple[str, int, int]:
     stat = path.stat()
     return str(path), stat.st_size, stat.st_mtime_ns
+
+
+def _prepare_frozen(source: TaskSource, spec: ModelSpec, arena: TileArena, owner: str,
+                    report: LoadReport, units: dict[str, Unit]
+                    ) -> tuple[TaskBlocks, list[DiskJob], list[str]]:
+    """prepare(), then no compaction until the disk reads are done: freezing in the same
+    engine-thread call leaves no moment in which the jobs' pool views could move."""
+    out = prepare(source, spec, arena, owner, report, units)
+    arena.pool.freeze()
+    return out
 
 
 def _undo(blocks: TaskBlocks, fresh: list[str]) -> None:
