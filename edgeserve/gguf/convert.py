@@ -2,9 +2,10 @@
 
 The folder (config.json, generation_config.json, tokenizer.json, tokenizer_config.json,
 model.safetensors, quant.json, gguf.json) follows the pre-quantized checkpoint layout of
-QUANT_FORMAT: linear weights stored as Q4_0 / Q4_1 / Q4_K become int4 groups (exactly),
-Q8_0 / Q5_K / Q6_K become int8 per output channel (re-quantized; gguf.json records the
-error that adds), float ones stay float. Every other tensor (embeddings, norms, biases) is
+quant/format.py: linear weights stored as Q8_0 become int8 and Q4_0 / Q4_1 become int4,
+exactly; Q4_K becomes int4 with its scales rounded to float16 and Q5_K / Q6_K int8
+re-quantized in groups of 32 (gguf.json records the error either adds); float ones stay
+float. Every other tensor (embeddings, norms, biases) is
 dequantized to float32 or kept in its float dtype. With `dequantize=True` every tensor is
 float, which makes a plain checkpoint (a reference for comparisons and benchmarks).
 
@@ -39,11 +40,11 @@ from edgeserve.gguf.names import (
 )
 from edgeserve.gguf.reader import FLOAT_TYPES, SUPPORTED_TYPES, GGUFError, GGUFFile, GGUFTensor
 from edgeserve.gguf.vocab import build_tokenizer, end_of_generation_ids, tokenizer_config
-from edgeserve.quant.format import QUANT_FILE, QuantInfo, pack_int4, quantize_int8
+from edgeserve.quant.format import QUANT_FILE, QuantInfo, pack_int4, quantize
 from edgeserve.quant.format import dequantize as dequantize_scheme
 
 log = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2                # of the converted folder: 2 = quant/format.py's format 2
 REPORT_FILE = "gguf.json"
 _lock = threading.Lock()
 
@@ -126,16 +127,9 @@ def _convert_one(out: Conversion, t: GGUFTensor, names: list[str],
             float_value = float_value.reshape(1, -1)    # llama.cpp keeps it as a vector
         values = {"": fix(float_value)}
         out.note(t.type, str(float_value.dtype).removeprefix("torch."))
-    elif scheme == "int4":                    # exact: the file's own codes and scales
-        q = blocks.int4(t)
-        values = {".qweight": pack_int4(fix(q.codes)), ".scale": fix(q.scale),
-                  ".min": fix(q.min)}
-        out.note(t.type, "int4")
     else:
-        w = fix(blocks.dequantize(t).reshape(-1, t.shape[-1]))
-        values = {f".{k}": v for k, v in quantize_int8(w).items()}
-        back = dequantize_scheme("int8", {k[1:]: v for k, v in values.items()})
-        out.note(t.type, "int8", float((back - w).norm() / w.norm().clamp_min(1e-30)))
+        values, error = _quantized(t, fix, scheme)
+        out.note(t.type, scheme, error)
     for e, name in enumerate(names):
         if scheme is not None:
             out.schemes[name] = scheme
@@ -143,6 +137,26 @@ def _convert_one(out: Conversion, t: GGUFTensor, names: list[str],
             if len(names) > 1:                # rows of expert e
                 value = value.reshape(len(names), -1, value.shape[-1])[e]
             out.tensors[name + suffix] = value.contiguous()
+
+
+def _quantized(t: GGUFTensor, fix: Callable[[torch.Tensor], torch.Tensor], scheme: str
+               ) -> tuple[dict[str, torch.Tensor], float | None]:
+    """t's components in scheme, and the relative error (Frobenius) they add to its values;
+    None where they are its own, bit for bit (Q8_0 as int8, Q4_0 and Q4_1 as int4)."""
+    exact = t.type in blocks.EXACT_TYPES and (scheme == "int8") == (t.type == "Q8_0")
+    if exact or (scheme == "int4" and t.type in blocks.INT4_TYPES):
+        q = blocks.int8(t) if scheme == "int8" else blocks.int4(t)
+        codes = fix(q.codes)
+        values = {".qweight": codes if scheme == "int8" else pack_int4(codes),
+                  ".scale": fix(q.scale), ".min": fix(q.min)}
+    else:
+        w = fix(blocks.dequantize(t).reshape(-1, t.shape[-1]))
+        values = {f".{k}": v for k, v in quantize(scheme, w).items()}
+    if exact:
+        return values, None
+    w = fix(blocks.dequantize(t).reshape(-1, t.shape[-1]))
+    back = dequantize_scheme(scheme, {k[1:]: v for k, v in values.items()})
+    return values, float((back - w).norm() / w.norm().clamp_min(1e-30))
 
 
 def _stamp(path: Path) -> dict[str, Any]:
@@ -208,6 +222,8 @@ def _describe(gguf_type: str, entry: dict[str, Any]) -> str:
     text = f"{gguf_type} x{entry['tensors']} -> {'/'.join(sorted(entry['became']))}"
     if "max_relative_error" in entry:
         text += f" (re-quantized, relative error <= {entry['max_relative_error']:.2%})"
+    elif set(entry["became"]) & {"int8", "int4"}:
+        text += " (exact)"
     return text
 
 

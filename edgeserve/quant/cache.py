@@ -2,8 +2,9 @@
 
 The first load of `NAME:int8` quantizes NAME's checkpoint one tensor at a time into a
 pre-quantized folder (quant/format.py) and every later load reads that folder alone. The
-folder records the source files' sizes and modification times (remade when they change)
-and each weight's source content hash, so that quantized units are keyed by the source
+folder records the source files' sizes and modification times and the quantized format
+(remade when either changes: a folder of an older format is never served) and each
+weight's source content hash, so that quantized units are keyed by the source
 bytes and the scheme: a fine-tune's units equal to its base's are shared.
 """
 
@@ -24,6 +25,7 @@ from edgeserve.arch.spec import ModelFormatError, ModelSpec, load_spec
 from edgeserve.checkpoint import HashCache, TensorInfo, read_into
 from edgeserve.loader import scan_checkpoint
 from edgeserve.quant.format import (
+    FORMAT,
     GROUP,
     QUANT_FILE,
     SCHEMES,
@@ -63,15 +65,16 @@ def cached_schemes(store: Path, model_dir: Path) -> dict[str, Path]:
 
 
 def quantizable(name: str, unit: WeightUnit) -> bool:
-    """Linear weights and embeddings; not norms, biases, nor routers (whose small errors
-    would change which experts run)."""
-    return len(unit.shape) >= 2 and not name.endswith(("mlp.gate.weight",
-                                                       "shared_expert_gate.weight"))
+    """Linear weights and embeddings whose input dimension holds whole groups of 32; not
+    norms, biases, nor routers (whose small errors would change which experts run)."""
+    return len(unit.shape) >= 2 and unit.shape[-1] % GROUP == 0 and \
+        not name.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))
 
 
-def _stamp(model_dir: Path) -> list[list[object]]:
+def _stamp(model_dir: Path) -> dict[str, object]:
     files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.index.json"))
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return {"format": FORMAT,
+            "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
 class QuantCache:
@@ -109,7 +112,7 @@ class QuantCache:
         return dest, time.perf_counter() - start
 
     def _make(self, model_dir: Path, spec: ModelSpec, scheme: str, dest: Path,
-              stamp: list[list[object]]) -> None:
+              stamp: dict[str, object]) -> None:
         tensors = scan_checkpoint(model_dir)
         hashes: dict[str, str] = {}
         for path in {t.path for t in tensors.values()}:
@@ -117,9 +120,7 @@ class QuantCache:
         chosen: dict[str, str] = {}
         for name, unit in weight_plan(spec).items():
             if quantizable(name, unit):
-                # int4 needs groups of 32 along the input; other widths stay int8.
-                s = scheme if scheme == "int8" or (unit.shape[-1] % GROUP == 0 and
-                                                   name not in INT8_UNDER_INT4) else "int8"
+                s = "int8" if name in INT8_UNDER_INT4 else scheme
                 chosen |= dict.fromkeys(unit.parts, s)
         tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -62,9 +62,9 @@ def check_parts(model_dir: Path, unit: WeightUnit, scheme: str,
             if t.shape != shape:
                 raise ModelFormatError(f"{t.path}: tensor '{name}' has shape {t.shape}, "
                                        f"config.json implies {shape}")
-            if comp == "qweight" and t.dtype != dtype:
+            if t.dtype != dtype:
                 raise ModelFormatError(f"{t.path}: tensor '{name}' is {t.dtype}, "
-                                       f"{scheme} needs {dtype}")
+                                       f"{scheme} {comp} needs {dtype}")
 
 
 def disk_jobs(unit: WeightUnit, scheme: str, tensors: dict[str, TensorInfo],

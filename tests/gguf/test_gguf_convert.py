@@ -90,8 +90,9 @@ def test_quantized_file_matches_transformers_reading_the_same_file(arch, hf_mode
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_quantized_units_keep_int4_and_requantize_the_rest(arch, hf_models, tmp_path):
-    """Q4_0 / Q4_1 / Q4_K kept as int4, Q8_0 / Q6_K / Q5_K re-quantized to int8 (a fused
-    q/k/v unit of mixed types too), F16 float: logits close to the dequantized file's."""
+    """Q4_0 / Q4_1 kept as int4 and Q8_0 as int8 exactly, Q4_K as int4 with float16 scales,
+    Q6_K / Q5_K re-quantized to int8 (a fused q/k/v unit of mixed types too), F16 float:
+    logits close to the dequantized file's."""
     gguf = write_gguf(hf_models[arch], tmp_path / f"{arch}.gguf", "F16", TYPES)
     folder = ensure_folder(gguf, tmp_path / "quantized")
     quant = json.loads((folder / "quant.json").read_text())["tensors"]
@@ -105,7 +106,12 @@ def test_quantized_units_keep_int4_and_requantize_the_rest(arch, hf_models, tmp_
     assert report["Q4_0"]["became"] == {"int4": 3}
     assert 0 < report["Q6_K"]["max_relative_error"] < 0.01
     assert "Q6_K x1 -> int8 (re-quantized, relative error <= " in summary(folder)
-    assert "Q4_0 x3 -> int4," in summary(folder)
+    assert "Q4_0 x3 -> int4 (exact)," in summary(folder)
+    assert "max_relative_error" not in report["Q8_0"]               # Q8_0 is int8 exactly
+    assert "Q8_0 x3 -> float32/int8 (exact)," in summary(folder)
+    # Q4_K's group scales (a float16 times a 6-bit integer) rounded to float16: about
+    # 2^-12 relative per scale.
+    assert 0 < report["Q4_K"]["max_relative_error"] < 1e-3
     plain = ensure_folder(gguf, tmp_path / "plain", dequantize=True)
     assert rel_err(logits_of(folder, arch, IDS), logits_of(plain, arch, IDS)) < 5e-2
 

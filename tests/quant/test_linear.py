@@ -7,12 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from edgeserve.quant.format import quantize
-from edgeserve.quant.linear import FEW_ROWS, QWeight, linear
+from edgeserve.quant.linear import QWeight, linear
 
-# Relative error (Frobenius) of x @ W^T against fp32 for Gaussian weights and inputs:
-# int8 rounds weights and activations to 1/254 of their range, int4 weights to 1/30 of
-# each group's range.
-BOUND = {"int8": 0.015, "int4": 0.12}
+# Relative error (Frobenius) of x @ W^T against fp32 for Gaussian weights and inputs. Only
+# the weights are rounded (the activations stay float): to within half a step of 1/255
+# (int8) or 1/15 (int4) of each group of 32's range, about 4 sigma for Gaussian groups, so
+# an error of about 4 / 255 / sqrt(12) = 0.45% (int8) and 4 / 15 / sqrt(12) = 7.7% (int4)
+# on average; the worst of 80 draws of this test's sizes was 0.55% and 10.4%.
+BOUND = {"int8": 0.008, "int4": 0.12}
 
 
 def qweight(scheme: str, w: torch.Tensor) -> QWeight:
@@ -32,11 +34,10 @@ def test_linear_against_fp32(scheme: str, rows: int) -> None:
     y = linear(x, q, b)
     assert y.shape == (1, rows, 96) and y.dtype == torch.float32
     assert rel(y - b, F.linear(x, w)) < BOUND[scheme]
-    # Against the dequantized weight: the integer paths add only the per-token rounding
-    # of the activations; the float path of int4 (more rows) computes it exactly.
+    # Against the dequantized weight: every path multiplies float activations by the
+    # stored values in float32, so only float32 rounding remains.
     exact = F.linear(x, q.dequantize(), b)
-    integer = scheme == "int8" or rows <= FEW_ROWS
-    assert rel(y, exact) < (0.01 if integer else 1e-5)
+    assert rel(y, exact) < 1e-5
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -47,8 +48,8 @@ def test_bfloat16_inputs_give_bfloat16(scheme: str) -> None:
     assert rel(y.float(), F.linear(x, w)) < BOUND[scheme] + 0.01
 
 
-def test_outlier_tokens_keep_their_own_scale() -> None:
-    """Per-token activation scales: one huge row does not crush the others."""
+def test_outlier_tokens_do_not_disturb_the_others() -> None:
+    """One huge row does not crush the others (the activations are not rounded)."""
     w, x = torch.randn(64, 64), torch.randn(2, 64)
     x[0] *= 1000
     y = linear(x, qweight("int8", w))
@@ -76,13 +77,13 @@ def test_zero_input_rows() -> None:
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_massive_activation_channels_stay_out_of_the_rounding(scheme: str) -> None:
-    """A few hidden channels hundreds of times larger than the rest (as in real LLMs)
-    would set every token's int8 scale; they are multiplied in float instead."""
+def test_massive_activation_channels_stay_exact(scheme: str) -> None:
+    """A few hidden channels hundreds of times larger than the rest (as in real LLMs) cost
+    nothing: activations are multiplied in float, whatever their range."""
     torch.manual_seed(3)
     w, x = torch.randn(64, 256), torch.randn(2, 256)
     x[:, [7, 100]] = 300.0
     q = qweight(scheme, w)
-    for rows in (x[:1], x):                       # int4: the integer path takes 1 row
+    for rows in (x[:1], x):
         exact = F.linear(rows, q.dequantize())
-        assert rel(linear(rows, q), exact) < 0.01
+        assert rel(linear(rows, q), exact) < 1e-5

@@ -28,12 +28,19 @@ KL = {"int8": 1e-6, "int4": 1e-5}
 FAMILIES = ["llama", "qwen2", "qwen3", "mixtral"]
 
 
+# Both schemes quantize in groups of 32 along the input, so these models take widths
+# that are multiples of 32, as real models' are (the tests' default widths, 112, 48 and 40,
+# are not: such weights stay float, see test_widths_without_whole_groups_stay_float).
+WIDTHS = {"intermediate_size": 128}
+
+
 @pytest.fixture(scope="module")
 def quant_store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("quant")
     for arch in FAMILIES:
-        make_model(arch, root / arch, seed=3)
-    make_model("qwen3-moe", root / "stacked", seed=4, stacked_experts=True)
+        make_model(arch, root / arch, seed=3, **WIDTHS)
+    make_model("qwen3-moe", root / "stacked", seed=4, stacked_experts=True,
+               moe_intermediate_size=64)
     return root
 
 
@@ -68,18 +75,33 @@ def test_every_linear_and_the_embeddings_are_quantized(quant_store: Path) -> Non
     folder = quantized(quant_store, "mixtral", "int4")
     info = json.loads((folder / "quant.json").read_text())
     spec = read_spec(quant_store / "mixtral")
-    assert info["scheme"] == "mixed"          # down_proj's input (48) is not a multiple of 32
+    assert info["scheme"] == "mixed"          # int8 embeddings and head under int4
     names = set(info["tensors"])
-    assert "model.embed_tokens.weight" in names and "lm_head.weight" in names
-    assert "model.layers.0.block_sparse_moe.experts.7.w2.weight" in names
-    assert info["tensors"]["model.layers.0.block_sparse_moe.experts.7.w2.weight"] == "int8"
+    assert info["tensors"]["model.embed_tokens.weight"] == "int8"
+    assert info["tensors"]["lm_head.weight"] == "int8"
+    assert info["tensors"]["model.layers.0.block_sparse_moe.experts.7.w2.weight"] == "int4"
     assert info["tensors"]["model.layers.1.self_attn.q_proj.weight"] == "int4"
     assert not any("norm" in n or n.endswith("gate.weight") for n in names)   # routers stay
     assert len([n for n in names if ".experts." in n]) == spec.num_layers * 8 * 3
 
 
-def test_cache_is_made_once_and_remade_when_the_source_changes(tmp_path: Path) -> None:
+def test_widths_without_whole_groups_stay_float(tmp_path: Path) -> None:
+    """down_proj's input (112) is not a multiple of 32: it stays float in both schemes."""
     path = make_model("llama", tmp_path / "m")
+    for scheme in ("int8", "int4"):
+        folder = quantized(tmp_path, "m", scheme)
+        tensors = json.loads((folder / "quant.json").read_text())["tensors"]
+        assert "model.layers.0.mlp.down_proj.weight" not in tensors
+        assert tensors["model.layers.0.mlp.up_proj.weight"] == scheme
+        stored = load_file(folder / "model.safetensors")
+        assert stored["model.layers.0.mlp.down_proj.weight"].dtype == torch.float32
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize("int8", load_file(path / "model.safetensors")[
+            "model.layers.0.mlp.down_proj.weight"])
+
+
+def test_cache_is_made_once_and_remade_when_the_source_changes(tmp_path: Path) -> None:
+    path = make_model("llama", tmp_path / "m", **WIDTHS)
     cache = QuantCache(tmp_path, HashCache(tmp_path))
     first, seconds = cache.folder(path, "int8")
     assert seconds > 0 and cache.made == 1
@@ -92,6 +114,21 @@ def test_cache_is_made_once_and_remade_when_the_source_changes(tmp_path: Path) -
     stored = load_file(again / "model.safetensors")["model.layers.0.mlp.down_proj.weight.qweight"]
     want = quantize("int8", tensors["model.layers.0.mlp.down_proj.weight"])["qweight"]
     assert torch.equal(stored, want)
+
+
+def test_cache_folders_of_an_older_format_are_remade(tmp_path: Path) -> None:
+    """A folder quantized by an older version (format 1: its stamp a bare list of files,
+    its quant.json format 1) is made again rather than served."""
+    path = make_model("llama", tmp_path / "m", **WIDTHS)
+    cache = QuantCache(tmp_path, HashCache(tmp_path))
+    folder, _ = cache.folder(path, "int8")
+    stamp = json.loads((folder / "source.json").read_text())
+    (folder / "source.json").write_text(json.dumps(stamp["files"]))
+    info = json.loads((folder / "quant.json").read_text())
+    (folder / "quant.json").write_text(json.dumps(info | {"format": 1}))
+    again, seconds = cache.folder(path, "int8")
+    assert again == folder and seconds > 0 and cache.made == 2
+    assert json.loads((folder / "quant.json").read_text())["format"] == 2
 
 
 def test_finetune_shares_its_quantized_units_with_the_base(tmp_path: Path) -> None:

@@ -54,6 +54,6 @@ async def test_task_over_an_int4_base(tmp_path: Path) -> None:
     ref = reference(reconstruct(deq, store / "task-q", tmp_path / "ref"))
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0]
-    # The int8 head rounds its input per token (the reference multiplies in float).
-    assert rel_err(got, expected) < 0.03
+    # The same stored values multiplied in float on both sides: float32 rounding only.
+    assert rel_err(got, expected) < 1e-4
     assert rel_err(plain, expected) > 0.1                               # the blocks do count
