@@ -20,5 +20,7 @@ def test_cuda_linear_matches_cpu(scheme: str, rows: int, dtype: torch.dtype) -> 
     gpu = QWeight.of(scheme, {k: v.cuda() for k, v in parts.items()})
     want = torch.nn.functional.linear(x, cpu.dequantize())
     got = linear(x.cuda().to(dtype), gpu).float().cpu()
-    assert float((got - want).norm() / want.norm()) < (0.02 if dtype == torch.bfloat16 else 0.01)
-    assert float((linear(x, cpu) - want).norm() / want.norm()) < 0.01
+    # Both devices multiply float activations by the stored values in float32: float32
+    # rounding only, and bfloat16's rounding of the input and output (2^-9 each).
+    assert float((got - want).norm() / want.norm()) < (0.01 if dtype == torch.bfloat16 else 1e-4)
+    assert float((linear(x, cpu) - want).norm() / want.norm()) < 1e-5

@@ -65,8 +65,9 @@ def test_stacked_rows_and_chunks(scheme: str) -> None:
     flat = q[2]
     ids = torch.tensor([5, 0, 31])
     assert torch.equal(flat.rows(ids, torch.float32), flat.dequantize()[ids])
-    pieces = torch.tensor([0, 3, 7, 63])      # (32 * 64 / 32) pieces of width 32
-    for width in (32, 16):
+    # Pieces of whole groups, of part of a group, and (int4, width 1) of half a byte.
+    for width in (64, 32, 16, 8, 1):
+        pieces = torch.tensor([0, 3, 7, 32 * 64 // width - 1])
         want = flat.dequantize().reshape(-1, width)[pieces]
         assert torch.allclose(flat.chunks(pieces, width, torch.float32), want)
 
