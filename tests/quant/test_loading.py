@@ -179,3 +179,23 @@ def test_prequantized_folder_is_read_as_it_is(tmp_path: Path) -> None:
         load_resident("pre2", out, pool)
     model.release(retain=False)
     pool.check_integrity()
+
+
+def test_prequantized_components_of_another_dtype_are_refused(tmp_path: Path) -> None:
+    """Format 2 stores scales and minimums in float16: a folder with float32 ones (as
+    format 1 had) is refused naming the tensor, not converted on the way in."""
+    src = make_model("llama", tmp_path / "src", **WIDTHS)
+    out = tmp_path / "pre"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = load_file(src / "model.safetensors")
+    name = "model.layers.0.self_attn.o_proj.weight"
+    stored = {n: t for n, t in tensors.items() if n != name}
+    stored |= {f"{name}.{k}": v.float() if k == "scale" else v
+               for k, v in quantize("int8", tensors[name]).items()}
+    save_file(stored, out / "model.safetensors")
+    (out / "quant.json").write_text(QuantInfo("int8", {name: "int8"}, "test").to_json())
+    pool = BlockPool("cpu", 32 << 20, 4096)
+    with pytest.raises(ModelFormatError, match=rf"'{name}\.scale' is torch\.float32, "
+                                               r"int8 scale needs torch\.float16"):
+        load_resident("pre", out, pool)
+    pool.check_integrity()
