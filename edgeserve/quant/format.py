@@ -82,8 +82,8 @@ def _to_f16(x: torch.Tensor, down: bool) -> torch.Tensor:
                          " cannot be quantized")
     h = x.to(torch.float16)
     off = h.float() > x if down else h.float() < x
-    toward = torch.tensor(float("-inf") if down else float("inf"), dtype=torch.float16)
-    return torch.where(off, torch.nextafter(h, toward.expand_as(h)), h)
+    toward = torch.full_like(h, float("-inf") if down else float("inf"))
+    return torch.where(off, torch.nextafter(h, toward), h)
 
 
 def encode(g: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, levels: int) -> torch.Tensor:
