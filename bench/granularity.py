@@ -17,7 +17,7 @@ from edgeserve.arch import weight_plan
 from edgeserve.checkpoint import hash_file, read_header
 from edgeserve.loader import read_spec
 
-STORE = Path(__file__).parent / "out" / "multimodel-store"
+STORE = Path(__file__).parent / "out" / "multimodel-store-lora"
 
 
 def main() -> None:

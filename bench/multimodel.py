@@ -1,6 +1,7 @@
 """Serving more models than fit: one request trace replayed against three policies.
 
-Six models (two bases, each with two fine-tunes that change about 10% of its tensors),
+Six models (two bases, each with two fine-tunes that change as many of its decoder
+layers' projections as 10% of its tensors, leaving embedding and head alone),
 whose weights together are about twice the pool. A fixed-seed trace: Zipf popularity over
 the models, bursty gamma inter-arrival times. Replayed against edgeserve's policy
 (sharing, retention, host tier, cost-aware eviction), an Ollama-like policy (unload the
@@ -23,27 +24,36 @@ import time
 from pathlib import Path
 
 import torch
+from tracelog import Trace
 
 from edgeserve import EdgeServer
 from edgeserve.config import Config, PoolConfig, TierConfig
 
-OUT = Path(__file__).parent / "out" / "multimodel-store"
+# "-lora": fine-tunes that leave embedding, head and norms alone (see fine_tune); the
+# figures in RESULTS.md from before 2026-12-02 used fine-tunes that changed any tensor.
+OUT = Path(__file__).parent / "out" / "multimodel-store-lora"
 SIZE = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
             num_attention_heads=6, num_key_value_heads=2, vocab_size=8192)
 MODELS = ["base-a", "base-a-ft1", "base-a-ft2", "base-b", "base-b-ft1", "base-b-ft2"]
 
 
 def fine_tune(base: Path, target: Path, seed: int) -> None:
-    """A copy of base with a tenth of its tensors changed a little (unless made already)."""
+    """A copy of base with as many of its decoder layers' projections changed a little as
+    a tenth of its tensors (unless made already).
+
+    Like the fine-tunes people serve beside their base (LoRA adapters merged into the
+    attention and MLP projections, task fine-tunes with the embedding frozen), it leaves
+    the embedding, the head and the norms alone: those would make every fine-tune a model
+    of its own where the vocabulary is large."""
     from safetensors.torch import load_file, save_file
 
     if (target / "config.json").is_file():
         return
     shutil.copytree(base, target)
     tensors = load_file(target / "model.safetensors")
-    names = sorted(tensors)
+    names = sorted(n for n in tensors if ".layers." in n and n.endswith("_proj.weight"))
     g = torch.Generator().manual_seed(seed)
-    for i in torch.randperm(len(names), generator=g)[: len(names) // 10].tolist():
+    for i in torch.randperm(len(names), generator=g)[: len(tensors) // 10].tolist():
         t = tensors[names[i]]
         tensors[names[i]] = t + 0.01 * torch.randn(t.shape, generator=g)
     save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
@@ -77,32 +87,38 @@ def trace(n: int, seed: int, mean_gap: float) -> list[tuple[float, str]]:
 
 
 async def replay(policy: str, requests: list[tuple[float, str]], pool_size: int,
-                 host_size: int) -> dict[str, object]:
+                 host_size: int, log: Path | None = None) -> dict[str, object]:
     cfg = Config(models=OUT, device="cpu", dtype="float32",
                  pool=PoolConfig(pool_size=pool_size),
                  tiers=TierConfig(host_size=host_size, policy=policy))
     ttft: list[float] = []
     async with EdgeServer(config=cfg) as es:
+        trace = Trace(es)
         start = time.perf_counter()
 
         async def one(at: float, model: str, i: int) -> None:
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
             arrival = time.perf_counter()
+            resident = trace.resident(model)
             prompt = [(i * 7 + k) % 8000 + 1 for k in range(16)]
             async for _ in es.stream_complete(model, prompt, max_tokens=8, ignore_eos=True,
                                               temperature=0):
                 ttft.append(time.perf_counter() - arrival)
+                trace.request(model, at, ttft[-1], resident, trace.resident(model))
                 break
 
         await asyncio.gather(*[one(at, m, i) for i, (at, m) in enumerate(requests)])
         loads = es.stats()["loads"]
+        if log is not None:
+            trace.dump(log)
+        summary = trace.summary()
         for pool in es.pools.values():
             pool.check_integrity()
     q = statistics.quantiles(ttft, n=100)
     return {"policy": policy, "requests": len(ttft), "ttft_p50_ms": round(1000 * q[49], 1),
             "ttft_p95_ms": round(1000 * q[94], 1), "loads": int(loads["loads"]),
             "gb_from_disk": round(loads["bytes_from_disk"] / 1e9, 3),
-            "gb_from_host": round(loads["bytes_from_host"] / 1e9, 3)}
+            "gb_from_host": round(loads["bytes_from_host"] / 1e9, 3), "trace": summary}
 
 
 def main() -> None:
@@ -110,13 +126,23 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mean-gap", type=float, default=0.08)
+    parser.add_argument("--fresh", action="store_true",
+                        help="remove the store's hash cache before every replay: each model "
+                             "file is seen for the first time, for every policy")
+    parser.add_argument("--policies", default="edgeserve,ollama,no-sharing")
+    parser.add_argument("--log", type=Path, help="folder for each replay's trace (JSON lines)")
     args = parser.parse_args()
     total = make_store()
     pool_size = total // 2 + (8 << 20)        # weights about twice the pool, plus KV room
     requests = trace(args.requests, args.seed, args.mean_gap)
     results = {}
-    for policy in ("edgeserve", "ollama", "no-sharing"):
-        results[policy] = asyncio.run(replay(policy, requests, pool_size, pool_size))
+    if args.log is not None:
+        args.log.mkdir(parents=True, exist_ok=True)
+    for n, policy in enumerate(args.policies.split(",")):
+        if args.fresh:
+            shutil.rmtree(OUT / ".edgeserve", ignore_errors=True)
+        log = args.log / f"{n}-{policy}.jsonl" if args.log is not None else None
+        results[policy] = asyncio.run(replay(policy, requests, pool_size, pool_size, log))
         print(json.dumps({"bench": "multimodel", "weights_gb": round(total / 1e9, 3),
                           "pool_gb": round(pool_size / 1e9, 3), **results[policy]}))
     ratio = results["edgeserve"]["ttft_p95_ms"] / results["ollama"]["ttft_p95_ms"]  # type: ignore[operator]

@@ -1,7 +1,8 @@
 """Placement across two devices, and predictive prewarming, on one request trace each.
 
 Store: three bases (Llama architecture, random weights, made locally) with three
-fine-tunes each, changing about 10% of their tensors. Two simulated devices
+fine-tunes each, changing as many decoder projections as 10% of their tensors (the
+embedding, head and norms stay the base's, as in LoRA-merged fine-tunes). Two simulated devices
 (`cpu:0,cpu:1`: separate pools on the CPU), each able to hold about a third of the
 store's unique weight bytes. The pools are the only difference from real devices: the
 placement code runs exactly as it would for `cuda:0,cuda:1`.
@@ -36,11 +37,12 @@ from pathlib import Path
 
 import torch
 from multimodel import fine_tune
+from tracelog import Trace
 
 from edgeserve import EdgeServer
 from edgeserve.config import Config, PoolConfig, SchedulerConfig, TierConfig
 
-OUT = Path(__file__).parent / "out" / "placement-store-64k"
+OUT = Path(__file__).parent / "out" / "placement-store-64k-lora"   # see fine_tune
 # A large vocabulary and few small layers: loading (about 130 MB a base) costs much more
 # than a short prefill, as for real checkpoints on a GPU; the CPU can compute it quickly.
 SIZE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -112,7 +114,7 @@ def periodic_trace(duration: float, seed: int) -> list[tuple[float, str]]:
 
 
 async def replay(policy: str, requests: list[tuple[float, str]], pool: int, prewarm: bool,
-                 warmup: float = 0.0) -> dict[str, object]:
+                 warmup: float = 0.0, log: Path | None = None) -> dict[str, object]:
     eviction, placement = POLICIES[policy]
     cfg = Config(models=OUT, device="cpu:0,cpu:1", dtype="float32",
                  pool=PoolConfig(pool_size=pool),
@@ -120,20 +122,26 @@ async def replay(policy: str, requests: list[tuple[float, str]], pool: int, prew
                  scheduler=SchedulerConfig(placement=placement, prewarm=prewarm))
     ttft: list[float] = []
     async with EdgeServer(config=cfg) as es:
+        trace = Trace(es)
         start = time.perf_counter()
 
         async def one(at: float, model: str, i: int) -> None:
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
             arrival = time.perf_counter()
+            resident = trace.resident(model)
             prompt = [(i * 7 + k) % 8000 + 1 for k in range(16)]
             async for _ in es.stream_complete(model, prompt, max_tokens=4, ignore_eos=True,
                                               temperature=0):
                 if at >= warmup:
                     ttft.append(time.perf_counter() - arrival)
+                    trace.request(model, at, ttft[-1], resident, trace.resident(model))
                 break
 
         await asyncio.gather(*[one(at, m, i) for i, (at, m) in enumerate(requests)])
         stats = es.stats()
+        if log is not None:
+            trace.dump(log)
+        summary = trace.summary()
         for p in es.pools.values():
             p.check_integrity()
     loads = stats["loads"]
@@ -142,7 +150,8 @@ async def replay(policy: str, requests: list[tuple[float, str]], pool: int, prew
             "ttft_p50_ms": round(1000 * q[49], 1), "ttft_p95_ms": round(1000 * q[94], 1),
             "loads": int(loads["loads"]),
             "gb_moved": round((loads["bytes_from_disk"] + loads["bytes_from_host"]) / 1e9, 3),
-            "prewarms": stats["prewarm"]["prewarms"], "prewarm_hits": stats["prewarm"]["hits"]}
+            "prewarms": stats["prewarm"]["prewarms"], "prewarm_hits": stats["prewarm"]["hits"],
+            "trace": summary}
 
 
 def main() -> None:
@@ -153,6 +162,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=45.0, help="periodic trace, s")
     parser.add_argument("--traces", default="mixed,periodic")
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--log", type=Path, help="folder for each replay's trace (JSON lines)")
     args = parser.parse_args()
     traces = args.traces.split(",")
     make_store()
@@ -161,10 +171,14 @@ def main() -> None:
     head = {"bench": "placement", "unique_gb": round(unique / 1e9, 3),
             "pool_gb_per_device": round(pool / 1e9, 3)}
     mixed = mixed_trace(args.requests, args.seed, args.mean_gap, period=3.0)
-    results: dict[str, dict[str, object]] = {}
-    for policy in args.policies.split(",") if "mixed" in traces else ():
-        results[policy] = asyncio.run(replay(policy, mixed, pool, prewarm=False))
-        print(json.dumps({**head, "trace": "mixed", **results[policy]}))
+    results: dict[str, list[dict[str, object]]] = {}
+    if args.log is not None:
+        args.log.mkdir(parents=True, exist_ok=True)
+    for n, policy in enumerate(args.policies.split(",") if "mixed" in traces else ()):
+        log = args.log / f"mixed-{n}-{policy}.jsonl" if args.log is not None else None
+        results.setdefault(policy, []).append(
+            asyncio.run(replay(policy, mixed, pool, prewarm=False, log=log)))
+        print(json.dumps({**head, "trace": "mixed", **results[policy][-1]}))
     periodic = periodic_trace(args.duration, args.seed)
     warmup = args.duration / 3
     on_off: dict[bool, dict[str, object]] = {}
@@ -175,14 +189,19 @@ def main() -> None:
     def ratio(a: dict[str, object], b: dict[str, object], key: str) -> float:
         return round(float(a[key]) / max(float(b[key]), 1e-9), 3)  # type: ignore[arg-type]
 
+    def ratios(policy: str, against: str, key: str) -> list[float]:
+        """One ratio per repetition (policies listed twice alternate within the run)."""
+        return [ratio(a, b, key) for a, b in zip(results.get(policy, []),
+                                                 results.get(against, []), strict=False)]
+
     out: dict[str, object] = {"bench": "placement"}
-    if "affinity" in results and "most-free" in results:
-        best, base = results["affinity"], results["most-free"]
-        out |= {"p95_affinity_vs_most_free": ratio(best, base, "ttft_p95_ms"),
-                "bytes_affinity_vs_most_free": ratio(best, base, "gb_moved")}
-    if "affinity" in results and "ollama" in results:
-        out["p95_affinity_vs_ollama"] = ratio(results["affinity"], results["ollama"],
-                                              "ttft_p95_ms")
+    for name, against, key in (("p95_affinity_vs_most_free", "most-free", "ttft_p95_ms"),
+                               ("bytes_affinity_vs_most_free", "most-free", "gb_moved"),
+                               ("p95_affinity_vs_ollama", "ollama", "ttft_p95_ms")):
+        found = ratios("affinity", against, key)
+        if found:
+            out[name] = statistics.median(found)
+            out[name + "_each"] = found
     if on_off:
         out["p95_prewarm_on_vs_off"] = ratio(on_off[True], on_off[False], "ttft_p95_ms")
     print(json.dumps(out))

@@ -6,9 +6,11 @@ edgeserve's policy ranks a unit by the value of keeping it:
           = (size / bandwidth of the tier it would come back from) x reuse / size
 
 Reuse is the decayed request rate of every model that uses the unit (a shared unit counts
-for all of them). The baselines are policies too, so benchmarks compare like with like:
-LRU; Ollama-like (unload the least recently used whole model, retain nothing); and
-no-sharing (edgeserve's, with keys private to each model).
+for all of them), plus the requests waiting for those models right now (queued behind a
+load or held back by grouping): each is a certain use, soon. The baselines are policies
+too, so benchmarks compare like with like: LRU; Ollama-like (unload the least recently
+used whole model, retain nothing); and no-sharing (edgeserve's, with keys private to each
+model).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass, field
 
 from edgeserve.pool import Unit, UnitKind
@@ -51,10 +54,19 @@ class PolicyContext:
     host: HostTier | None = None
     # bytes/s a unit comes back at, by tier; updated from measured loads
     bandwidth: dict[str, float] = field(default_factory=lambda: {"host": 8e9, "disk": 1.5e9})
+    # model -> its requests not started yet (the scheduler's grouping keeps this)
+    waiting: Mapping[str, Sized] = field(default_factory=dict)
+
+    def models_of(self, unit: Unit) -> set[str]:
+        return self.users.get(unit.key or "", set()) or ({unit.owner} if unit.owner else set())
+
+    def pending(self, unit: Unit) -> int:
+        """Requests waiting now for a model that uses unit."""
+        return sum(len(self.waiting.get(m, ())) for m in self.models_of(unit))
 
     def reuse(self, unit: Unit) -> float:
-        models = self.users.get(unit.key or "", set()) or ({unit.owner} if unit.owner else set())
-        score = sum(self.demand.score(m) for m in models)
+        models = self.models_of(unit)
+        score = sum(self.demand.score(m) + len(self.waiting.get(m, ())) for m in models)
         if unit.kind is UnitKind.KV:
             # A prefix page is worth its model's demand and its own decayed hits.
             age = max(0.0, time.monotonic() - unit.last_use)

@@ -4,9 +4,13 @@ When loads compete for memory, serving requests strictly in arrival order swaps 
 on every change (A B A C: four loads). Instead:
 
 - requests for resident models run first, without waiting for loads queued behind them;
-- a load waits its turn among the loads queued, and the turn goes to the model with the
-  most requests waiting (so each load serves a whole group, admitted together in one
-  residency window), oldest first among equals;
+- a load waits its turn among the loads queued, and the turn goes to the load that serves
+  the most waiting requests per second it costs (requests waiting / (estimated seconds to
+  move its missing bytes + LOAD_OVERHEAD): the weighted-shortest-first order, which
+  minimises the summed wait), oldest first among equals. Each load serves a whole group,
+  admitted together in one residency window; a fine-tune whose base is resident costs
+  little, so it goes before a swap that would evict that base. Without an estimate a load
+  counts its waiting requests alone;
 - no request is passed over for longer than `bound` seconds: once the oldest request
   waiting for a load has waited that long, that load goes next, and new requests for
   other models on its device (any device, until it is placed) are held back until it is
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
     from edgeserve.model import ResidentModel
 
 POLL = 0.005         # seconds between two looks while waiting
+LOAD_OVERHEAD = 0.02  # seconds a load costs besides moving bytes (placement, views, steps)
 
 
 @dataclass(slots=True)
@@ -36,6 +41,11 @@ class _Load:
     since: float
     real: bool = True             # False: a prewarm, which never holds requests back
     device: str | None = None     # once placed
+    cost: Callable[[], float] | None = None   # estimated seconds to move its missing bytes
+
+    def rank(self, waiting: int) -> float:
+        cost = self.cost() if self.cost is not None else 0.0
+        return waiting / (min(cost, 1e6) + LOAD_OVERHEAD)
 
 
 class Grouping:
@@ -44,6 +54,7 @@ class Grouping:
         self.waiting: dict[str, list[float]] = {}     # model -> arrival of each waiter
         self.queue: list[_Load] = []
         self.holder: _Load | None = None
+        self.chosen: _Load | None = None     # the next turn, decided once the last one ends
 
     # ---- requests ----------------------------------------------------------------------
     def arrived(self, model: str, at: float) -> None:
@@ -83,20 +94,30 @@ class Grouping:
         overdue = [q for q in self.queue if now - self.oldest(q.model, q.since) > self.bound]
         if overdue:
             return min(overdue, key=lambda q: self.oldest(q.model, q.since))
-        return max(self.queue, key=lambda q: (len(self.waiting.get(q.model, ())),
+        return max(self.queue, key=lambda q: (q.rank(len(self.waiting.get(q.model, ()))),
                                               -self.oldest(q.model, q.since)))
 
+    def _up(self, entry: _Load) -> bool:
+        """Whether entry's turn has come; the choice is made once per free turn."""
+        if self.holder is not None:
+            return False
+        if self.chosen is None or self.chosen not in self.queue:
+            self.chosen = self._next()
+        return self.chosen is entry
+
     @contextlib.asynccontextmanager
-    async def turn(self, model: str, real: bool = True) -> AsyncIterator[None]:
-        """One load at a time (nothing moves while a load copies), in grouping order."""
-        entry = _Load(model, time.monotonic(), real)
+    async def turn(self, model: str, real: bool = True,
+                   cost: Callable[[], float] | None = None) -> AsyncIterator[None]:
+        """One load at a time (nothing moves while a load copies), in grouping order;
+        cost: the load's estimated seconds of moving bytes (None: unknown)."""
+        entry = _Load(model, time.monotonic(), real, cost=cost)
         self.queue.append(entry)
         try:
-            while self.holder is not None or self._next() is not entry:
+            while not self._up(entry):
                 await asyncio.sleep(POLL)
         finally:
             self.queue.remove(entry)
-        self.holder = entry
+        self.holder, self.chosen = entry, None
         try:
             yield
         finally:

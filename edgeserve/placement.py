@@ -5,8 +5,10 @@ Every device is scored for a load by the sum of three terms, in seconds:
     move   = the bytes of the units missing there, each from the fastest tier holding it
              (host tier, else disk), at that device's measured bandwidth
     evict  = the loss from what must be evicted there to make room: each victim's reload
-             time x the probability it is asked for again (from its models' demand), in the
-             eviction policy's order; idle models are unloaded after retained units
+             time x the probability it is asked for again within REUSE_HORIZON seconds
+             (1 - exp(-rate x horizon), the rate summed over the models using it; 1 when a
+             request for one of them is waiting now), in the eviction policy's order; idle
+             models are unloaded after retained units
     queue  = the work already queued there: decode steps left x the step time
 
 The lowest score wins; ties go to the device with more free memory. A device that cannot
@@ -26,6 +28,10 @@ from edgeserve.pool import BlockPool, Unit
 from edgeserve.tiers import HostTier
 
 EWMA = 0.3        # weight of a new bandwidth measurement
+# Seconds ahead over which an evicted unit's reuse is counted: the order of a model's
+# residency window between two swaps. A decayed count (half-life minutes) would make the
+# probability 1 for any model asked for a few times, and every victim cost the same.
+REUSE_HORIZON = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +101,10 @@ class Placement:
     def loss(self, unit: Unit, device: str) -> float:
         """Expected seconds lost by evicting unit: its reload time x the chance of reuse."""
         reload_s = unit.nbytes / self._bw(device)[self.ctx.comes_back_from(unit)]
-        return reload_s * (1.0 - math.exp(-self.ctx.reuse(unit)))
+        if self.ctx.pending(unit):
+            return reload_s
+        rate = self.ctx.reuse(unit) * self.ctx.demand.decay     # a decayed count -> a rate
+        return reload_s * (1.0 - math.exp(-rate * REUSE_HORIZON))
 
     def score(self, pool: BlockPool, missing: Sequence[Missing], keep: set[str],
               victims: Sequence[Unit], idle_models: Sequence[Sequence[Unit]],

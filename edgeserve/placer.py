@@ -8,8 +8,12 @@ and the resident models hold still.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import itertools
 import logging
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +44,7 @@ class Placer:
         self.placement = Placement(scheduler.ctx, step_seconds)
         self.rule = rule            # "affinity"; baselines: "most-free", "round-robin"
         self._turn = itertools.count()
+        self.queued: dict[str, Needs] = {}     # loads waiting their turn: what they need
 
     def learn(self, report: LoadReport, seconds: dict[str, float]) -> None:
         """Each tier's bandwidth from real loads (moving averages): per device for
@@ -87,6 +92,39 @@ class Placer:
                 by_dtype[ctx.dtype] = units
             out[device] = by_dtype[ctx.dtype]
         return out
+
+    async def queue(self, model_id: str, weights: Path, spec: ModelSpec,
+                    task: TaskSource | None, host_only: frozenset[str]
+                    ) -> Callable[[], float]:
+        """Before a load waits its turn: what it needs, as far as cached hashes tell
+        (nothing is hashed here), announced; returns its cost estimate for grouping."""
+        needs = await asyncio.to_thread(self.needs, model_id, weights, spec, task, host_only,
+                                        set())
+        self.announce(model_id, needs)
+        return functools.partial(self.estimate, model_id)
+
+    def announce(self, model_id: str, needs: Needs) -> None:
+        """A load is queued: its known units count its model's waiting requests as their
+        reuse (eviction spares them) and its turn can be ranked by its cost."""
+        self.queued[model_id] = needs
+        for units in needs.values():
+            for key, _ in units:
+                if key is not None:
+                    self.s.ctx.users.setdefault(key, set()).add(model_id)
+
+    def estimate(self, model_id: str) -> float:
+        """(any thread) Seconds a queued load would move bytes for, on its cheapest device:
+        units resident there cost nothing, those in the host tier come at its bandwidth."""
+        needs = self.queued.get(model_id)
+        if needs is None:
+            return math.inf
+        best = math.inf
+        for device, units in needs.items():
+            pool = self.s.pools[device]
+            missing, _ = missing_units(units, functools.partial(_held, pool), self.s.host)
+            bw = self.placement.bandwidth.get(device, self.s.ctx.bandwidth)
+            best = min(best, sum(m.nbytes / bw[m.tier] for m in missing))
+        return best
 
     async def place(self, model_id: str, needs: Needs, device: str | None
                     ) -> tuple[BlockPool, dict[str, object]]:
@@ -148,3 +186,7 @@ class Placer:
         if device is not None and model is not None and model.pool.device != device:
             raise InvalidRequest(f"model '{model_id}' is resident on {model.pool.device}; "
                                  f"unload it before loading it on {device}", "device")
+
+
+def _held(pool: BlockPool, key: str) -> bool:
+    return pool.lookup(key) is not None

@@ -107,3 +107,34 @@ async def test_turns_go_to_the_biggest_group_then_the_overdue():
     g.holder = None
     await asyncio.gather(*tasks)
     assert order == ["b", "c"]
+
+
+async def test_a_cheap_load_goes_before_a_costly_one_with_more_waiters():
+    g = Grouping(bound=10.0)
+    g.holder = object()  # type: ignore[assignment]     # a load is running
+    now = time.monotonic()
+    for _ in range(2):
+        g.arrived("swap", now)            # two requests for a model that evicts another
+    g.arrived("fine-tune", now + 0.01)    # one for a fine-tune of a resident base
+    order: list[str] = []
+
+    async def load(model: str, cost: float) -> None:
+        async with g.turn(model, cost=lambda: cost):
+            order.append(model)
+
+    tasks = [asyncio.create_task(load("swap", 0.5)),
+             asyncio.create_task(load("fine-tune", 0.001))]
+    await asyncio.sleep(0.02)
+    g.holder = None
+    await asyncio.gather(*tasks)
+    assert order == ["fine-tune", "swap"]     # 1 / 0.021 s beats 2 / 0.52 s
+    # Overdue requests still go first, whatever their load costs.
+    g.bound = 0.0
+    g.holder = object()  # type: ignore[assignment]
+    order.clear()
+    tasks = [asyncio.create_task(load("fine-tune", 0.001)),
+             asyncio.create_task(load("swap", 0.5))]
+    await asyncio.sleep(0.02)
+    g.holder = None
+    await asyncio.gather(*tasks)
+    assert order == ["swap", "fine-tune"]

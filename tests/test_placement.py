@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import shutil
+import time
 
 import pytest
 from hf_models import hf_greedy
@@ -10,7 +12,8 @@ from test_reuse import fine_tune
 
 from edgeserve import EdgeServer
 from edgeserve.demand import DemandHistory
-from edgeserve.eviction import PolicyContext
+from edgeserve.eviction import CostAware, PolicyContext
+from edgeserve.loader import read_spec
 from edgeserve.placement import Missing, Placement, Score
 from edgeserve.pool import BlockPool, UnitKind
 from edgeserve.results import InvalidRequest
@@ -165,3 +168,71 @@ def test_eviction_loss_follows_demand():
     assert not placement.score(pool, [Missing(16384, "disk")], {"hot"}, [hot, cold], [],
                                0).fits
     assert isinstance(only_cold, Score)
+
+
+def test_eviction_loss_tells_demand_apart_and_counts_waiting_requests():
+    ctx = PolicyContext(DemandHistory())
+    placement = Placement(ctx)
+    pool = BlockPool("cpu:0", 32 << 10, 4096, storage=False)
+    units = {m: pool.allocate(UnitKind.WEIGHT, 8192, key=m, owner=m, pin=False)
+             for m in ("busy", "rare", "waited")}
+    now = time.monotonic()
+    for _ in range(20):
+        ctx.demand.record("busy", now)
+    ctx.demand.record("rare", now)
+    reload_s = 8192 / ctx.bandwidth[ctx.comes_back_from(units["busy"])]
+    # A decayed count would make both near certain; the rate over the horizon does not.
+    assert placement.loss(units["rare"], "cpu:0") < 0.3 * placement.loss(units["busy"], "cpu:0")
+    assert placement.loss(units["busy"], "cpu:0") < reload_s
+    # A request waiting now for the model: the unit is needed for sure.
+    assert placement.loss(units["waited"], "cpu:0") == 0.0
+    ctx.waiting = {"waited": [now]}
+    assert placement.loss(units["waited"], "cpu:0") == pytest.approx(reload_s)
+    assert ctx.reuse(units["waited"]) == 1
+
+
+def test_a_load_evicts_on_the_device_where_nobody_waits():
+    ctx = PolicyContext(DemandHistory())
+    placement = Placement(ctx)
+    a = BlockPool("cpu:0", 16 << 10, 4096, storage=False)
+    b = BlockPool("cpu:1", 16 << 10, 4096, storage=False)
+    on_a = a.allocate(UnitKind.WEIGHT, 16 << 10, key="x", owner="x", pin=False)
+    on_b = b.allocate(UnitKind.WEIGHT, 16 << 10, key="y", owner="y", pin=False)
+    now = time.monotonic()
+    for _ in range(3):
+        ctx.demand.record("y", now)       # y was asked for more, but nobody waits for it
+    ctx.demand.record("x", now)
+    ctx.waiting = {"x": [now, now]}       # two requests wait for x (its load is queued)
+    need = [Missing(8192, "disk")]
+    sa = placement.score(a, need, set(), [on_a], [], 0)
+    sb = placement.score(b, need, set(), [on_b], [], 0)
+    assert sb.evict_s < sa.evict_s and Placement.choose([sa, sb]).device == "cpu:1"
+
+
+def test_waiting_requests_keep_their_units_last_in_the_eviction_order():
+    ctx = PolicyContext(DemandHistory())
+    pool = BlockPool("cpu:0", 32 << 10, 4096, storage=False)
+    units = [pool.allocate(UnitKind.WEIGHT, 8192, key=m, owner=m, pin=False)
+             for m in ("waited", "asked")]
+    for _ in range(2):
+        ctx.demand.record("asked")
+    ctx.waiting = {"waited": [time.monotonic()] * 3}
+    assert [u.key for u in CostAware().unit_order(units, ctx)] == ["asked", "waited"]
+
+
+async def test_a_queued_load_is_estimated_by_the_bytes_it_misses(store):
+    async with server(store, "2MiB,1MiB") as es:
+        s = es.scheduler
+        for name in ("llama", "llama-ft", "qwen2"):     # hashes cached: keys are known
+            s.hashes.get(store / name / "model.safetensors")
+        await es.load("llama", device="cpu:1")
+        for name in ("llama-ft", "qwen2"):
+            path = s.store.path(name)
+            cost = await s.placer.queue(name, path, read_spec(path), None, frozenset())
+            assert cost() == s.placer.estimate(name)
+        fine_tune, other = s.placer.estimate("llama-ft"), s.placer.estimate("qwen2")
+        assert 0 < fine_tune < 0.3 * other
+        # The base's units now count the fine-tune's waiting requests as their reuse.
+        base_key = next(u.key for u in es.models["llama"].distinct_units)
+        assert "llama-ft" in s.ctx.users[base_key]
+        assert s.placer.estimate("never-queued") == math.inf

@@ -65,6 +65,8 @@ class LoadReport:
     placement: dict[str, Any] | None = None     # the device chosen, and every device's score
     scheme: str | None = None         # int8 / int4 / mixed: quantized weights
     quantize_seconds: float = 0.0     # spent quantizing the checkpoint (first load only)
+    turn_seconds: float = 0.0         # spent waiting for other loads (one load at a time)
+    room_seconds: float = 0.0         # spent waiting for busy models to make room
     source: str = ""                  # the folder the weights were read from
     converted: str = ""               # a GGUF file's tensor types and what they became
 

@@ -96,6 +96,7 @@ class Scheduler(Residencies, RoomMaking):
         self.totals = dict.fromkeys(("loads", "seconds", "bytes_from_device",
                                      "bytes_from_host", "bytes_from_disk"), 0.0)
         self.grouping = Grouping(self.config.group_wait)   # one load at a time, in turn
+        self.ctx.waiting = self.grouping.waiting
         self.placer = Placer(self, self.config.step_seconds, self.config.placement)
         self.prewarm = Prewarmer(self, enabled=self.config.prewarm)
         self.prewarm.start()
@@ -149,7 +150,11 @@ class Scheduler(Residencies, RoomMaking):
                 tokenizer = await asyncio.to_thread(self.tokenizer_cache.load, folder)
                 break
         host_only = host_only_units(spec, self.experts.budget)
-        async with self.grouping.turn(model_id, real=stop is None):
+        cost = await self.placer.queue(model_id, checkpoint, spec, task, host_only)
+        queued = time.perf_counter()
+        async with self.grouping.turn(model_id, real=stop is None, cost=cost):
+            queued = time.perf_counter() - queued
+            self.placer.queued.pop(model_id, None)
             ReadOptions(stop=stop).check()
             sizes = await self.engine.run(self.placer.resident_sizes)
             needs = await asyncio.to_thread(self.placer.needs, model_id, checkpoint, spec, task,
@@ -159,7 +164,7 @@ class Scheduler(Residencies, RoomMaking):
             ctx = self.context(pool)
             report = LoadReport(model_id, pool.device, placement=placement,
                                 quantize_seconds=quantizing, source=str(checkpoint),
-                                converted=gguf_summary(path))
+                                converted=gguf_summary(path), turn_seconds=queued)
             model, host = await self._read(model_id, checkpoint, spec, ctx, report, host_only,
                                            stop)
             report.scheme = load_scheme(model.schemes)
@@ -247,7 +252,9 @@ class Scheduler(Residencies, RoomMaking):
                     continue
                 if stop is not None:
                     raise
+                waited = time.perf_counter()
                 await self._make_room(ctx.pool, model_id, deadline, e)
+                report.room_seconds += time.perf_counter() - waited
                 continue
             for name in ("bytes_total", "bytes_from_device", "bytes_from_host",
                          "bytes_from_disk"):

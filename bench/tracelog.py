@@ -1,0 +1,81 @@
+"""A replay's trace for finding where its tail comes from: every request (model, device,
+resident on arrival or not, TTFT) and every pool event (loads with their placement terms,
+bytes by tier and waits; unloads; evictions; demotions), as JSON lines, and a summary.
+
+    log = Trace(es)                    # after EdgeServer starts
+    log.request(model, at, ttft, ...)  # per request
+    log.dump(path)                     # JSON lines
+    print(log.summary())
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from edgeserve import EdgeServer
+from edgeserve.events import EventLog
+
+
+class Trace:
+    def __init__(self, es: EdgeServer) -> None:
+        self.log = EventLog(capacity=1_000_000)
+        self.log.attach(es.pools.values())
+        self.es = es
+        self.requests: list[dict[str, Any]] = []
+
+    def resident(self, model: str) -> str | None:
+        found = self.es.models.get(model)
+        return found.pool.device if found is not None else None
+
+    def request(self, model: str, at: float, ttft: float, resident: str | None,
+                device: str | None) -> None:
+        self.requests.append({"kind": "request", "model": model, "at": round(at, 3),
+                              "ttft": round(ttft, 4), "resident_on_arrival": resident,
+                              "device": device})
+
+    def events(self) -> list[dict[str, Any]]:
+        return [e.to_json() for e in self.log.since(0)]
+
+    def dump(self, path: Path) -> None:
+        with path.open("w") as f:
+            for row in self.requests + self.events():
+                f.write(json.dumps(row, default=str) + "\n")
+
+    def summary(self) -> dict[str, Any]:
+        events = self.events()
+        loads = [e for e in events if e["kind"] == "load"]
+        evicted: Counter[str] = Counter()
+        for e in events:
+            if e["kind"] == "evict" and e.get("unit_kind") in ("weight", "expert"):
+                evicted[e["device"]] += e["bytes"]
+        hits = [r for r in self.requests if r["resident_on_arrival"]]
+        misses = [r for r in self.requests if not r["resident_on_arrival"]]
+        by_tier: dict[str, float] = defaultdict(float)
+        for e in loads:
+            for tier in ("host", "disk"):
+                by_tier[tier] += e[f"bytes_from_{tier}"] / 1e9
+        ttft = sorted(r["ttft"] for r in self.requests)
+        tail = ttft[int(0.95 * (len(ttft) - 1))] if ttft else 0.0
+
+        def med(xs: list[float]) -> float:
+            return round(statistics.median(xs), 3) if xs else 0.0
+
+        return {
+            "loads": len(loads),
+            "loads_by_device": dict(Counter(e["device"] for e in loads)),
+            "gb_by_tier": {k: round(v, 3) for k, v in by_tier.items()},
+            "gb_weights_evicted": {d: round(b / 1e9, 3) for d, b in evicted.items()},
+            "unloads": sum(e["kind"] == "unload" for e in events),
+            "requests_resident": len(hits), "requests_loading": len(misses),
+            "ttft_med_resident": med([r["ttft"] for r in hits]),
+            "ttft_med_loading": med([r["ttft"] for r in misses]),
+            "tail_requests_loading": sum(r["ttft"] >= tail for r in misses),
+            "tail_requests_resident": sum(r["ttft"] >= tail for r in hits),
+            "load_s_med": med([e["seconds"] for e in loads]),
+            "turn_s_sum": round(sum(e.get("turn_seconds", 0.0) for e in loads), 2),
+            "room_s_sum": round(sum(e.get("room_seconds", 0.0) for e in loads), 2),
+        }
