@@ -17,7 +17,8 @@ from edgeserve.server import SERVER, create_app
 MODEL = "demo-llama"
 REPORT_KEYS = {"model", "device", "seconds", "bytes_total", "bytes_from_device",
                "bytes_from_host", "bytes_from_disk", "bytes_released", "placement",
-               "scheme", "quantize_seconds", "source", "converted"}
+               "scheme", "quantize_seconds", "turn_seconds", "room_seconds", "source",
+               "converted"}
 
 
 async def cpu_pool(client: Any) -> dict[str, Any]:
@@ -32,6 +33,7 @@ async def test_load_report_and_pool(client: Any) -> None:
     report = await resp.json()
     assert report.keys() == REPORT_KEYS and (report["model"], report["device"]) == (MODEL, "cpu")
     assert report["bytes_total"] == report["bytes_from_disk"] > 0 and report["seconds"] > 0
+    assert 0 <= report["turn_seconds"] < report["seconds"] and report["room_seconds"] == 0
     pool = await cpu_pool(client)
     assert pool["resident_models"][MODEL] >= report["bytes_total"]
     assert pool["bytes_by_kind"]["weight"] >= report["bytes_total"]
