@@ -5,10 +5,11 @@ Every device is scored for a load by the sum of three terms, in seconds:
     move   = the bytes of the units missing there, each from the fastest tier holding it
              (host tier, else disk), at that device's measured bandwidth
     evict  = the loss from what must be evicted there to make room: each victim's reload
-             time x the probability it is asked for again within REUSE_HORIZON seconds
-             (1 - exp(-rate x horizon), the rate summed over the models using it; 1 when a
-             request for one of them is waiting now), in the eviction policy's order; idle
-             models are unloaded after retained units
+             time x the probability it is asked for again before that device would swap
+             it out anyway (1 - exp(-rate x window), the rate summed over the models using
+             it, the window the device's measured time between swaps, REUSE_HORIZON until
+             measured; 1 when a request for one of them is waiting now), in the eviction
+             policy's order; idle models are unloaded after retained units
     queue  = the work already queued there: decode steps left x the step time
 
 The lowest score wins; ties go to the device with more free memory. A device that cannot
@@ -20,6 +21,7 @@ base is and a task where its base's units are.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -28,9 +30,11 @@ from edgeserve.pool import BlockPool, Unit
 from edgeserve.tiers import HostTier
 
 EWMA = 0.3        # weight of a new bandwidth measurement
-# Seconds ahead over which an evicted unit's reuse is counted: the order of a model's
-# residency window between two swaps. A decayed count (half-life minutes) would make the
-# probability 1 for any model asked for a few times, and every victim cost the same.
+# Seconds ahead over which an evicted unit's reuse is counted until a device has swapped
+# twice: then the device's own time between swaps (its residency window). A decayed count
+# (half-life minutes) would make the probability 1 for any model asked for a few times,
+# and every victim cost the same; so would a fixed horizon on a device that swaps every
+# second.
 REUSE_HORIZON = 30.0
 
 
@@ -90,6 +94,17 @@ class Placement:
         self.ctx = ctx
         self.step_seconds = step_seconds
         self.bandwidth: dict[str, dict[str, float]] = {}     # device -> tier -> bytes/s
+        self.last_swap: dict[str, float] = {}                 # device -> when (monotonic)
+        self.window: dict[str, float] = {}                    # device -> s between swaps
+
+    def swapped(self, device: str, now: float | None = None) -> None:
+        """A load that evicts was placed on device: learn its time between swaps."""
+        now = time.monotonic() if now is None else now
+        last = self.last_swap.get(device)
+        if last is not None:
+            old = self.window.get(device, now - last)
+            self.window[device] = (1 - EWMA) * old + EWMA * (now - last)
+        self.last_swap[device] = now
 
     def measured(self, device: str, tier: str, bytes_per_s: float) -> None:
         bw = self.bandwidth.setdefault(device, dict(self.ctx.bandwidth))
@@ -104,7 +119,7 @@ class Placement:
         if self.ctx.pending(unit):
             return reload_s
         rate = self.ctx.reuse(unit) * self.ctx.demand.decay     # a decayed count -> a rate
-        return reload_s * (1.0 - math.exp(-rate * REUSE_HORIZON))
+        return reload_s * (1.0 - math.exp(-rate * self.window.get(device, REUSE_HORIZON)))
 
     def score(self, pool: BlockPool, missing: Sequence[Missing], keep: set[str],
               victims: Sequence[Unit], idle_models: Sequence[Sequence[Unit]],

@@ -133,6 +133,8 @@ class Placer:
         scores = await self.s.engine.run(self.scores, model_id, needs)
         by_device = {s.device: s for s in scores}
         chosen = by_device[device] if device is not None else self._choose(scores)
+        if chosen.missing_bytes > chosen.free_bytes:
+            self.placement.swapped(chosen.device)
         log.info("placing %s on %s%s: %s", model_id, chosen.device,
                  " (requested)" if device is not None else "",
                  "; ".join(f"{s.device} move {s.move_s:.3f}s evict {s.evict_s:.3f}s queue "

@@ -236,3 +236,23 @@ async def test_a_queued_load_is_estimated_by_the_bytes_it_misses(store):
         base_key = next(u.key for u in es.models["llama"].distinct_units)
         assert "llama-ft" in s.ctx.users[base_key]
         assert s.placer.estimate("never-queued") == math.inf
+
+
+def test_reuse_is_counted_over_the_device_s_time_between_swaps():
+    ctx = PolicyContext(DemandHistory())
+    placement = Placement(ctx)
+    pool = BlockPool("cpu:0", 32 << 10, 4096, storage=False)
+    hot, warm = (pool.allocate(UnitKind.WEIGHT, 8192, key=m, owner=m, pin=False)
+                 for m in ("hot", "warm"))
+    now = time.monotonic()
+    for _ in range(40):
+        ctx.demand.record("hot", now)
+    for _ in range(20):
+        ctx.demand.record("warm", now)
+    # Over the default horizon both are near certain to come back: the same loss.
+    assert placement.loss(warm, "cpu:0") > 0.95 * placement.loss(hot, "cpu:0")
+    for t in (0.0, 1.0, 2.0, 3.0):        # the device swaps every second
+        placement.swapped("cpu:0", now + t)
+    assert placement.window["cpu:0"] == pytest.approx(1.0)
+    assert placement.loss(warm, "cpu:0") < 0.7 * placement.loss(hot, "cpu:0")
+    assert "cpu:1" not in placement.window
