@@ -127,10 +127,15 @@ def tensor_hasher(t: TensorInfo, algorithm: str = ALGORITHM) -> Hasher:
     raise ValueError(f"hash algorithm {algorithm!r} is not blake3 or blake2b")
 
 
-def hash_file(path: Path, algorithm: str = ALGORITHM, chunk: int = 32 << 20,
+HASH_CHUNK = 2 << 20   # bytes per read of a hashing pass: three buffers stay in the cache
+
+
+def hash_file(path: Path, algorithm: str = ALGORITHM, chunk: int = HASH_CHUNK,
               only: set[str] | None = None) -> dict[str, str]:
     """Content hash of every tensor of a file (or of those named in `only`). The next
-    chunk is read while a thread hashes this one (three buffers in rotation)."""
+    chunk is read while a thread hashes this one (three buffers in rotation). Small
+    chunks: three 32 MiB buffers, new for every file, cost more in page faults than the
+    hashing itself (a 63 MB file: 72-320 ms against 21-27 ms with 2 MiB chunks)."""
     tensors = [t for t in read_header(path) if only is None or t.name in only]
     hashers = {t.name: tensor_hasher(t, algorithm) for t in tensors}
     buffers = [bytearray(chunk) for _ in range(3)]
