@@ -96,10 +96,17 @@ class Placer:
     async def queue(self, model_id: str, weights: Path, spec: ModelSpec,
                     task: TaskSource | None, host_only: frozenset[str]
                     ) -> Callable[[], float]:
-        """Before a load waits its turn: what it needs, as far as cached hashes tell
-        (nothing is hashed here), announced; returns its cost estimate for grouping."""
+        """Before a load waits its turn: what it needs, announced; returns its cost
+        estimate for grouping. A file never seen that may share with resident units is
+        hashed here, while the load waits, not in its turn (where it would hold up the
+        loads queued behind it)."""
         needs = await asyncio.to_thread(self.needs, model_id, weights, spec, task, host_only,
                                         set())
+        if any(key is None for units in needs.values() for key, _ in units):
+            sizes = await self.s.engine.run(self.resident_sizes)     # never hashed: may share?
+            if sizes:
+                needs = await asyncio.to_thread(self.needs, model_id, weights, spec, task,
+                                                host_only, sizes)
         self.announce(model_id, needs)
         return functools.partial(self.estimate, model_id)
 

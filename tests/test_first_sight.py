@@ -3,6 +3,7 @@ units and keys as a load with cached hashes, and no second pass over the file.""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 
 import pytest
@@ -125,3 +126,25 @@ def test_streamed_hashes_equal_a_hashing_pass_in_any_chunking(tmp_path, dtype):
         assert streamed.complete(file) == expected        # the last two: hashed after
         for job in jobs[:-2]:
             assert torch.equal(job.dest, tensors[job.tensor.name].float())
+
+
+async def test_a_file_that_may_share_is_hashed_before_the_load_s_turn(tmp_path, tiny_store):
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store / "llama", store / "llama")
+    shutil.copytree(tiny_store / "llama", store / "llama-copy")
+    async with server(store) as es:
+        await es.load("llama")
+        hashes, grouping = es.scheduler.hashes, es.scheduler.grouping
+        before = hashes.computed
+        grouping.holder = object()  # type: ignore[assignment]    # another load's turn
+        load = asyncio.create_task(es.load("llama-copy"))
+        for _ in range(400):                     # hashed while it waits, not in its turn
+            if hashes.computed > before:
+                break
+            await asyncio.sleep(0.005)
+        assert hashes.computed == before + 1 and not load.done()
+        grouping.holder = None
+        report = await load
+        assert report.bytes_from_device == report.bytes_total and report.bytes_released == 0
+        assert hashes.computed == before + 1     # not hashed again in the turn
+        es.pools["cpu"].check_integrity()
