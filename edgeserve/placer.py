@@ -61,9 +61,9 @@ class Placer:
                                  f"{', '.join(self.s.pools)}", "device")
 
     def resident_sizes(self) -> set[int]:
-        """(step thread) Byte sizes of the weight units held by any pool or the host tier:
+        """(any thread) Byte sizes of the weight units held by any pool or the host tier:
         a unit of another size cannot share bytes with them."""
-        sizes = {u.nbytes for pool in self.s.pools.values() for u in pool.units.values()
+        sizes = {u.nbytes for pool in self.s.pools.values() for u in pool.snapshot()
                  if u.kind in (UnitKind.WEIGHT, UnitKind.EXPERT)}
         return sizes | (self.s.host.sizes() if self.s.host is not None else set())
 
@@ -103,7 +103,7 @@ class Placer:
         needs = await asyncio.to_thread(self.needs, model_id, weights, spec, task, host_only,
                                         set())
         if any(key is None for units in needs.values() for key, _ in units):
-            sizes = await self.s.engine.run(self.resident_sizes)     # never hashed: may share?
+            sizes = self.resident_sizes()                  # never hashed: may it share?
             if sizes:
                 needs = await asyncio.to_thread(self.needs, model_id, weights, spec, task,
                                                 host_only, sizes)

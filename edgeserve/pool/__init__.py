@@ -138,6 +138,11 @@ class BlockPool:
         with self._lock:
             return [u for u in self.units.values() if u.kind is kind]
 
+    def snapshot(self) -> list[Unit]:
+        """(any thread) The units held now."""
+        with self._lock:
+            return list(self.units.values())
+
     def lookup(self, key: str) -> Unit | None:
         with self._lock:
             return self.by_key.get(key)

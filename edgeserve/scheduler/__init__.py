@@ -156,7 +156,7 @@ class Scheduler(Residencies, RoomMaking):
             queued = time.perf_counter() - queued
             self.placer.queued.pop(model_id, None)
             ReadOptions(stop=stop).check()
-            sizes = await self.engine.run(self.placer.resident_sizes)
+            sizes = self.placer.resident_sizes()
             needs = await asyncio.to_thread(self.placer.needs, model_id, checkpoint, spec, task,
                                             host_only, sizes)
             pool, placement = await self.placer.place(model_id, needs, device)
