@@ -6,10 +6,16 @@ vocabulary 49152, tied embeddings; `--model DIR` for a real one): device bytes, 
 tokens/s at 512 tokens, aggregate decode tokens/s with 1, 8 and 32 streams, and top-1
 agreement and mean KL against fp32, teacher-forced over 32 prompts x 64 tokens. Also how
 many int8 against fp32 models fit in bench/multimodel.py's pool, and llama.cpp's figures
-where `llama-bench` is found (PATH or $LLAMA_BENCH) and GGUF files are given (--gguf).
+where GGUF files are given (--gguf) and its programs are found (bench/llamacpp.py):
+`llama-bench` for prefill, `llama-batched-bench -npp 8 -ntg TOKENS -npl 1,8,32` for decode.
 Prints one JSON line per variant, then one summary line with the ratios.
 
-    .venv/bin/python bench/quant.py [--model DIR] [--tokens 32] [--repeats 3]
+Decode tokens/s (`decode_N_tok_s`) count, over all N streams, the tokens after each
+stream's first, over the time from the earliest first token to the latest last one: the
+generation steps only, as llama-batched-bench's TG figure counts them. `e2e_N_tok_s` is
+every token over the whole request time (prefill and admission included).
+
+    .venv/bin/python bench/quant.py [--model DIR] [--tokens 32] [--repeats 3] [--only fp32]
                                     [--gguf F32=a.gguf,Q8_0=b.gguf,Q4_1=c.gguf]
 """
 
@@ -18,14 +24,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
 import statistics
-import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import llamacpp
 import torch
 
 from edgeserve import EdgeServer
@@ -59,12 +63,30 @@ def ids(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-async def once(es: EdgeServer, model: str, prompts: list[list[int]], tokens: int) -> float:
-    """Seconds for every prompt to get `tokens` new tokens, all running together."""
+class Run(NamedTuple):
+    seconds: float          # from submitting every prompt to the last token
+    decode_seconds: float   # from the earliest first token to the latest last token
+    decode_tokens: int      # tokens after each stream's first
+
+
+async def once(es: EdgeServer, model: str, prompts: list[list[int]], tokens: int) -> Run:
+    """Every prompt gets `tokens` new tokens, all running together."""
+    async def stream(prompt: list[int]) -> tuple[float, float, int]:
+        first = last = 0.0
+        decoded = 0                 # tokens after those the first delta brought
+        async for delta in es.stream_complete(model, prompt, max_tokens=tokens, temperature=0,
+                                              ignore_eos=True):
+            if delta.token_ids:
+                last = time.perf_counter()
+                decoded += len(delta.token_ids) if first else 0
+                first = first or last
+        return first, last, decoded
+
     start = time.perf_counter()
-    await asyncio.gather(*[es.complete(model, p, max_tokens=tokens, temperature=0,
-                                       ignore_eos=True) for p in prompts])
-    return time.perf_counter() - start
+    marks = await asyncio.gather(*[stream(p) for p in prompts])
+    end = time.perf_counter()
+    return Run(end - start, max(m[1] for m in marks) - min(m[0] for m in marks),
+               sum(m[2] for m in marks))
 
 
 async def speed(store: Path, name: str, variants: list[str], vocab: int,
@@ -85,17 +107,22 @@ async def speed(store: Path, name: str, variants: list[str], vocab: int,
         tests = {"prefill_512_tok_s": ([ids(512, vocab, 1)], 1)} | {
             f"decode_{n}_tok_s": ([ids(8, vocab, 100 + s) for s in range(n)], args.tokens)
             for n in (1, 8, 32)}
-        times: dict[tuple[str, str], list[float]] = {}
+        runs: dict[tuple[str, str], list[Run]] = {}
         for r in range(args.repeats + 1):              # round 0 warms up
             for test, (prompts, tokens) in tests.items():
                 for v, (es, model) in servers.items():
-                    t = await once(es, model, prompts, tokens)
+                    run = await once(es, model, prompts, tokens)
                     if r:
-                        times.setdefault((v, test), []).append(t)
-        for (v, test), ts in times.items():
+                        runs.setdefault((v, test), []).append(run)
+        for (v, test), rs in runs.items():
             prompts, tokens = tests[test]
-            work = 512 if test.startswith("prefill") else len(prompts) * tokens
-            out[v][test] = round(work / statistics.median(ts), 1)
+            if test.startswith("prefill"):
+                out[v][test] = round(512 / statistics.median(r.seconds for r in rs), 1)
+                continue
+            out[v][test] = round(statistics.median(r.decode_tokens / r.decode_seconds
+                                                   for r in rs), 1)
+            out[v][test.replace("decode", "e2e")] = round(
+                len(prompts) * tokens / statistics.median(r.seconds for r in rs), 1)
         for es in (fp32, bf16):
             for pool in es.pools.values():
                 pool.check_integrity()
@@ -160,21 +187,17 @@ def capacity() -> dict[str, int]:
     return out
 
 
-def llama_cpp(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """llama-bench's prefill (512) and decode (1 stream) tokens/s per GGUF file given."""
-    exe = os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench")
-    if not exe or not args.gguf:
-        return {}
+def versus(rows: dict[str, dict[str, object]],
+           peers: dict[str, dict[str, float]]) -> dict[str, float]:
+    """edgeserve / llama.cpp decode tokens/s, per variant and stream count, where llama.cpp
+    ran a file of the same precision."""
     out = {}
-    for item in args.gguf.split(","):
-        label, file = item.split("=", 1)
-        run = subprocess.run([exe, "-m", file, "-p", "512", "-n", str(args.tokens), "-t",
-                              str(torch.get_num_threads()), "-o", "json"],
-                             capture_output=True, text=True, check=True)
-        rows = json.loads(run.stdout)
-        out[label] = {("prefill_512_tok_s" if r["n_prompt"] else "decode_1_tok_s"):
-                      round(float(r["avg_ts"]), 1) for r in rows}
-        out[label]["bytes"] = int(rows[0]["model_size"])
+    for variant, row in rows.items():
+        label = next((p for p in llamacpp.PEERS.get(variant, ()) if p in peers), None)
+        for key, theirs in peers.get(label or "", {}).items():
+            ours = row.get(key)
+            if isinstance(ours, float) and theirs > 0:
+                out[f"{variant}_vs_{label}_{key.removesuffix('_tok_s')}"] = round(ours / theirs, 3)
     return out
 
 
@@ -186,7 +209,8 @@ def main() -> None:
     parser.add_argument("--quality-prompts", type=int, default=32)
     parser.add_argument("--quality-tokens", type=int, default=64)
     parser.add_argument("--pool-size", default="3GiB")
-    parser.add_argument("--gguf", default="", help="LABEL=file.gguf,... for llama-bench")
+    parser.add_argument("--gguf", default="",
+                        help="LABEL=file.gguf,... for llama-bench and llama-batched-bench")
     parser.add_argument("--only", default=",".join(VARIANTS), help="variants to time")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-capacity", action="store_true")
@@ -213,7 +237,11 @@ def main() -> None:
                 float(row["device_bytes"]) / float(fp32["device_bytes"]), 3)  # type: ignore[arg-type]
     if not args.skip_capacity:
         summary["capacity"] = capacity()
-    summary["llama_cpp"] = llama_cpp(args)
+    threads = torch.get_num_threads()
+    summary["llama_cpp"] = llamacpp.bench(args.gguf, args.tokens, threads)
+    batched = llamacpp.batched(args.gguf, args.tokens, threads)
+    summary["llama_cpp_batched"] = batched
+    summary["decode_vs_llama_cpp"] = versus(rows, batched)
     print(json.dumps(summary), flush=True)
 
 
