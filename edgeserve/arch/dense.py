@@ -8,12 +8,13 @@ D = hidden, H = query heads, KVH = key/value heads, hd = head dim, V = vocabular
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from edgeserve.arch import rope
+from edgeserve.arch import rope, threads
 from edgeserve.arch.plan import EMBED, HEAD, WeightUnit, attention_plan, base_plan, mlp_plan
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.batch import StepBatch
@@ -100,6 +101,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class DenseModel:
     """Forward passes over weight views; holds no memory of its own."""
 
+    small_ops_on_one_thread = True      # see arch/threads.py
+
     def __init__(self, spec: ModelSpec, weights: dict[str, Weight]) -> None:
         self.spec = spec
         self.embed = weights[EMBED]
@@ -125,17 +128,25 @@ class DenseModel:
         kv: the paged view (pages, L, P, 2, KVH, hd); the new keys and values are written
         into the pages of batch.slot_page / slot_offset.
         """
-        x = self._layers(batch, kv)
-        x = norm(x if all_logits else x[torch.arange(batch.size), batch.last], self.norm,
-                 self.spec.rms_norm_eps, batch, "model.norm.weight")
-        head = EMBED if self.spec.tie_embeddings else HEAD
-        return linear(x, self.lm_head, None, batch, head).float()
+        with self._threads(batch):
+            x = self._layers(batch, kv)
+            if not all_logits:      # each row's last new token
+                x = x[:, 0] if batch.width == 1 else x[torch.arange(batch.size), batch.last]
+            x = norm(x, self.norm, self.spec.rms_norm_eps, batch, "model.norm.weight")
+            head = EMBED if self.spec.tie_embeddings else HEAD
+            return linear(x, self.lm_head, None, batch, head).float()
 
     @torch.inference_mode()
     def hidden(self, batch: StepBatch, kv: torch.Tensor) -> torch.Tensor:
         """The final-normed hidden states (B, S, D) of every new token (for embeddings)."""
-        return norm(self._layers(batch, kv), self.norm, self.spec.rms_norm_eps, batch,
-                    "model.norm.weight")
+        with self._threads(batch):
+            return norm(self._layers(batch, kv), self.norm, self.spec.rms_norm_eps, batch,
+                        "model.norm.weight")
+
+    def _threads(self, batch: StepBatch) -> AbstractContextManager[None]:
+        if not self.small_ops_on_one_thread:
+            return nullcontext()
+        return threads.small_ops(batch.tokens.numel(), batch.tokens.device)
 
     def _layers(self, batch: StepBatch, kv: torch.Tensor) -> torch.Tensor:
         """The embedding and every layer: hidden states (B, S, D) before the final norm."""
@@ -176,7 +187,13 @@ def matmul(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.T
 def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None, batch: StepBatch | None,
            unit: str) -> torch.Tensor:
     """x @ w.T + b, plus the batch's task blocks for this unit, if any."""
-    y = matmul(x, w, b)
+    wide = threads.wide()
+    if wide:        # inside a small forward's one-thread ops: every thread for the matmul
+        torch.set_num_threads(wide)
+        y = matmul(x, w, b)
+        torch.set_num_threads(1)
+    else:
+        y = matmul(x, w, b)
     delta = batch.delta if batch is not None else None
     return y if delta is None else delta.linear(unit, x, y, w, b)
 
@@ -209,16 +226,24 @@ def attention(spec: ModelSpec, h: torch.Tensor, w: Attention, batch: StepBatch,
     if batch.fresh:
         keys, values = k.transpose(1, 2), v.transpose(1, 2)         # (B, KVH, S, hd)
     else:
-        t = seen.keys
-        # index_select copies whole pages, much faster than advanced indexing here.
-        pages = torch.index_select(kv, 0, batch.page_table.flatten())
-        tokens = pages.view(b, -1, 2, spec.num_kv_heads, spec.head_dim)[:, :t]
-        keys, values = tokens[:, :, 0].transpose(1, 2), tokens[:, :, 1].transpose(1, 2)
+        keys, values = gather(kv, batch.page_table, seen.keys)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
                                          attn_mask=seen.mask, is_causal=seen.causal,
                                          enable_gqa=True)             # (B, H, S, hd)
     return linear(out.transpose(1, 2).reshape(b, s, spec.q_size), w.o, w.o_bias, batch,
                   w.prefix + "o_proj.weight")
+
+
+def gather(kv: torch.Tensor, page_table: torch.Tensor,
+           keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `keys` keys and values of each row's pages, (B, KVH, T, hd) each, from
+    one layer's pages kv (pages, P, 2, KVH, hd)."""
+    b, _, _, kv_heads, head_dim = page_table.shape[0], *kv.shape[1:]
+    # A page is one contiguous row of this layer's values: index_select copies whole rows
+    # (much faster than over the 5-d view, or advanced indexing).
+    rows = torch.index_select(kv.view(kv.shape[0], -1), 0, page_table.flatten())
+    tokens = rows.view(b, -1, 2, kv_heads, head_dim)[:, :keys]     # (B, T, 2, KVH, hd)
+    return tokens[:, :, 0].transpose(1, 2), tokens[:, :, 1].transpose(1, 2)
 
 
 def _project(spec: ModelSpec, h: torch.Tensor, w: Attention,

@@ -30,14 +30,20 @@ def inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
 
 def cos_sin(freq: torch.Tensor, positions: torch.Tensor,
             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (B, S) -> cos, sin (B, S, 1, head_dim), computed in float32."""
+    """positions (B, S) -> cos, signed sin (B, S, 1, head_dim), computed in float32.
+
+    The sin's first half is negated, so that `apply` rotates with one flip of the halves
+    instead of negating one half and concatenating: -a * s == a * -s exactly, so the
+    result is bit for bit `x * cos + rotate_half(x) * sin` (Hugging Face's formula).
+    """
     angles = positions.to(torch.float32)[..., None] * freq      # (B, S, hd/2)
-    emb = torch.cat((angles, angles), dim=-1)[:, :, None, :]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = angles.sin()
+    cos = torch.cat((angles, angles), dim=-1).cos()
+    return cos[:, :, None, :].to(dtype), torch.cat((-sin, sin), dim=-1)[:, :, None, :].to(dtype)
 
 
 def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, S, H, hd) rotated by position."""
+    """x (B, S, H, hd) rotated by position (cos and signed sin from `cos_sin`)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)      # (x2, x1)
+    return x * cos + swapped * sin

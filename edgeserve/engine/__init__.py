@@ -254,20 +254,20 @@ class Engine:
                                      time.perf_counter() - began)
         if not done:
             return
-        logits = logits[done]
+        logits = logits if len(done) == len(seqs) else logits[done]   # (decode: no copy)
         grammars = [seqs[i].grammar for i in done]
         try:
             logits = mask_logits(logits, grammars)
             picked = sample(logits, [seqs[i].params for i in done],
                             [seqs[i].generator for i in done])
             logprobs = row_logprobs(logits, picked, [seqs[i].params.logprobs for i in done])
-            advance(grammars, picked.tolist())
+            advance(grammars, tokens := picked.tolist())
         except Exception as e:          # fail these sequences, not the whole engine
             log.exception("sampling for %s failed", model.id)
             for i in done:
                 self._fail(seqs[i], e)
             return
-        for j, (i, token) in enumerate(zip(done, picked.tolist(), strict=True)):
+        for j, (i, token) in enumerate(zip(done, tokens, strict=True)):
             seq = seqs[i]
             event = seq.accept(token, seq.model.eos_token_ids, logprobs.get(j))
             if seq.status is Status.FINISHED:
