@@ -161,14 +161,14 @@ def sample(
     device = logits.device
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if len(greedy) == len(params):
-        return logits.argmax(dim=-1)
+        return _argmax(logits)
     out = torch.empty(logits.shape[0], dtype=torch.int64, device=device)
     # A row's path depends only on its own params, so its draws do not depend on the batch.
     plain = [i for i, p in enumerate(params) if not p.greedy and not _filters(p)]
     filtered = [i for i, p in enumerate(params) if not p.greedy and _filters(p)]
     if greedy:
         rows = torch.tensor(greedy, device=device)
-        out[rows] = logits[rows].argmax(dim=-1)
+        out[rows] = _argmax(logits[rows])
     if plain:
         rows = torch.tensor(plain, device=device)
         probs = _scaled(logits, plain, params).softmax(dim=-1)
@@ -179,6 +179,12 @@ def sample(
         picked = _draw(probs, [generators[i] for i in filtered])
         out[rows] = order.gather(1, picked[:, None]).squeeze(1)
     return out
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first largest logit: max's indices, several times faster than argmax
+    over a vocabulary on the CPU, and the same (both take the first of equal values)."""
+    return logits.max(dim=-1).indices
 
 
 def _filters(params: SamplingParams) -> bool:

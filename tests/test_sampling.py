@@ -97,6 +97,15 @@ def test_greedy_equals_argmax() -> None:
     assert torch.equal(out, logits.argmax(dim=-1))
 
 
+def test_greedy_takes_the_first_of_tied_logits() -> None:
+    logits = torch.zeros(3, 40000)
+    logits[:, [7, 20000, 39999]] = 5.0          # ties far apart in a vocabulary-wide row
+    logits[1, 3] = float("nan")                 # argmax's rule: a NaN wins
+    logits[2] = 1.0                             # all equal
+    out = sample(logits, [SamplingParams(temperature=0.0)] * 3, [None] * 3)
+    assert out.tolist() == [7, 3, 0] == logits.argmax(dim=-1).tolist()
+
+
 def test_greedy_rows_in_mixed_batch_and_half_precision() -> None:
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     greedy = SamplingParams(temperature=0.0)
