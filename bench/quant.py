@@ -85,6 +85,7 @@ async def once(es: EdgeServer, model: str, prompts: list[list[int]], tokens: int
     start = time.perf_counter()
     marks = await asyncio.gather(*[stream(p) for p in prompts])
     end = time.perf_counter()
+    marks = [m for m in marks if m[0]]             # streams that produced tokens
     return Run(end - start, max(m[1] for m in marks) - min(m[0] for m in marks),
                sum(m[2] for m in marks))
 
