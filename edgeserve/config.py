@@ -160,6 +160,31 @@ class Config:
             raise ValueError(f"quantize must be int8 or int4, got {self.quantize!r}")
 
 
+KERNEL_CACHE = Path.home() / ".cache" / "edgeserve" / "kernels"
+
+
+@dataclass(frozen=True, slots=True)
+class KernelConfig:
+    """The CPU matmul kernels (edgeserve/kernels/cpu): switch, build cache, C compiler."""
+
+    enabled: bool = True           # EDGESERVE_CPU_KERNELS=off: torch's matmuls only
+    cache: Path = KERNEL_CACHE
+    cc: str = "cc"                 # CC: the compiler command (may carry arguments)
+
+
+def kernel_config() -> KernelConfig:
+    """The kernels' settings from EDGESERVE_CPU_KERNELS, EDGESERVE_CACHE and CC."""
+    env = os.environ
+    if "EDGESERVE_CACHE" in env:
+        cache = Path(env["EDGESERVE_CACHE"]) / "kernels"
+    else:
+        base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else None
+        cache = base / "edgeserve" / "kernels" if base else KERNEL_CACHE
+    return KernelConfig(
+        enabled=parse_switch(env.get("EDGESERVE_CPU_KERNELS", "on"), "EDGESERVE_CPU_KERNELS"),
+        cache=cache, cc=env.get("CC") or "cc")
+
+
 def from_env(**overrides: object) -> Config:
     """Defaults, then EDGESERVE_* variables, then explicit overrides (None means unset)."""
     env = os.environ

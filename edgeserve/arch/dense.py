@@ -17,6 +17,7 @@ from edgeserve.arch import rope
 from edgeserve.arch.plan import EMBED, HEAD, WeightUnit, attention_plan, base_plan, mlp_plan
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.batch import StepBatch
+from edgeserve.kernels.cpu import matmul as cpu
 from edgeserve.quant import linear as quant
 from edgeserve.quant.linear import QWeight
 
@@ -171,7 +172,11 @@ def embedding(tokens: torch.Tensor, w: Weight, dtype: torch.dtype) -> torch.Tens
 
 def matmul(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T + b, over a float or a quantized weight."""
-    return quant.linear(x, w, b) if isinstance(w, QWeight) else F.linear(x, w, b)
+    if isinstance(w, QWeight):
+        return quant.linear(x, w, b)
+    if cpu.wants_f32(x, w):             # decode on the CPU: few rows, the C kernel
+        return cpu.linear_f32(x, w, b)
+    return F.linear(x, w, b)
 
 
 def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None, batch: StepBatch | None,

@@ -1,0 +1,188 @@
+"""Matmuls with few activation rows on the CPU (decode), over float32, int8 and int4
+weights: the C kernels of matmul.c, built on first use (build.py), behind typed wrappers
+that check shapes. Without the library (no compiler, a failed build, or
+EDGESERVE_CPU_KERNELS=off) every function gives torch's result instead.
+
+Quantized layouts, groups of 32 columns, w = code * scale + min:
+    int8  codes uint8 (N, K),            scale, min float16 (N, K / 32)
+    int4  packed uint8 (N, K / 2): low nibble column 2j, high nibble column 2j + 1;
+          scale, min float16 (N, K / 32)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from edgeserve.config import kernel_config
+from edgeserve.kernels.cpu import build
+
+log = logging.getLogger("edgeserve.kernels")
+# float32 weights: activation rows up to which the kernel beats torch's matmul on the CPU
+# (bench/kernels.py); quantized weights have no faster torch path at any of these sizes.
+ROWS = 32
+GROUP = 32
+SLICE = 4096                    # weight rows dequantized at once by the torch fallback
+
+_L, _I, _P = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
+
+
+class Library:
+    """The built library's functions, typed."""
+
+    def __init__(self, path: str) -> None:
+        lib = ctypes.CDLL(path)
+        self.f32 = lib.es_matmul_f32
+        self.f32.argtypes = [_P, _L, _P, _L, _P, _P, _L, _L, _L, _L, _I]
+        self.f32.restype = None
+        self.q8 = lib.es_matmul_q8
+        self.q8.argtypes = [_P, _L, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I]
+        self.q8.restype = None
+        self.q4 = lib.es_matmul_q4
+        self.q4.argtypes = self.q8.argtypes
+        self.q4.restype = _I
+        self.vector_width = int(lib.es_vector_width())
+
+
+_library: Library | None = None
+_tried = False
+
+
+def library() -> Library | None:
+    """The library, built and loaded on first use; None where it cannot be (logged once)."""
+    global _library, _tried
+    if not _tried:
+        _tried = True
+        cfg = kernel_config()
+        if cfg.enabled:
+            try:
+                _library = Library(str(build.library(cfg.cc, cfg.cache)))
+            except (build.BuildError, OSError) as e:
+                log.warning("CPU matmul kernels unavailable, using torch's matmuls: %s", e)
+    return _library
+
+
+def reset() -> None:
+    """Forget the library: the next use reads the settings and loads (or builds) anew."""
+    global _library, _tried
+    _library, _tried = None, False
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., K) as (M, K) float32 rows with unit column stride."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(1) == 1 else x2.contiguous()
+
+
+def _bias(b: torch.Tensor | None, n: int) -> tuple[int | None, torch.Tensor | None]:
+    """The bias's address for the kernel, or (where it is not float32 (n,) with unit
+    stride) the bias to add afterwards."""
+    if b is None:
+        return None, None
+    if b.shape == (n,) and b.dtype == torch.float32 and b.stride(0) == 1:
+        return b.data_ptr(), None
+    return None, b
+
+
+def wants_f32(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x @ w.T goes faster through the kernel: float32 on the CPU, few rows."""
+    return (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
+            and w.dim() == 2 and w.stride(1) == 1 and 0 < x.numel() <= ROWS * x.shape[-1]
+            and library() is not None)
+
+
+def linear_f32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ w (N, K).T + b (N,) -> (..., N), float32. w may have a row stride."""
+    lib = library()
+    n, k = w.shape
+    if (lib is None or x.dtype != torch.float32 or w.dtype != torch.float32 or w.stride(1) != 1
+            or x.device.type != "cpu" or w.device.type != "cpu" or x.shape[-1] != k
+            or x.numel() == 0):
+        return F.linear(x, w, b)
+    x2 = _rows(x)
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    bias, rest = _bias(b, n)
+    lib.f32(x2.data_ptr(), x2.stride(0), w.data_ptr(), w.stride(0), bias, y.data_ptr(), n, m, n,
+            k, torch.get_num_threads())
+    y = y.view(*x.shape[:-1], n)
+    return y if rest is None else y + rest
+
+
+def _check_groups(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                  k: int) -> None:
+    n = codes.shape[0]
+    if k % GROUP:
+        raise ValueError(f"quantized weights need K a multiple of {GROUP}, got {k}")
+    for name, t in (("scale", scale), ("min", minimum)):
+        if t.shape != (n, k // GROUP) or t.dtype != torch.float16 or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous float16 ({n}, {k // GROUP}), "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    if codes.dtype != torch.uint8 or not codes.is_contiguous():
+        raise ValueError(f"codes must be contiguous uint8, got {codes.dtype}")
+
+
+def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor,
+                    minimum: torch.Tensor) -> torch.Tensor:
+    """Rows of an int8 weight in float32: (n, K)."""
+    g = codes.float().view(codes.shape[0], -1, GROUP)
+    return (g * scale.float()[..., None] + minimum.float()[..., None]).flatten(1)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor,
+                    minimum: torch.Tensor) -> torch.Tensor:
+    """Rows of an int4 weight in float32: (n, K)."""
+    return dequantize_int8(torch.stack((packed & 15, packed >> 4), -1).flatten(1), scale,
+                           minimum)
+
+
+def _sliced(x2: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+            rows: Callable[..., torch.Tensor], b: torch.Tensor | None) -> torch.Tensor:
+    """torch's result, SLICE weight rows dequantized at a time."""
+    codes, scale, minimum = parts
+    x2 = x2.float()
+    out = [x2 @ rows(codes[i:i + SLICE], scale[i:i + SLICE], minimum[i:i + SLICE]).t()
+           for i in range(0, codes.shape[0], SLICE)]
+    y = torch.cat(out, dim=1)
+    return y if b is None else y + b
+
+
+def _quantized(x: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+               b: torch.Tensor | None, bits: int) -> torch.Tensor:
+    codes, scale, minimum = parts
+    k = codes.shape[1] * (2 if bits == 4 else 1)
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} columns, the weight {k}")
+    _check_groups(codes, scale, minimum, k)
+    n, x2 = codes.shape[0], _rows(x)
+    m, lib = x2.shape[0], library()
+    if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu"
+            or codes.device.type != "cpu" or m == 0):
+        rows = dequantize_int4 if bits == 4 else dequantize_int8
+        return _sliced(x2, parts, rows, b).to(x.dtype).view(*x.shape[:-1], n)
+    y = torch.empty(m, n, dtype=torch.float32)
+    bias, rest = _bias(b, n)
+    args = (x2.data_ptr(), x2.stride(0), codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(),
+            bias, y.data_ptr(), n, m, n, k, torch.get_num_threads())
+    if bits == 8:
+        lib.q8(*args)
+    elif lib.q4(*args) != 0:
+        raise MemoryError("int4 matmul: no memory for the reordered activations")
+    y = y.view(*x.shape[:-1], n)
+    return y if rest is None else y + rest
+
+
+def linear_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                minimum: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ w.T + b for w = codes * scale + min (int8 layout above) -> (..., N)."""
+    return _quantized(x, (codes, scale, minimum), b, 8)
+
+
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                minimum: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ w.T + b for w = code * scale + min (int4 layout above) -> (..., N)."""
+    return _quantized(x, (packed, scale, minimum), b, 4)

@@ -1,0 +1,107 @@
+"""Building the kernels: the per-user cache, concurrent builds, and torch's fallback."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from edgeserve.kernels.cpu import build
+from edgeserve.kernels.cpu import matmul as cpu
+
+from .layouts import quantized
+
+CC = shutil.which("cc") or shutil.which("gcc")
+
+
+@pytest.fixture(autouse=True)
+def fresh() -> Iterator[None]:
+    """Each test reads its own settings; later tests get the default library back."""
+    cpu.reset()
+    yield
+    cpu.reset()
+
+
+def results() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(5, 96, generator=g), torch.randn(33, 96, generator=g)
+    b = torch.randn(33, generator=g)
+    out = [cpu.linear_f32(x, w, b)]
+    for bits, fn in ((8, cpu.linear_int8), (4, cpu.linear_int4)):
+        stored, scale, low, _ = quantized(33, 96, bits, seed=bits)
+        out.append(fn(x, stored, scale, low, b))
+    return out
+
+
+@pytest.mark.skipif(CC is None, reason="needs a C compiler")
+def test_built_once_into_the_cache_then_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGESERVE_CACHE", str(tmp_path))
+    assert cpu.library() is not None
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    cpu.reset()
+    assert cpu.library() is not None
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").iterdir()] == [stamp]
+
+
+@pytest.mark.skipif(CC is None, reason="needs a C compiler")
+def test_concurrent_builds_leave_one_whole_library(tmp_path):
+    assert CC is not None
+    paths: list[str] = []
+    threads = [threading.Thread(target=lambda: paths.append(str(build.library(CC, tmp_path))))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(paths)) == 1 and [p.name for p in tmp_path.iterdir()] == [
+        paths[0].rsplit("/", 1)[-1]]                     # no temporary file left behind
+    cpu.Library(paths[0])                                # and it loads
+
+
+def test_no_compiler_falls_back_to_torch_with_one_warning(tmp_path, monkeypatch, caplog):
+    on = results() if cpu.library() is not None else None
+    cpu.reset()
+    monkeypatch.setenv("EDGESERVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with caplog.at_level(logging.WARNING, logger="edgeserve.kernels"):
+        off = results()
+        results()
+    assert cpu.library() is None
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "no-such-cc" in caplog.records[0].getMessage()
+    assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").iterdir())
+    if on is not None:
+        for a, b in zip(on, off, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_failing_compiler_falls_back(tmp_path, monkeypatch, caplog):
+    fake = tmp_path / "fake-cc"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake 1.0 && exit 0\n"
+                    "echo 'error: broken' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("EDGESERVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(fake))
+    with caplog.at_level(logging.WARNING, logger="edgeserve.kernels"):
+        results()
+    assert cpu.library() is None
+    assert "broken" in caplog.text
+    assert list((tmp_path / "kernels").iterdir()) == []             # temporary file removed
+
+
+def test_switched_off(monkeypatch, caplog):
+    on = results()
+    cpu.reset()
+    monkeypatch.setenv("EDGESERVE_CPU_KERNELS", "off")
+    with caplog.at_level(logging.WARNING, logger="edgeserve.kernels"):
+        off = results()
+    assert cpu.library() is None and caplog.records == []
+    assert not cpu.wants_f32(torch.randn(1, 8), torch.randn(4, 8))
+    for a, b in zip(on, off, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

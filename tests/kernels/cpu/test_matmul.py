@@ -1,0 +1,111 @@
+"""The CPU matmul kernels against plain torch: every layout, many row counts, odd sizes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgeserve.kernels.cpu import matmul as cpu
+
+from .layouts import quantized
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                              reason="needs a C compiler")
+
+
+def close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@needs_cc
+def test_the_library_is_built_on_first_use():
+    cpu.reset()
+    lib = cpu.library()
+    assert lib is not None and lib.vector_width in (4, 8, 16)
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (7, 37), (61, 96), (130, 251), (515, 576)])
+def test_float32_every_row_count(n, k):
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w = torch.randn(n, k, generator=g)
+    for m in range(1, 41):
+        x = torch.randn(m, k, generator=g)
+        close(cpu.linear_f32(x, w), x @ w.t())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(("n", "k"), [(1, 32), (9, 96), (77, 160), (263, 544)])
+def test_quantized_every_row_count(bits, n, k):
+    stored, scale, low, w = quantized(n, k, bits, seed=n + k + bits)
+    fn = cpu.linear_int8 if bits == 8 else cpu.linear_int4
+    g = torch.Generator().manual_seed(3)
+    for m in range(1, 41):
+        x = torch.randn(m, k, generator=g)
+        close(fn(x, stored, scale, low), x @ w.t())
+
+
+def test_bias_strides_and_leading_dims():
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(45, 200, generator=g)
+    w = big[:, 8:168]                                     # row stride 200, K = 160
+    b = torch.randn(45, generator=g)
+    x = torch.randn(160, 6, generator=g).t()              # (6, 160), column stride 6
+    close(cpu.linear_f32(x, w, b), x @ w.t() + b)
+    x3 = torch.randn(2, 3, 160, generator=g)[:, :, :]     # (B, S, K) leading dims kept
+    out = cpu.linear_f32(x3, w, b)
+    assert out.shape == (2, 3, 45)
+    close(out, x3 @ w.t() + b)
+    b_strided = torch.randn(90, generator=g)[::2]         # added by torch afterwards
+    close(cpu.linear_f32(x, w, b_strided), x @ w.t() + b_strided)
+    for bits, fn in ((8, cpu.linear_int8), (4, cpu.linear_int4)):
+        stored, scale, low, wq = quantized(45, 160, bits, seed=bits)
+        close(fn(x, stored, scale, low, b), x @ wq.t() + b)
+        close(fn(x3, stored, scale, low), x3 @ wq.t())
+
+
+def test_thread_counts_agree():
+    g = torch.Generator().manual_seed(9)
+    w, x = torch.randn(1031, 576, generator=g), torch.randn(8, 576, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu.linear_f32(x, w)
+        torch.set_num_threads(2)
+        two = cpu.linear_f32(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one, two, rtol=0, atol=0)   # rows are split, never sums
+
+
+def test_shapes_are_checked():
+    stored, scale, low, _ = quantized(8, 64, 8, seed=1)
+    with pytest.raises(ValueError, match="columns"):
+        cpu.linear_int8(torch.randn(2, 32), stored, scale, low)
+    with pytest.raises(ValueError, match="scale"):
+        cpu.linear_int8(torch.randn(2, 64), stored, scale.float(), low)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cpu.linear_int8(torch.randn(2, 48), torch.zeros(8, 48, dtype=torch.uint8),
+                        scale[:, :1], low[:, :1])
+
+
+def test_only_few_float32_rows_go_to_the_kernel():
+    w = torch.randn(64, 32)
+    assert cpu.wants_f32(torch.randn(1, 32), w) == (cpu.library() is not None)
+    assert not cpu.wants_f32(torch.randn(cpu.ROWS + 1, 32), w)
+    assert not cpu.wants_f32(torch.randn(1, 32, dtype=torch.bfloat16), w.bfloat16())
+    assert not cpu.wants_f32(torch.randn(1, 64), w.t())                  # column stride
+
+
+@needs_cc
+def test_one_openmp_runtime_shared_with_torch():
+    """The library's libgomp.so.1 is the one torch loaded: one thread pool, not two."""
+    assert cpu.library() is not None
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps")
+    paths = {line.split()[-1] for line in maps.read_text().splitlines()
+             if line.rstrip().endswith("/libgomp.so.1")}
+    assert len(paths) == 1, paths
