@@ -174,9 +174,8 @@ def matmul(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.T
     """x @ w.T + b, over a float or a quantized weight."""
     if isinstance(w, QWeight):
         return quant.linear(x, w, b)
-    if cpu.wants_f32(x, w):             # decode on the CPU: few rows, the C kernel
-        return cpu.linear_f32(x, w, b)
-    return F.linear(x, w, b)
+    y = cpu.few_rows_f32(x, w, b)       # decode on the CPU: few rows, the C kernel
+    return F.linear(x, w, b) if y is None else y
 
 
 def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None, batch: StepBatch | None,

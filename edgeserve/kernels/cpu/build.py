@@ -17,9 +17,11 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("matmul.c")
+HEADERS = (Path(__file__).with_name("simd.h"),)
 # OpenMP from the same runtime as torch: the library's NEEDED libgomp.so.1 resolves to the
 # copy torch has already loaded.
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-std=gnu11")
+PORTABLE = tuple(f for f in FLAGS if f != "-march=native")     # the plain vector paths
 TIMEOUT = 120.0                 # seconds a build may take (a few are usual)
 
 
@@ -50,21 +52,22 @@ def compiler_version(cc: list[str]) -> str:
     return (done.stdout.splitlines() or [""])[0]
 
 
-def cache_key(cc: list[str], version: str) -> str:
+def cache_key(cc: list[str], version: str, flags: tuple[str, ...]) -> str:
     h = hashlib.blake2b(digest_size=12)
-    for part in (SOURCE.read_bytes(), shlex.join(cc).encode(), version.encode(),
-                 " ".join(FLAGS).encode(), cpu_features().encode()):
+    for part in (SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS),
+                 shlex.join(cc).encode(), version.encode(),
+                 " ".join(flags).encode(), cpu_features().encode()):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     return h.hexdigest()
 
 
-def library(cc_command: str, cache: Path) -> Path:
+def library(cc_command: str, cache: Path, flags: tuple[str, ...] = FLAGS) -> Path:
     """The built library for this machine: from the cache, or compiled into it now."""
     cc = shlex.split(cc_command)
     if not cc:
         raise BuildError("no C compiler: CC is empty")
-    path = cache / f"matmul-{cache_key(cc, compiler_version(cc))}.so"
+    path = cache / f"matmul-{cache_key(cc, compiler_version(cc), flags)}.so"
     if path.exists():
         return path
     try:
@@ -74,7 +77,7 @@ def library(cc_command: str, cache: Path) -> Path:
         raise BuildError(f"cannot write the kernel cache {cache}: {e}") from e
     os.close(fd)
     try:
-        done = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
+        done = subprocess.run([*cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True,
                               text=True, timeout=TIMEOUT, check=False)
         if done.returncode != 0:
             raise BuildError(f"{shlex.join(cc)} could not build {SOURCE.name}: "

@@ -12,88 +12,27 @@
  *   q8   codes uint8 (N, K), scale and min float16 (N, K / 32)
  *   q4   packed uint8 (N, K / 2): low nibble column 2j, high nibble column 2j + 1;
  *        scale and min float16 (N, K / 32)
- * The vector width VW follows the compiler's target; GCC's vector extensions lower it to
- * plain scalar code where the CPU has no SIMD unit of that width.
  */
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
-#if defined(__AVX512F__)
-#define VW 16
-#elif defined(__AVX2__)
-#define VW 8
+/* NR output rows per tile (their weights are loaded once per K step) and MR activation rows
+ * (4 or 2). On AVX-512 (measured) 24 accumulators, 6 weight vectors and an activation
+ * vector fill 31 of the 32 vector registers; with 16 registers, 8 accumulators. */
+#if VW == 16
+#define NR 6
+#define MR 4
 #else
-#define VW 4
+#define NR 4
+#define MR 2
 #endif
-#define NR 4            /* output rows per tile: their weights are loaded once per K step */
-#define MR 4            /* activation rows per tile */
+#define MINWORK 65536   /* weights (N K) below which one thread does the whole product */
 #define GROUP 32
-
-typedef float vf __attribute__((vector_size(VW * 4)));
-typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
-typedef uint8_t vb __attribute__((vector_size(VW)));
-typedef uint8_t vbu __attribute__((vector_size(VW), aligned(1)));
-#define INLINE static inline __attribute__((always_inline))
-
-INLINE vf loadf(const float *p) { return *(const vfu *)p; }
-INLINE vb loadb(const uint8_t *p) { return *(const vbu *)p; }
-INLINE vf splat(float s) { return (vf){0} + s; }
-
-/* VW codes from VW bytes at p: the bytes (part 0), their low (1) or high (2) nibbles. */
-INLINE vf codes(const uint8_t *p, int part) {
-#if defined(__AVX512F__)
-    __m128i r = _mm_loadu_si128((const __m128i *)p);
-#elif defined(__AVX2__)
-    __m128i r = _mm_loadl_epi64((const __m128i *)p);
-#endif
-#if defined(__AVX512F__) || defined(__AVX2__)
-    if (part == 1) r = _mm_and_si128(r, _mm_set1_epi8(15));
-    if (part == 2) r = _mm_and_si128(_mm_srli_epi16(r, 4), _mm_set1_epi8(15));
-#endif
-#if defined(__AVX512F__)
-    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(r));
-#elif defined(__AVX2__)
-    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(r));
-#else
-    vb b = loadb(p);
-    if (part == 1) b &= 15;
-    if (part == 2) b >>= 4;
-    return __builtin_convertvector(b, vf);
-#endif
-}
-
-INLINE float hsum(vf v) {
-#if defined(__AVX512F__)
-    return _mm512_reduce_add_ps((__m512)v);
-#else
-    float s = 0.f;
-    for (int i = 0; i < VW; i++) s += v[i];
-    return s;
-#endif
-}
-
-INLINE float half(uint16_t h) {
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else  /* IEEE half -> float by hand: sign, exponent, mantissa; subnormals scaled */
-    uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, m = h & 1023, bits;
-    float f;
-    if (e == 0) {
-        f = (float)m * (1.f / 16777216.f);          /* m * 2^-24 */
-        return sign ? -f : f;
-    }
-    bits = sign | ((e == 31 ? 255u : e + 112u) << 23) | (m << 13);
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
-}
+#define GCHUNK 64       /* groups whose scales are converted to float at once */
 
 /* Stores one tile's sums plus bias; K tail (K % VW) for float weights added by the caller. */
 INLINE void store(vf acc[MR][NR], int mr, int nr, float *y, long ldy, const float *bias) {
@@ -103,7 +42,7 @@ INLINE void store(vf acc[MR][NR], int mr, int nr, float *y, long ldy, const floa
 }
 
 INLINE void tile_f32(const float *x, long ldx, const float *w, long ldw, long K,
-                     float *y, long ldy, const float *bias, int mr, int nr) {
+                     float *y, long ldy, const float *bias, int mr, int nr, const float *pf) {
     vf acc[MR][NR];
     for (int m = 0; m < mr; m++)
         for (int n = 0; n < nr; n++) acc[m][n] = (vf){0};
@@ -111,6 +50,8 @@ INLINE void tile_f32(const float *x, long ldx, const float *w, long ldw, long K,
     for (; k + VW <= K; k += VW) {
         vf wv[NR];
         for (int n = 0; n < nr; n++) wv[n] = loadf(w + n * ldw + k);
+        if (pf)
+            for (int n = 0; n < NR; n++) __builtin_prefetch(pf + n * ldw + k, 0, 3);
         for (int m = 0; m < mr; m++) {
             vf xv = loadf(x + m * ldx + k);
             for (int n = 0; n < nr; n++) acc[m][n] += xv * wv[n];
@@ -132,29 +73,33 @@ INLINE void tile_q(const float *x, long ldx, const uint8_t *q, long ldq, const u
     long groups = K / GROUP;
     for (int m = 0; m < mr; m++)
         for (int n = 0; n < nr; n++) acc[m][n] = (vf){0};
-    for (long g = 0; g < groups; g++) {
-        vf s[NR], b[NR];
+    for (long g0 = 0; g0 < groups; g0 += GCHUNK) {
+        /* this chunk's scales and minimums in float, broadcast from memory below */
+        float s[NR][GCHUNK], b[NR][GCHUNK];
+        int gc = groups - g0 < GCHUNK ? (int)(groups - g0) : GCHUNK;
         for (int n = 0; n < nr; n++) {
-            s[n] = splat(half(sc[n * groups + g]));
-            b[n] = splat(half(mn[n * groups + g]));
+            halves(sc + n * groups + g0, s[n], gc);
+            halves(mn + n * groups + g0, b[n], gc);
         }
-        for (int v = 0; v < GROUP / VW; v += (bits == 4 ? 2 : 1)) {
-            long k = g * GROUP + v * VW;
-            vf w0[NR], w1[NR];
-            for (int n = 0; n < nr; n++) {
-                if (bits == 8) {
-                    w0[n] = codes(q + n * ldq + k, 0) * s[n] + b[n];
-                } else {
-                    w0[n] = codes(q + n * ldq + k / 2, 1) * s[n] + b[n];
-                    w1[n] = codes(q + n * ldq + k / 2, 2) * s[n] + b[n];
+        for (int g = 0; g < gc; g++) {
+            for (int v = 0; v < GROUP / VW; v += (bits == 4 ? 2 : 1)) {
+                long k = (g0 + g) * GROUP + v * VW;
+                vf w0[NR], w1[NR];
+                for (int n = 0; n < nr; n++) {
+                    if (bits == 8) {
+                        w0[n] = codes(q + n * ldq + k, 0) * s[n][g] + b[n][g];
+                    } else {
+                        w0[n] = codes(q + n * ldq + k / 2, 1) * s[n][g] + b[n][g];
+                        w1[n] = codes(q + n * ldq + k / 2, 2) * s[n][g] + b[n][g];
+                    }
                 }
-            }
-            for (int m = 0; m < mr; m++) {
-                vf x0 = loadf(x + m * ldx + k);
-                for (int n = 0; n < nr; n++) acc[m][n] += x0 * w0[n];
-                if (bits == 4) {
-                    vf x1 = loadf(x + m * ldx + k + VW);
-                    for (int n = 0; n < nr; n++) acc[m][n] += x1 * w1[n];
+                for (int m = 0; m < mr; m++) {
+                    vf x0 = loadf(x + m * ldx + k);
+                    for (int n = 0; n < nr; n++) acc[m][n] += x0 * w0[n];
+                    if (bits == 4) {
+                        vf x1 = loadf(x + m * ldx + k + VW);
+                        for (int n = 0; n < nr; n++) acc[m][n] += x1 * w1[n];
+                    }
                 }
             }
         }
@@ -175,18 +120,15 @@ typedef struct {
 } job;
 
 /* One tile of mr activation rows and nr output rows, with constant mr, nr per branch so the
- * accumulators stay in registers. */
+ * accumulators stay in registers. w: the tile's first weight row, ldw its row stride. */
 #define TILE(MRC, NRC)                                                                     \
     do {                                                                                  \
-        if (j->kind == F32)                                                               \
-            tile_f32(x, j->ldx, (const float *)j->w + n0 * j->ldw, j->ldw, j->K, y,       \
-                     j->ldy, bias, MRC, NRC);                                             \
-        else if (j->kind == Q8)                                                           \
-            tile_q(x, j->ldx, (const uint8_t *)j->w + n0 * j->ldw, j->ldw, sc, mn, j->K,  \
-                   y, j->ldy, bias, MRC, NRC, 8);                                         \
+        if (kind == F32)                                                                  \
+            tile_f32(x, j->ldx, (const float *)w, ldw, j->K, y, j->ldy, bias, MRC, NRC,   \
+                     pf);                                                                 \
         else                                                                              \
-            tile_q(x, j->ldx, (const uint8_t *)j->w + n0 * j->ldw, j->ldw, sc, mn, j->K,  \
-                   y, j->ldy, bias, MRC, NRC, 4);                                         \
+            tile_q(x, j->ldx, (const uint8_t *)w, ldw, sc, mn, j->K, y, j->ldy, bias,     \
+                   MRC, NRC, kind);                                                       \
     } while (0)
 
 /* nr quantized rows from n0 dequantized into buf (nr, K), in the order tile_q reads them:
@@ -196,8 +138,8 @@ static void dequant(const job *j, long n0, int nr, float *buf) {
     for (int n = 0; n < nr; n++) {
         const uint8_t *q = (const uint8_t *)j->w + (n0 + n) * j->ldw;
         for (long g = 0; g < groups; g++) {
-            vf s = splat(half(j->scale[(n0 + n) * groups + g]));
-            vf b = splat(half(j->min[(n0 + n) * groups + g]));
+            float s = half(j->scale[(n0 + n) * groups + g]);
+            float b = half(j->min[(n0 + n) * groups + g]);
             for (int v = 0; v < GROUP / VW; v += (j->kind == Q4 ? 2 : 1)) {
                 long k = g * GROUP + v * VW;
                 float *out = buf + n * j->K + k;
@@ -212,60 +154,62 @@ static void dequant(const job *j, long n0, int nr, float *buf) {
     }
 }
 
-static void rows(const job *j, long n0, int nr) {
-    static _Thread_local float *buf;
-    static _Thread_local long cap;
-    long groups = j->K / GROUP;
+/* The tile for mr = 1 .. MR activation rows, with mr a constant in each. */
+#if MR == 4
+#define TILES(N)                                                                           \
+    switch (mr) {                                                                         \
+    case 1: TILE(1, N); break;                                                            \
+    case 2: TILE(2, N); break;                                                            \
+    case 3: TILE(3, N); break;                                                            \
+    default: TILE(4, N); break;                                                           \
+    }
+#else
+#define TILES(N) if (mr == 1) TILE(1, N); else TILE(MR, N);
+#endif
+
+/* Output rows n0 .. n0 + nr for all M activation rows; buf: NR K floats or NULL. */
+static void rows(const job *j, long n0, int nr, float *buf) {
+    long groups = j->K / GROUP, ldw = j->ldw;
     const uint16_t *sc = j->scale ? j->scale + n0 * groups : 0;
     const uint16_t *mn = j->min ? j->min + n0 * groups : 0;
     const float *bias = j->bias ? j->bias + n0 : 0;
-    job f = *j;                     /* quantized rows dequantized: then a float job */
-    if (j->kind != F32 && j->M > MR) {
-        if (NR * j->K > cap) {
-            float *grown = realloc(buf, sizeof(float) * NR * j->K);
-            if (grown) { buf = grown; cap = NR * j->K; }
-        }
-        if (NR * j->K <= cap) {
-            dequant(j, n0, nr, buf);
-            f.kind = F32; f.w = buf - n0 * j->K; f.ldw = j->K;
-        }
+    int kind = j->kind;
+    const void *w = kind == F32 ? (const void *)((const float *)j->w + n0 * ldw)
+                                : (const void *)((const uint8_t *)j->w + n0 * ldw);
+    if (buf) {                      /* dequantized once, then multiplied as floats */
+        dequant(j, n0, nr, buf);
+        kind = F32; w = buf; ldw = j->K;
     }
-    j = &f;
     for (long m0 = 0; m0 < j->M; m0 += MR) {
         const float *x = j->x + m0 * j->ldx;
         float *y = j->y + m0 * j->ldy + n0;
         int mr = j->M - m0 < MR ? (int)(j->M - m0) : MR;
-        if (nr == NR) {
-            switch (mr) {
-            case 1: TILE(1, NR); break;
-            case 2: TILE(2, NR); break;
-            case 3: TILE(3, NR); break;
-            default: TILE(MR, NR); break;
-            }
-        } else {
-            switch (mr) {
-            case 1: TILE(1, 1); break;
-            case 2: TILE(2, 1); break;
-            case 3: TILE(3, 1); break;
-            default: TILE(MR, 1); break;
-            }
-        }
+        /* many activation rows: the next rows' float weights are fetched during this tile */
+        const float *pf = m0 == 0 && j->M > MR && j->kind == F32 && n0 + 2 * NR <= j->N
+                              ? (const float *)w + NR * ldw : 0;
+        if (nr == NR)
+            TILES(NR)
+        else
+            TILES(1)
     }
 }
 
 /* Thread t of T: a contiguous run of whole NR-row blocks (the last thread also gets the
- * N % NR rows, one at a time). */
+ * N % NR rows, one at a time). Quantized weights with more than MR activation rows are
+ * dequantized block by block into a buffer of the thread's own. */
 static void part(const job *j, int t, int T) {
     long blocks = j->N / NR;
     long b0 = blocks * t / T, b1 = blocks * (t + 1) / T;
-    for (long b = b0; b < b1; b++) rows(j, b * NR, NR);
+    float *buf = j->kind != F32 && j->M > MR ? malloc(sizeof(float) * NR * j->K) : 0;
+    for (long b = b0; b < b1; b++) rows(j, b * NR, NR, buf);
     if (t == T - 1)
-        for (long n = blocks * NR; n < j->N; n++) rows(j, n, 1);
+        for (long n = blocks * NR; n < j->N; n++) rows(j, n, 1, buf);
+    free(buf);
 }
 
 static void run(const job *j, int threads) {
 #ifdef _OPENMP
-    if (threads > 1 && j->N >= 2 * NR) {
+    if (threads > 1 && j->N >= 2 * NR && j->N * j->K >= MINWORK) {
 #pragma omp parallel num_threads(threads)
         part(j, omp_get_thread_num(), omp_get_num_threads());
         return;

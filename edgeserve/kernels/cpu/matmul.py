@@ -88,15 +88,29 @@ def _bias(b: torch.Tensor | None, n: int) -> tuple[int | None, torch.Tensor | No
     return None, b
 
 
-def wants_f32(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether x @ w.T goes faster through the kernel: float32 on the CPU, few rows."""
-    return (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
-            and w.dim() == 2 and w.stride(1) == 1 and 0 < x.numel() <= ROWS * x.shape[-1]
-            and library() is not None)
+def few_rows_f32(x: torch.Tensor, w: torch.Tensor,
+                 b: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x @ w.T + b through the kernel where it beats torch's matmul (float32 on the CPU, up
+    to ROWS rows, x contiguous, w with unit column stride); None elsewhere. The decode hook:
+    it is called for every linear, so it checks little and cheaply."""
+    lib = _library if _tried else library()
+    if (lib is None or not x.is_cpu or x.dtype != torch.float32 or w.dtype != torch.float32
+            or w.dim() != 2 or w.stride(1) != 1 or not w.is_cpu or not x.is_contiguous()):
+        return None
+    n, k = w.shape
+    m = x.numel() // k if x.shape[-1] == k else 0
+    if not 0 < m <= ROWS:
+        return None
+    y = torch.empty((*x.shape[:-1], n), dtype=torch.float32)
+    bias, rest = _bias(b, n)
+    lib.f32(x.data_ptr(), k, w.data_ptr(), w.stride(0), bias, y.data_ptr(), n, m, n, k,
+            torch.get_num_threads())
+    return y if rest is None else y + rest
 
 
 def linear_f32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) @ w (N, K).T + b (N,) -> (..., N), float32. w may have a row stride."""
+    """x (..., K) @ w (N, K).T + b (N,) -> (..., N), float32, any number of rows. w may have
+    a row stride."""
     lib = library()
     n, k = w.shape
     if (lib is None or x.dtype != torch.float32 or w.dtype != torch.float32 or w.stride(1) != 1

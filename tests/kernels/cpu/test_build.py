@@ -38,23 +38,22 @@ def results() -> list[torch.Tensor]:
 
 
 @pytest.mark.skipif(CC is None, reason="needs a C compiler")
-def test_built_once_into_the_cache_then_reused(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGESERVE_CACHE", str(tmp_path))
-    assert cpu.library() is not None
-    built = list((tmp_path / "kernels").iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so"
-    stamp = built[0].stat().st_mtime_ns
-    cpu.reset()
-    assert cpu.library() is not None
-    assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").iterdir()] == [stamp]
+def test_built_once_into_the_cache_then_reused(tmp_path):
+    assert CC is not None
+    path = build.library(CC, tmp_path, build.PORTABLE)
+    assert list(tmp_path.iterdir()) == [path] and path.suffix == ".so"
+    stamp = path.stat().st_mtime_ns
+    assert build.library(CC, tmp_path, build.PORTABLE) == path
+    assert path.stat().st_mtime_ns == stamp
+    assert build.library(CC, tmp_path) != path          # other flags: another entry
 
 
 @pytest.mark.skipif(CC is None, reason="needs a C compiler")
 def test_concurrent_builds_leave_one_whole_library(tmp_path):
     assert CC is not None
     paths: list[str] = []
-    threads = [threading.Thread(target=lambda: paths.append(str(build.library(CC, tmp_path))))
-               for _ in range(2)]
+    threads = [threading.Thread(target=lambda: paths.append(
+        str(build.library(CC, tmp_path, build.PORTABLE)))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -102,6 +101,25 @@ def test_switched_off(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="edgeserve.kernels"):
         off = results()
     assert cpu.library() is None and caplog.records == []
-    assert not cpu.wants_f32(torch.randn(1, 8), torch.randn(4, 8))
+    assert cpu.few_rows_f32(torch.randn(1, 8), torch.randn(4, 8)) is None
     for a, b in zip(on, off, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(CC is None, reason="needs a C compiler")
+def test_the_portable_build_agrees(tmp_path):
+    """Built for the compiler's default target, not this CPU: the generic vector code and
+    float16 conversion by hand (where the default has no F16C) give the same results."""
+    assert CC is not None
+    native = results()
+    lib = cpu.Library(str(build.library(CC, tmp_path, build.PORTABLE)))
+    cpu.reset()
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(cpu, "_library", lib)
+    monkeypatch.setattr(cpu, "_tried", True)
+    try:
+        portable = results()
+    finally:
+        monkeypatch.undo()
+    for a, b in zip(native, portable, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

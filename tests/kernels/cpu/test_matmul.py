@@ -92,11 +92,19 @@ def test_shapes_are_checked():
 
 
 def test_only_few_float32_rows_go_to_the_kernel():
-    w = torch.randn(64, 32)
-    assert cpu.wants_f32(torch.randn(1, 32), w) == (cpu.library() is not None)
-    assert not cpu.wants_f32(torch.randn(cpu.ROWS + 1, 32), w)
-    assert not cpu.wants_f32(torch.randn(1, 32, dtype=torch.bfloat16), w.bfloat16())
-    assert not cpu.wants_f32(torch.randn(1, 64), w.t())                  # column stride
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(64, 32, generator=g), torch.randn(64, generator=g)
+    x = torch.randn(2, 3, 32, generator=g)
+    y = cpu.few_rows_f32(x, w, b)
+    if cpu.library() is None:
+        assert y is None
+    else:
+        assert y is not None and y.shape == (2, 3, 64)
+        close(y, x @ w.t() + b)
+    assert cpu.few_rows_f32(torch.randn(cpu.ROWS + 1, 32), w) is None
+    assert cpu.few_rows_f32(torch.randn(1, 32).bfloat16(), w.bfloat16()) is None
+    assert cpu.few_rows_f32(torch.randn(1, 64), w.t()) is None               # column stride
+    assert cpu.few_rows_f32(torch.randn(32, 2).t(), w) is None               # x not contiguous
 
 
 @needs_cc

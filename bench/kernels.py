@@ -1,0 +1,84 @@
+"""The linears of one SmolLM2-135M decode step on the CPU: torch's float32 matmul against
+edgeserve's CPU kernels over float32, int8 and int4 weights (edgeserve/kernels/cpu).
+
+30 layers of qkv (960 x 576), o (576 x 576), gate_up (3072 x 576) and down (576 x 1536),
+plus the 49152 x 576 head, with M = 1, 8 and 32 activation rows (decode streams). Weights
+are random (the time does not depend on their values), each variant's at its own address
+as in a real model, so every step streams them from memory. Variants take turns within
+each repetition; the figures are medians. Prints one JSON line.
+
+    python bench/kernels.py [--rows 1,8,32] [--reps 7] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from edgeserve.kernels.cpu import matmul as cpu
+
+LAYERS = 30
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]     # (N, K) per layer
+HEAD = (49152, 576)
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+def weights() -> list[dict[str, Linear]]:
+    """Every linear of a step, as one call per variant."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n, k in [s for _ in range(LAYERS) for s in SHAPES] + [HEAD]:
+        w = torch.randn(n, k, generator=g) * 0.02
+        c8 = torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=g)
+        c4 = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+        s = (torch.rand(n, k // 32, generator=g) * 1e-3).half()
+        lo = (torch.rand(n, k // 32, generator=g) * -0.1).half()
+        out.append({
+            "torch_fp32": lambda x, w=w: F.linear(x, w),
+            "kernel_fp32": lambda x, w=w: cpu.linear_f32(x, w),
+            "kernel_int8": lambda x, c=c8, s=s, lo=lo: cpu.linear_int8(x, c, s, lo),
+            "kernel_int4": lambda x, c=c4, s=s, lo=lo: cpu.linear_int4(x, c, s, lo),
+        })
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default="1,8,32")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if cpu.library() is None:
+        raise SystemExit("the CPU kernels could not be built (see the warning above)")
+    shapes = [s for _ in range(LAYERS) for s in SHAPES] + [HEAD]
+    linears = weights()
+    variants = list(linears[0])
+    result: dict[str, object] = {"bench": "kernels", "threads": args.threads,
+                                 "weights_mb": {"fp32": 538, "int8": 151, "int4": 84}}
+    for m in map(int, args.rows.split(",")):
+        xs = {k: torch.randn(m, k) for k in (576, 1536)}
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(args.reps + 1):                # the first repetition warms up
+            for v in variants:
+                t = time.perf_counter()
+                with torch.no_grad():
+                    for lin, (_, k) in zip(linears, shapes, strict=True):
+                        lin[v](xs[k])
+                times[v].append(time.perf_counter() - t)
+        ms = {v: round(statistics.median(ts[1:]) * 1e3, 2) for v, ts in times.items()}
+        base = ms["torch_fp32"]
+        result[f"m{m}"] = {"ms": ms, "speedup_vs_torch_fp32": {
+            v: round(base / t, 2) for v, t in ms.items() if v != "torch_fp32"}}
+        print(f"# M={m}: " + ", ".join(f"{v} {t} ms" for v, t in ms.items()), flush=True)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

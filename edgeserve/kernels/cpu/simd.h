@@ -1,0 +1,90 @@
+/* Vectors of VW floats and the conversions the matmul kernels need: codes from bytes or
+ * nibbles, float16 scales, the sum across lanes. VW follows the compiler's target; GCC's
+ * vector extensions lower the generic parts to scalar code on CPUs without such SIMD. */
+#ifndef EDGESERVE_SIMD_H
+#define EDGESERVE_SIMD_H
+#include <stdint.h>
+#include <string.h>
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__)
+#define VW 16
+#elif defined(__AVX2__)
+#define VW 8
+#else
+#define VW 4
+#endif
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
+typedef uint8_t vb __attribute__((vector_size(VW)));
+typedef uint8_t vbu __attribute__((vector_size(VW), aligned(1)));
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE vf loadf(const float *p) { return *(const vfu *)p; }
+INLINE vb loadb(const uint8_t *p) { return *(const vbu *)p; }
+
+/* VW codes from VW bytes at p: the bytes (part 0), their low (1) or high (2) nibbles. */
+INLINE vf codes(const uint8_t *p, int part) {
+#if defined(__AVX512F__)
+    __m128i r = _mm_loadu_si128((const __m128i *)p);
+#elif defined(__AVX2__)
+    __m128i r = _mm_loadl_epi64((const __m128i *)p);
+#endif
+#if defined(__AVX512F__) || defined(__AVX2__)
+    if (part == 1) r = _mm_and_si128(r, _mm_set1_epi8(15));
+    if (part == 2) r = _mm_and_si128(_mm_srli_epi16(r, 4), _mm_set1_epi8(15));
+#endif
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(r));
+#elif defined(__AVX2__)
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(r));
+#else
+    vb b = loadb(p);
+    if (part == 1) b &= 15;
+    if (part == 2) b >>= 4;
+    return __builtin_convertvector(b, vf);
+#endif
+}
+
+INLINE float hsum(vf v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    float s = 0.f;
+    for (int i = 0; i < VW; i++) s += v[i];
+    return s;
+#endif
+}
+
+INLINE float half(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else  /* IEEE half -> float by hand: sign, exponent, mantissa; subnormals scaled */
+    uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, m = h & 1023, bits;
+    float f;
+    if (e == 0) {
+        f = (float)m * (1.f / 16777216.f);          /* m * 2^-24 */
+        return sign ? -f : f;
+    }
+    bits = sign | ((e == 31 ? 255u : e + 112u) << 23) | (m << 13);
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+/* n float16 values to float32, 16 (or 8) at a time where the CPU converts vectors. */
+INLINE void halves(const uint16_t *h, float *out, int n) {
+    int i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
+#elif defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < n; i++) out[i] = half(h[i]);
+}
+#endif
