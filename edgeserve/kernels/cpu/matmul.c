@@ -36,9 +36,16 @@
 
 /* Stores one tile's sums plus bias; K tail (K % VW) for float weights added by the caller. */
 INLINE void store(vf acc[MR][NR], int mr, int nr, float *y, long ldy, const float *bias) {
+    vf *v = &acc[0][0];             /* the mr x nr sums, four at a time, in row order */
+    float sums[MR * NR + 3];
+    int i = 0;
+    for (int m = 0; m < mr; m++)
+        for (int n = 0; n < nr; n++) v[i++] = acc[m][n];
+    for (int t = 0; t + 4 <= i; t += 4) hsum4(v[t], v[t + 1], v[t + 2], v[t + 3], sums + t);
+    for (int t = i & ~3; t < i; t++) sums[t] = hsum(v[t]);
     for (int m = 0; m < mr; m++)
         for (int n = 0; n < nr; n++)
-            y[m * ldy + n] = hsum(acc[m][n]) + (bias ? bias[n] : 0.f);
+            y[m * ldy + n] = sums[m * nr + n] + (bias ? bias[n] : 0.f);
 }
 
 INLINE void tile_f32(const float *x, long ldx, const float *w, long ldw, long K,
@@ -66,9 +73,15 @@ INLINE void tile_f32(const float *x, long ldx, const float *w, long ldw, long K,
 /* x here is the activations with int4's column order within each chunk of 2 VW columns:
  * the even columns, then the odd ones (see permute()), so low and high nibbles need no
  * interleaving. For int8, x is in its own order. */
+/* Share g of a block of weights ahead (step bytes per share) fetched into the cache: short
+ * quantized rows are too short for the hardware prefetcher to run far enough ahead. */
+INLINE void ahead(const uint8_t *pf, long step, long g) {
+    for (long o = g * step; o < (g + 1) * step; o += 64) __builtin_prefetch(pf + o);
+}
+
 INLINE void tile_q(const float *x, long ldx, const uint8_t *q, long ldq, const uint16_t *sc,
                    const uint16_t *mn, long K, float *y, long ldy, const float *bias,
-                   int mr, int nr, int bits) {
+                   int mr, int nr, int bits, const uint8_t *pf) {
     vf acc[MR][NR];
     long groups = K / GROUP;
     for (int m = 0; m < mr; m++)
@@ -82,6 +95,7 @@ INLINE void tile_q(const float *x, long ldx, const uint8_t *q, long ldq, const u
             halves(mn + n * groups + g0, b[n], gc);
         }
         for (int g = 0; g < gc; g++) {
+            if (pf) ahead(pf, NR * ldq / groups, g0 + g);
             for (int v = 0; v < GROUP / VW; v += (bits == 4 ? 2 : 1)) {
                 long k = (g0 + g) * GROUP + v * VW;
                 vf w0[NR], w1[NR];
@@ -128,16 +142,18 @@ typedef struct {
                      pf);                                                                 \
         else                                                                              \
             tile_q(x, j->ldx, (const uint8_t *)w, ldw, sc, mn, j->K, y, j->ldy, bias,     \
-                   MRC, NRC, kind);                                                       \
+                   MRC, NRC, kind, pfq);                                                  \
     } while (0)
 
 /* nr quantized rows from n0 dequantized into buf (nr, K), in the order tile_q reads them:
  * with many activation rows, dequantizing once beats dequantizing per tile. */
 static void dequant(const job *j, long n0, int nr, float *buf) {
     long groups = j->K / GROUP;
+    const uint8_t *pf = n0 + 3 * NR <= j->N ? (const uint8_t *)j->w + (n0 + 2 * NR) * j->ldw : 0;
     for (int n = 0; n < nr; n++) {
         const uint8_t *q = (const uint8_t *)j->w + (n0 + n) * j->ldw;
         for (long g = 0; g < groups; g++) {
+            if (pf && n == 0) ahead(pf, NR * j->ldw / groups, g);
             float s = half(j->scale[(n0 + n) * groups + g]);
             float b = half(j->min[(n0 + n) * groups + g]);
             for (int v = 0; v < GROUP / VW; v += (j->kind == Q4 ? 2 : 1)) {
@@ -184,9 +200,12 @@ static void rows(const job *j, long n0, int nr, float *buf) {
         const float *x = j->x + m0 * j->ldx;
         float *y = j->y + m0 * j->ldy + n0;
         int mr = j->M - m0 < MR ? (int)(j->M - m0) : MR;
-        /* many activation rows: the next rows' float weights are fetched during this tile */
-        const float *pf = m0 == 0 && j->M > MR && j->kind == F32 && n0 + 2 * NR <= j->N
-                              ? (const float *)w + NR * ldw : 0;
+        /* float weights: the rows two blocks ahead are fetched during the first tile (more
+         * requests in flight than the hardware prefetcher makes on its own) */
+        const float *pf = m0 == 0 && j->kind == F32 && n0 + 3 * NR <= j->N
+                              ? (const float *)w + 2 * NR * ldw : 0;
+        const uint8_t *pfq = m0 == 0 && kind != F32 && n0 + 3 * NR <= j->N
+                                 ? (const uint8_t *)w + 2 * NR * ldw : 0;
         if (nr == NR)
             TILES(NR)
         else

@@ -59,6 +59,24 @@ INLINE float hsum(vf v) {
 #endif
 }
 
+/* The sums of four vectors at once: out[i] = sum of v[i]'s lanes. On AVX-512 the four are
+ * folded into one vector pairwise (13 operations instead of 4 separate sums' 32). */
+INLINE void hsum4(vf a, vf b, vf c, vf d, float out[4]) {
+#if defined(__AVX512F__)
+    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps((__m512)a, (__m512)b),
+                              _mm512_unpackhi_ps((__m512)a, (__m512)b));   /* a b a b */
+    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps((__m512)c, (__m512)d),
+                              _mm512_unpackhi_ps((__m512)c, (__m512)d));   /* c d c d */
+    __m512 t = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44),
+                             _mm512_shuffle_ps(ab, cd, 0xEE));             /* a b c d */
+    t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0x4E));    /* 128-bit lanes summed */
+    t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0xB1));
+    _mm_storeu_ps(out, _mm512_castps512_ps128(t));
+#else
+    out[0] = hsum(a), out[1] = hsum(b), out[2] = hsum(c), out[3] = hsum(d);
+#endif
+}
+
 INLINE float half(uint16_t h) {
 #if defined(__F16C__)
     return _cvtsh_ss(h);
