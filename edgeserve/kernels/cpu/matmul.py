@@ -23,8 +23,11 @@ from edgeserve.kernels.cpu import build
 
 log = logging.getLogger("edgeserve.kernels")
 # float32 weights: activation rows up to which the kernel beats torch's matmul on the CPU
-# (bench/kernels.py); quantized weights have no faster torch path at any of these sizes.
+# (bench/kernels.py).
 ROWS = 32
+# Quantized weights: rows up to which the kernel beats quant/linear.py's torch path (which
+# dequantizes slices and multiplies them with torch's matmul), measured likewise.
+QUANT_ROWS = 128
 GROUP = 32
 SLICE = 4096                    # weight rows dequantized at once by the torch fallback
 
@@ -165,6 +168,41 @@ def _sliced(x2: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor, torch.Ten
     return y if b is None else y + b
 
 
+def _run(lib: Library, x2: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+         b: torch.Tensor | None, bits: int, lead: tuple[int, ...]) -> torch.Tensor:
+    """The kernel over rows x2 (M, K) with unit column stride -> (*lead, N)."""
+    codes, scale, minimum = parts
+    (m, k), n = x2.shape, codes.shape[0]
+    y = torch.empty((*lead, n), dtype=torch.float32)
+    bias, rest = _bias(b, n)
+    args = (x2.data_ptr(), x2.stride(0), codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(),
+            bias, y.data_ptr(), n, m, n, k, torch.get_num_threads())
+    if bits == 8:
+        lib.q8(*args)
+    elif lib.q4(*args) != 0:
+        raise MemoryError("int4 matmul: no memory for the reordered activations")
+    return y if rest is None else y + rest
+
+
+def few_rows_quantized(x: torch.Tensor, scheme: str, codes: torch.Tensor, scale: torch.Tensor,
+                       minimum: torch.Tensor, b: torch.Tensor | None = None
+                       ) -> torch.Tensor | None:
+    """x @ w.T + b over an int8 or int4 weight (the layouts above) through the kernel: float32
+    on the CPU, up to QUANT_ROWS rows, contiguous parts; None elsewhere (the caller's torch
+    path). The hook of quant/linear.py, called for every quantized linear."""
+    lib = _library if _tried else library()
+    if (lib is None or not x.is_cpu or x.dtype != torch.float32 or codes.dim() != 2
+            or not codes.is_cpu or scale.dtype != torch.float16):
+        return None
+    k = codes.shape[1] * (2 if scheme == "int4" else 1)
+    m = x.numel() // k if x.shape[-1] == k and k % GROUP == 0 else 0
+    if not (0 < m <= QUANT_ROWS and codes.is_contiguous() and scale.is_contiguous()
+            and minimum.is_contiguous() and scheme in ("int8", "int4")):
+        return None
+    x2 = x.view(m, k) if x.is_contiguous() else _rows(x)
+    return _run(lib, x2, (codes, scale, minimum), b, 8 if scheme == "int8" else 4, x.shape[:-1])
+
+
 def _quantized(x: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                b: torch.Tensor | None, bits: int) -> torch.Tensor:
     codes, scale, minimum = parts
@@ -173,21 +211,12 @@ def _quantized(x: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor, torch.T
         raise ValueError(f"x has {x.shape[-1]} columns, the weight {k}")
     _check_groups(codes, scale, minimum, k)
     n, x2 = codes.shape[0], _rows(x)
-    m, lib = x2.shape[0], library()
+    lib = library()
     if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu"
-            or codes.device.type != "cpu" or m == 0):
+            or codes.device.type != "cpu" or x2.shape[0] == 0):
         rows = dequantize_int4 if bits == 4 else dequantize_int8
         return _sliced(x2, parts, rows, b).to(x.dtype).view(*x.shape[:-1], n)
-    y = torch.empty(m, n, dtype=torch.float32)
-    bias, rest = _bias(b, n)
-    args = (x2.data_ptr(), x2.stride(0), codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(),
-            bias, y.data_ptr(), n, m, n, k, torch.get_num_threads())
-    if bits == 8:
-        lib.q8(*args)
-    elif lib.q4(*args) != 0:
-        raise MemoryError("int4 matmul: no memory for the reordered activations")
-    y = y.view(*x.shape[:-1], n)
-    return y if rest is None else y + rest
+    return _run(lib, x2, parts, b, bits, x.shape[:-1])
 
 
 def linear_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,

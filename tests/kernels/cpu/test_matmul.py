@@ -107,6 +107,27 @@ def test_only_few_float32_rows_go_to_the_kernel():
     assert cpu.few_rows_f32(torch.randn(32, 2).t(), w) is None               # x not contiguous
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_few_quantized_rows_go_to_the_kernel(scheme):
+    stored, scale, low, w = quantized(70, 96, 8 if scheme == "int8" else 4, seed=4)
+    g = torch.Generator().manual_seed(6)
+    x, b = torch.randn(3, 5, 96, generator=g), torch.randn(70, generator=g)
+    y = cpu.few_rows_quantized(x, scheme, stored, scale, low, b)
+    if cpu.library() is None:
+        assert y is None
+    else:
+        assert y is not None and y.shape == (3, 5, 70)
+        close(y, x @ w.t() + b)
+        close(cpu.few_rows_quantized(x.transpose(0, 1), scheme, stored, scale, low),
+              x.transpose(0, 1) @ w.t())                                   # x not contiguous
+    many = torch.randn(cpu.QUANT_ROWS + 1, 96)
+    assert cpu.few_rows_quantized(many, scheme, stored, scale, low) is None
+    assert cpu.few_rows_quantized(x.bfloat16(), scheme, stored, scale, low) is None
+    assert cpu.few_rows_quantized(x, scheme, stored, scale.float(), low) is None
+    wide = torch.zeros(70, stored.shape[1] * 2, dtype=torch.uint8)[:, ::2]    # strided codes
+    assert cpu.few_rows_quantized(x, scheme, wide, scale, low) is None
+
+
 @needs_cc
 def test_one_openmp_runtime_shared_with_torch():
     """The library's libgomp.so.1 is the one torch loaded: one thread pool, not two."""
