@@ -138,3 +138,22 @@ def test_one_openmp_runtime_shared_with_torch():
     paths = {line.split()[-1] for line in maps.read_text().splitlines()
              if line.rstrip().endswith("/libgomp.so.1")}
     assert len(paths) == 1, paths
+
+
+@needs_cc
+def test_no_threads_beyond_torchs():
+    """The kernels run on the OpenMP threads torch already has: none are added."""
+    tasks = Path("/proc/self/task")
+    if not tasks.exists():
+        pytest.skip("needs /proc/self/task")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        w, x = torch.randn(4096, 256), torch.randn(4, 256)
+        torch.mm(torch.randn(256, 256), torch.randn(256, 256))          # torch's pool up
+        before = len(list(tasks.iterdir()))
+        for _ in range(3):
+            cpu.linear_f32(x, w)
+        assert len(list(tasks.iterdir())) == before
+    finally:
+        torch.set_num_threads(threads)
