@@ -31,6 +31,7 @@
 #define MR 2
 #endif
 #define MINWORK 65536   /* weights (N K) below which one thread does the whole product */
+#define CHUNKS 16       /* chunks of output rows per thread, taken in turn */
 #define GROUP 32
 #define GCHUNK 64       /* groups whose scales are converted to float at once */
 
@@ -213,29 +214,39 @@ static void rows(const job *j, long n0, int nr, float *buf) {
     }
 }
 
-/* Thread t of T: a contiguous run of whole NR-row blocks (the last thread also gets the
- * N % NR rows, one at a time). Quantized weights with more than MR activation rows are
- * dequantized block by block into a buffer of the thread's own. */
-static void part(const job *j, int t, int T) {
-    long blocks = j->N / NR;
-    long b0 = blocks * t / T, b1 = blocks * (t + 1) / T;
+/* Each thread takes chunks of `per` NR-row blocks, the next free one each time (the last
+ * chunk is the N % NR rows, one at a time): on a shared CPU a thread that is switched out
+ * leaves its share to the others instead of holding up the step. Quantized weights with
+ * more than MR activation rows are dequantized block by block into a thread's own buffer. */
+static void part(const job *j, long per) {
+    long blocks = j->N / NR, chunks = (blocks + per - 1) / per;
     float *buf = j->kind != F32 && j->M > MR ? malloc(sizeof(float) * NR * j->K) : 0;
-    for (long b = b0; b < b1; b++) rows(j, b * NR, NR, buf);
-    if (t == T - 1)
-        for (long n = blocks * NR; n < j->N; n++) rows(j, n, 1, buf);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (long c = 0; c <= chunks; c++) {
+        if (c == chunks) {
+            for (long n = blocks * NR; n < j->N; n++) rows(j, n, 1, buf);
+            continue;
+        }
+        long end = (c + 1) * per < blocks ? (c + 1) * per : blocks;
+        for (long b = c * per; b < end; b++) rows(j, b * NR, NR, buf);
+    }
     free(buf);
 }
 
 static void run(const job *j, int threads) {
+    long blocks = j->N / NR;
 #ifdef _OPENMP
-    if (threads > 1 && j->N >= 2 * NR && j->N * j->K >= MINWORK) {
+    if (threads > 1 && blocks >= 2 && j->N * j->K >= MINWORK) {
+        long per = blocks / (threads * CHUNKS);
 #pragma omp parallel num_threads(threads)
-        part(j, omp_get_thread_num(), omp_get_num_threads());
+        part(j, per > 0 ? per : 1);
         return;
     }
 #endif
     (void)threads;
-    part(j, 0, 1);
+    part(j, blocks > 0 ? blocks : 1);
 }
 
 /* int4's activations with each chunk of 2 VW columns reordered: evens, then odds. */
