@@ -7,7 +7,10 @@ are random (the time does not depend on their values), each variant's at its own
 as in a real model, so every step streams them from memory. Variants take turns within
 each repetition; the figures are medians (and the best repetition). Prints one JSON line.
 
-    python bench/kernels.py [--rows 1,8,32] [--reps 7] [--threads 2]
+    python bench/kernels.py [--rows 1,8,32] [--reps 7] [--threads 2] [--clock wall|cpu]
+
+`--clock cpu` (with `--threads 1`) times the thread's CPU time instead of the wall clock:
+on a shared machine it leaves out the time other processes take the core.
 """
 
 from __future__ import annotations
@@ -53,25 +56,29 @@ def main() -> None:
     p.add_argument("--rows", default="1,8,32")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = p.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        raise SystemExit("--clock cpu needs --threads 1")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     if cpu.library() is None:
         raise SystemExit("the CPU kernels could not be built (see the warning above)")
     shapes = [s for _ in range(LAYERS) for s in SHAPES] + [HEAD]
     linears = weights()
     variants = list(linears[0])
-    result: dict[str, object] = {"bench": "kernels", "threads": args.threads,
+    result: dict[str, object] = {"bench": "kernels", "threads": args.threads, "clock": args.clock,
                                  "weights_mb": {"fp32": 538, "int8": 151, "int4": 84}}
     for m in map(int, args.rows.split(",")):
         xs = {k: torch.randn(m, k) for k in (576, 1536)}
         times: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(args.reps + 1):                # the first repetition warms up
             for v in variants:
-                t = time.perf_counter()
+                t = clock()
                 with torch.no_grad():
                     for lin, (_, k) in zip(linears, shapes, strict=True):
                         lin[v](xs[k])
-                times[v].append(time.perf_counter() - t)
+                times[v].append(clock() - t)
         ms = {v: round(statistics.median(ts[1:]) * 1e3, 2) for v, ts in times.items()}
         best = {v: round(min(ts[1:]) * 1e3, 2) for v, ts in times.items()}
         result[f"m{m}"] = {"ms": ms, "best_ms": best, "speedup_vs_torch_fp32": {

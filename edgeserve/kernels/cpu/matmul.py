@@ -114,6 +114,9 @@ def few_rows_f32(x: torch.Tensor, w: torch.Tensor,
 def linear_f32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ w (N, K).T + b (N,) -> (..., N), float32, any number of rows. w may have
     a row stride."""
+    y = few_rows_f32(x, w, b)
+    if y is not None:
+        return y
     lib = library()
     n, k = w.shape
     if (lib is None or x.dtype != torch.float32 or w.dtype != torch.float32 or w.stride(1) != 1
@@ -206,6 +209,9 @@ def few_rows_quantized(x: torch.Tensor, scheme: str, codes: torch.Tensor, scale:
 def _quantized(x: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                b: torch.Tensor | None, bits: int) -> torch.Tensor:
     codes, scale, minimum = parts
+    y = few_rows_quantized(x, "int8" if bits == 8 else "int4", codes, scale, minimum, b)
+    if y is not None:
+        return y
     k = codes.shape[1] * (2 if bits == 4 else 1)
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} columns, the weight {k}")
