@@ -71,15 +71,15 @@ INLINE void tile_f32(const float *x, long ldx, const float *w, long ldw, long K,
             for (int n = 0; n < nr; n++) y[m * ldy + n] += x[m * ldx + k] * w[n * ldw + k];
 }
 
-/* x here is the activations with int4's column order within each chunk of 2 VW columns:
- * the even columns, then the odd ones (see permute()), so low and high nibbles need no
- * interleaving. For int8, x is in its own order. */
 /* Share g of a block of weights ahead (step bytes per share) fetched into the cache: short
  * quantized rows are too short for the hardware prefetcher to run far enough ahead. */
 INLINE void ahead(const uint8_t *pf, long step, long g) {
     for (long o = g * step; o < (g + 1) * step; o += 64) __builtin_prefetch(pf + o);
 }
 
+/* x here is the activations with int4's column order within each chunk of 2 VW columns:
+ * the even columns, then the odd ones (see permute()), so low and high nibbles need no
+ * interleaving. For int8, x is in its own order. */
 INLINE void tile_q(const float *x, long ldx, const uint8_t *q, long ldq, const uint16_t *sc,
                    const uint16_t *mn, long K, float *y, long ldy, const float *bias,
                    int mr, int nr, int bits, const uint8_t *pf) {
