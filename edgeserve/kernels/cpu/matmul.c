@@ -31,7 +31,7 @@
 #define MR 2
 #endif
 #define MINWORK 65536   /* weights (N K) below which one thread does the whole product */
-#define CHUNKS 16       /* chunks of output rows per thread, taken in turn */
+#define CHUNKS 4        /* chunks of output rows per thread, taken in turn */
 #define GROUP 32
 #define GCHUNK 64       /* groups whose scales are converted to float at once */
 
@@ -148,9 +148,9 @@ typedef struct {
 
 /* nr quantized rows from n0 dequantized into buf (nr, K), in the order tile_q reads them:
  * with many activation rows, dequantizing once beats dequantizing per tile. */
-static void dequant(const job *j, long n0, int nr, float *buf) {
+static void dequant(const job *j, long n0, int nr, float *buf, long end) {
     long groups = j->K / GROUP;
-    const uint8_t *pf = n0 + 3 * NR <= j->N ? (const uint8_t *)j->w + (n0 + 2 * NR) * j->ldw : 0;
+    const uint8_t *pf = n0 + 3 * NR <= end ? (const uint8_t *)j->w + (n0 + 2 * NR) * j->ldw : 0;
     for (int n = 0; n < nr; n++) {
         const uint8_t *q = (const uint8_t *)j->w + (n0 + n) * j->ldw;
         for (long g = 0; g < groups; g++) {
@@ -184,8 +184,9 @@ static void dequant(const job *j, long n0, int nr, float *buf) {
 #define TILES(N) if (mr == 1) TILE(1, N); else TILE(MR, N);
 #endif
 
-/* Output rows n0 .. n0 + nr for all M activation rows; buf: NR K floats or NULL. */
-static void rows(const job *j, long n0, int nr, float *buf) {
+/* Output rows n0 .. n0 + nr for all M activation rows; buf: NR K floats or NULL; rows up
+ * to end (this thread's chunk) may be fetched ahead. */
+static void rows(const job *j, long n0, int nr, float *buf, long end) {
     long groups = j->K / GROUP, ldw = j->ldw;
     const uint16_t *sc = j->scale ? j->scale + n0 * groups : 0;
     const uint16_t *mn = j->min ? j->min + n0 * groups : 0;
@@ -194,7 +195,7 @@ static void rows(const job *j, long n0, int nr, float *buf) {
     const void *w = kind == F32 ? (const void *)((const float *)j->w + n0 * ldw)
                                 : (const void *)((const uint8_t *)j->w + n0 * ldw);
     if (buf) {                      /* dequantized once, then multiplied as floats */
-        dequant(j, n0, nr, buf);
+        dequant(j, n0, nr, buf, end);
         kind = F32; w = buf; ldw = j->K;
     }
     for (long m0 = 0; m0 < j->M; m0 += MR) {
@@ -203,9 +204,9 @@ static void rows(const job *j, long n0, int nr, float *buf) {
         int mr = j->M - m0 < MR ? (int)(j->M - m0) : MR;
         /* float weights: the rows two blocks ahead are fetched during the first tile (more
          * requests in flight than the hardware prefetcher makes on its own) */
-        const float *pf = m0 == 0 && j->kind == F32 && n0 + 3 * NR <= j->N
+        const float *pf = m0 == 0 && j->kind == F32 && n0 + 3 * NR <= end
                               ? (const float *)w + 2 * NR * ldw : 0;
-        const uint8_t *pfq = m0 == 0 && kind != F32 && n0 + 3 * NR <= j->N
+        const uint8_t *pfq = m0 == 0 && kind != F32 && n0 + 3 * NR <= end
                                  ? (const uint8_t *)w + 2 * NR * ldw : 0;
         if (nr == NR)
             TILES(NR)
@@ -226,11 +227,11 @@ static void part(const job *j, long per) {
 #endif
     for (long c = 0; c <= chunks; c++) {
         if (c == chunks) {
-            for (long n = blocks * NR; n < j->N; n++) rows(j, n, 1, buf);
+            for (long n = blocks * NR; n < j->N; n++) rows(j, n, 1, buf, 0);
             continue;
         }
         long end = (c + 1) * per < blocks ? (c + 1) * per : blocks;
-        for (long b = c * per; b < end; b++) rows(j, b * NR, NR, buf);
+        for (long b = c * per; b < end; b++) rows(j, b * NR, NR, buf, end * NR);
     }
     free(buf);
 }
