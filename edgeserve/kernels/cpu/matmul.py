@@ -22,9 +22,10 @@ from edgeserve.config import kernel_config
 from edgeserve.kernels.cpu import build
 
 log = logging.getLogger("edgeserve.kernels")
-# float32 weights: activation rows up to which the kernel beats torch's matmul on the CPU
-# (bench/kernels.py).
-ROWS = 32
+# float32 weights: the activation rows for which the kernel beats torch's matmul on the CPU
+# (bench/kernels.py). With one row both stream the weight at the memory's speed, and
+# torch's matrix-vector product was a few percent faster.
+MIN_ROWS, ROWS = 2, 32
 # Quantized weights: rows up to which the kernel beats quant/linear.py's torch path (which
 # dequantizes slices and multiplies them with torch's matmul), measured likewise.
 QUANT_ROWS = 128
@@ -93,16 +94,16 @@ def _bias(b: torch.Tensor | None, n: int) -> tuple[int | None, torch.Tensor | No
 
 def few_rows_f32(x: torch.Tensor, w: torch.Tensor,
                  b: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x @ w.T + b through the kernel where it beats torch's matmul (float32 on the CPU, up
-    to ROWS rows, x contiguous, w with unit column stride); None elsewhere. The decode hook:
-    it is called for every linear, so it checks little and cheaply."""
+    """x @ w.T + b through the kernel where it beats torch's matmul (float32 on the CPU,
+    MIN_ROWS to ROWS rows, x contiguous, w with unit column stride); None elsewhere. The
+    decode hook: it is called for every linear, so it checks little and cheaply."""
     lib = _library if _tried else library()
     if (lib is None or not x.is_cpu or x.dtype != torch.float32 or w.dtype != torch.float32
             or w.dim() != 2 or w.stride(1) != 1 or not w.is_cpu or not x.is_contiguous()):
         return None
     n, k = w.shape
     m = x.numel() // k if x.shape[-1] == k else 0
-    if not 0 < m <= ROWS:
+    if not MIN_ROWS <= m <= ROWS:
         return None
     y = torch.empty((*x.shape[:-1], n), dtype=torch.float32)
     bias, rest = _bias(b, n)

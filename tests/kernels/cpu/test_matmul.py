@@ -102,6 +102,7 @@ def test_only_few_float32_rows_go_to_the_kernel():
         assert y is not None and y.shape == (2, 3, 64)
         close(y, x @ w.t() + b)
     assert cpu.few_rows_f32(torch.randn(cpu.ROWS + 1, 32), w) is None
+    assert cpu.few_rows_f32(torch.randn(1, 1, 32), w) is None                  # one row: torch
     assert cpu.few_rows_f32(torch.randn(1, 32).bfloat16(), w.bfloat16()) is None
     assert cpu.few_rows_f32(torch.randn(1, 64), w.t()) is None               # column stride
     assert cpu.few_rows_f32(torch.randn(32, 2).t(), w) is None               # x not contiguous
