@@ -50,7 +50,8 @@ INLINE void store(vf acc[MR][NR], int mr, int nr, float *y, long ldy, const floa
 }
 
 INLINE void tile_f32(const float *x, long ldx, const float *w, long ldw, long K,
-                     float *y, long ldy, const float *bias, int mr, int nr, const float *pf) {
+                     float *y, long ldy, const float *bias, int mr, int nr, const float *pf,
+                     long plo, long phi) {
     vf acc[MR][NR];
     for (int m = 0; m < mr; m++)
         for (int n = 0; n < nr; n++) acc[m][n] = (vf){0};
@@ -58,7 +59,7 @@ INLINE void tile_f32(const float *x, long ldx, const float *w, long ldw, long K,
     for (; k + VW <= K; k += VW) {
         vf wv[NR];
         for (int n = 0; n < nr; n++) wv[n] = loadf(w + n * ldw + k);
-        if (pf)
+        if (pf && k >= plo && k < phi)
             for (int n = 0; n < NR; n++) __builtin_prefetch(pf + n * ldw + k, 0, 3);
         for (int m = 0; m < mr; m++) {
             vf xv = loadf(x + m * ldx + k);
@@ -140,7 +141,7 @@ typedef struct {
     do {                                                                                  \
         if (kind == F32)                                                                  \
             tile_f32(x, j->ldx, (const float *)w, ldw, j->K, y, j->ldy, bias, MRC, NRC,   \
-                     pf);                                                                 \
+                     pf, plo, phi);                                                       \
         else                                                                              \
             tile_q(x, j->ldx, (const uint8_t *)w, ldw, sc, mn, j->K, y, j->ldy, bias,     \
                    MRC, NRC, kind, pfq);                                                  \
@@ -204,8 +205,10 @@ static void rows(const job *j, long n0, int nr, float *buf, long end) {
         int mr = j->M - m0 < MR ? (int)(j->M - m0) : MR;
         /* float weights: the rows two blocks ahead are fetched during the first tile (more
          * requests in flight than the hardware prefetcher makes on its own) */
-        const float *pf = m0 == 0 && j->kind == F32 && n0 + 3 * NR <= end
+        const float *pf = j->kind == F32 && n0 + 3 * NR <= end
                               ? (const float *)w + 2 * NR * ldw : 0;
+        long tiles = (j->M + MR - 1) / MR, t = m0 / MR;   /* each tile fetches a K share */
+        long plo = j->K * t / tiles, phi = j->K * (t + 1) / tiles;
         const uint8_t *pfq = m0 == 0 && kind != F32 && n0 + 3 * NR <= end
                                  ? (const uint8_t *)w + 2 * NR * ldw : 0;
         if (nr == NR)
