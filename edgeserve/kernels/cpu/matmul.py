@@ -172,15 +172,17 @@ def _sliced(x2: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor, torch.Ten
     return y if b is None else y + b
 
 
-def _run(lib: Library, x2: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+def _run(lib: Library, x2: torch.Tensor, m: int, parts: tuple[torch.Tensor, ...],
          b: torch.Tensor | None, bits: int, lead: tuple[int, ...]) -> torch.Tensor:
-    """The kernel over rows x2 (M, K) with unit column stride -> (*lead, N)."""
+    """The kernel over the m rows of x2 (..., K), unit column stride, rows at x2.stride(-2)
+    (or contiguous) -> (*lead, N)."""
     codes, scale, minimum = parts
-    (m, k), n = x2.shape, codes.shape[0]
+    k, n = x2.shape[-1], codes.shape[0]
     y = torch.empty((*lead, n), dtype=torch.float32)
     bias, rest = _bias(b, n)
-    args = (x2.data_ptr(), x2.stride(0), codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(),
-            bias, y.data_ptr(), n, m, n, k, torch.get_num_threads())
+    args = (x2.data_ptr(), k if x2.dim() != 2 else x2.stride(0), codes.data_ptr(),
+            scale.data_ptr(), minimum.data_ptr(), bias, y.data_ptr(), n, m, n, k,
+            torch.get_num_threads())
     if bits == 8:
         lib.q8(*args)
     elif lib.q4(*args) != 0:
@@ -203,8 +205,9 @@ def few_rows_quantized(x: torch.Tensor, scheme: str, codes: torch.Tensor, scale:
     if not (0 < m <= QUANT_ROWS and codes.is_contiguous() and scale.is_contiguous()
             and minimum.is_contiguous() and scheme in ("int8", "int4")):
         return None
-    x2 = x.view(m, k) if x.is_contiguous() else _rows(x)
-    return _run(lib, x2, (codes, scale, minimum), b, 8 if scheme == "int8" else 4, x.shape[:-1])
+    x2 = x if x.is_contiguous() else _rows(x)
+    return _run(lib, x2, m, (codes, scale, minimum), b, 8 if scheme == "int8" else 4,
+                x.shape[:-1])
 
 
 def _quantized(x: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -223,7 +226,7 @@ def _quantized(x: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor, torch.T
             or codes.device.type != "cpu" or x2.shape[0] == 0):
         rows = dequantize_int4 if bits == 4 else dequantize_int8
         return _sliced(x2, parts, rows, b).to(x.dtype).view(*x.shape[:-1], n)
-    return _run(lib, x2, parts, b, bits, x.shape[:-1])
+    return _run(lib, x2, x2.shape[0], parts, b, bits, x.shape[:-1])
 
 
 def linear_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
