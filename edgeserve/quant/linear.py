@@ -11,7 +11,9 @@ and multiplied, so only one slice is ever dequantized (see SLICE). The activatio
 float throughout (rounding them to int8 per token, as integer matmuls need, cost a real
 model several points of top-1 agreement). int4's slices on the CPU take the even and odd
 columns apart (the low and high nibbles of its bytes) so that no slice is interleaved back.
-Everything here is plain torch, so CUDA takes the same paths.
+Everything here is plain torch, so CUDA takes the same paths. On the CPU, a float32 product
+of up to 128 rows (decode) goes to the C kernels of kernels/cpu/matmul.py instead, which
+expand the codes in registers and stream each weight once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgeserve.kernels.cpu import matmul as cpu
 from edgeserve.quant.format import GROUP, codes_of, dequantize
 
 SLICE = 1 << 18          # weights dequantized at once by the slice-wise paths
@@ -89,6 +92,9 @@ def linear(x: torch.Tensor, w: QWeight, b: torch.Tensor | None = None) -> torch.
     """x (..., in) @ w.T (+ b) -> (..., out) in x's dtype."""
     if w.scheme not in ("int8", "int4"):
         raise ValueError(f"unknown quantization scheme {w.scheme!r}")
+    fast = cpu.few_rows_quantized(x, w.scheme, w.qweight, w.scale, w.min, b)
+    if fast is not None:
+        return fast
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     y = matmul(x2, w)

@@ -88,3 +88,25 @@ def test_massive_activation_channels_stay_exact(scheme: str) -> None:
     for rows in (x[:1], x):
         exact = F.linear(rows, q.dequantize())
         assert rel(linear(rows, q), exact) < 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_few_cpu_rows_take_the_kernels_with_torchs_result(scheme: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeserve.kernels.cpu import matmul as cpu
+
+    torch.manual_seed(3)
+    w, x, b = torch.randn(200, 160), torch.randn(2, 3, 160), torch.randn(200)
+    q = qweight(scheme, w)
+    kernel = cpu.few_rows_quantized(x, scheme, q.qweight, q.scale, q.min, b)
+    assert (kernel is not None) == (cpu.library() is not None)
+    on = linear(x, q, b)
+    with monkeypatch.context() as patch:            # the torch path, kernels switched off
+        patch.setenv("EDGESERVE_CPU_KERNELS", "off")
+        cpu.reset()
+        assert cpu.few_rows_quantized(x, scheme, q.qweight, q.scale, q.min, b) is None
+        off = linear(x, q, b)
+    cpu.reset()
+    assert rel(on, off) < 1e-5
+    if kernel is not None:
+        torch.testing.assert_close(on, kernel)
