@@ -8,6 +8,7 @@ as in a real model, so every step streams them from memory. Variants take turns 
 each repetition; the figures are medians (and the best repetition). Prints one JSON line.
 
     python bench/kernels.py [--rows 1,8,32] [--reps 7] [--threads 2] [--clock wall|cpu]
+                            [--torch-quant]
 
 `--clock cpu` (with `--threads 1`) times the thread's CPU time instead of the wall clock:
 on a shared machine it leaves out the time other processes take the core.
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeserve.kernels.cpu import matmul as cpu
+from edgeserve.quant import linear as quant
 
 LAYERS = 30
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]     # (N, K) per layer
@@ -32,7 +34,7 @@ HEAD = (49152, 576)
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
-def weights() -> list[dict[str, Linear]]:
+def weights(torch_quant: bool) -> list[dict[str, Linear]]:
     """Every linear of a step, as one call per variant."""
     g = torch.Generator().manual_seed(0)
     out = []
@@ -48,6 +50,10 @@ def weights() -> list[dict[str, Linear]]:
             "kernel_int8": lambda x, c=c8, s=s, lo=lo: cpu.linear_int8(x, c, s, lo),
             "kernel_int4": lambda x, c=c4, s=s, lo=lo: cpu.linear_int4(x, c, s, lo),
         })
+        if torch_quant:             # quant/linear.py's torch path (no kernel)
+            q8, q4 = quant.QWeight("int8", c8, s, lo), quant.QWeight("int4", c4, s, lo)
+            out[-1] |= {"torch_int8": lambda x, q=q8: quant.matmul(x, q),
+                        "torch_int4": lambda x, q=q4: quant.matmul(x, q)}
     return out
 
 
@@ -57,6 +63,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    p.add_argument("--torch-quant", action="store_true",
+                   help="also quant/linear.py's torch path over int8 and int4")
     args = p.parse_args()
     if args.clock == "cpu" and args.threads != 1:
         raise SystemExit("--clock cpu needs --threads 1")
@@ -65,7 +73,7 @@ def main() -> None:
     if cpu.library() is None:
         raise SystemExit("the CPU kernels could not be built (see the warning above)")
     shapes = [s for _ in range(LAYERS) for s in SHAPES] + [HEAD]
-    linears = weights()
+    linears = weights(args.torch_quant)
     variants = list(linears[0])
     result: dict[str, object] = {"bench": "kernels", "threads": args.threads, "clock": args.clock,
                                  "weights_mb": {"fp32": 538, "int8": 151, "int4": 84}}

@@ -12,7 +12,7 @@ float throughout (rounding them to int8 per token, as integer matmuls need, cost
 model several points of top-1 agreement). int4's slices on the CPU take the even and odd
 columns apart (the low and high nibbles of its bytes) so that no slice is interleaved back.
 Everything here is plain torch, so CUDA takes the same paths. On the CPU, a float32 product
-of up to 128 rows (decode) goes to the C kernels of kernels/cpu/matmul.py instead, which
+of up to 256 rows (decode) goes to the C kernels of kernels/cpu/matmul.py instead, which
 expand the codes in registers and stream each weight once.
 """
 

@@ -28,7 +28,7 @@ log = logging.getLogger("edgeserve.kernels")
 MIN_ROWS, ROWS = 2, 32
 # Quantized weights: rows up to which the kernel beats quant/linear.py's torch path (which
 # dequantizes slices and multiplies them with torch's matmul), measured likewise.
-QUANT_ROWS = 128
+QUANT_ROWS = 256
 GROUP = 32
 SLICE = 4096                    # weight rows dequantized at once by the torch fallback
 
