@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 from collections.abc import Callable
 
 import torch
@@ -54,26 +55,29 @@ class Library:
 
 _library: Library | None = None
 _tried = False
+_lock = threading.Lock()             # one build per process, whichever thread asks first
 
 
 def library() -> Library | None:
     """The library, built and loaded on first use; None where it cannot be (logged once)."""
     global _library, _tried
-    if not _tried:
-        _tried = True
-        cfg = kernel_config()
-        if cfg.enabled:
-            try:
-                _library = Library(str(build.library(cfg.cc, cfg.cache)))
-            except (build.BuildError, OSError) as e:
-                log.warning("CPU matmul kernels unavailable, using torch's matmuls: %s", e)
+    with _lock:
+        if not _tried:
+            cfg = kernel_config()
+            if cfg.enabled:
+                try:
+                    _library = Library(str(build.library(cfg.cc, cfg.cache)))
+                except (build.BuildError, OSError) as e:
+                    log.warning("CPU matmul kernels unavailable, using torch's matmuls: %s", e)
+            _tried = True
     return _library
 
 
 def reset() -> None:
     """Forget the library: the next use reads the settings and loads (or builds) anew."""
     global _library, _tried
-    _library, _tried = None, False
+    with _lock:
+        _library, _tried = None, False
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
