@@ -4,7 +4,8 @@ When loads compete for memory, serving requests strictly in arrival order swaps 
 on every change (A B A C: four loads). Instead:
 
 - requests for resident models run first, without waiting for loads queued behind them;
-- a load waits its turn among the loads queued, and the turn goes to the load that serves
+- a load waits its turn among the loads queued for its device (placed before it waits:
+  loads onto different devices run side by side), and the turn goes to the load that serves
   the most waiting requests per second it costs (requests waiting / (estimated seconds to
   move its missing bytes + LOAD_OVERHEAD): the weighted-shortest-first order, which
   minimises the summed wait), oldest first among equals. Each load serves a whole group,
@@ -13,8 +14,8 @@ on every change (A B A C: four loads). Instead:
   counts its waiting requests alone;
 - no request is passed over for longer than `bound` seconds: once the oldest request
   waiting for a load has waited that long, that load goes next, and new requests for
-  other models on its device (any device, until it is placed) are held back until it is
-  done, so that the models holding the memory drain.
+  other models on its device (any device, for a turn taken without one) are held back
+  until it is done, so that the models holding the memory drain.
 
 With bound 0, every request is served in arrival order (the thrashing baseline).
 """
@@ -53,8 +54,11 @@ class Grouping:
         self.bound = bound
         self.waiting: dict[str, list[float]] = {}     # model -> arrival of each waiter
         self.queue: list[_Load] = []
-        self.holder: _Load | None = None
-        self.chosen: _Load | None = None     # the next turn, decided once the last one ends
+        self.holders: dict[str, _Load] = {}   # device -> the load copying into it
+        self.holder: _Load | None = None      # a turn taken without a device: holds all
+        self.chosen: dict[str | None, _Load | None] = {}   # per device: its next turn,
+        #                                                  decided once its last one ends
+        self.changes = 0     # turns ended and unloads: the pools may differ from a placement
 
     # ---- requests ----------------------------------------------------------------------
     def arrived(self, model: str, at: float) -> None:
@@ -72,7 +76,8 @@ class Grouping:
         while a load for its device (or not placed yet), asked for before it, has been
         passed over for longer than the bound."""
         now = time.monotonic()
-        pending = self.queue + ([self.holder] if self.holder is not None else [])
+        pending = self.queue + list(self.holders.values()) + \
+            ([self.holder] if self.holder is not None else [])
         for q in pending:
             first = self.oldest(q.model, q.since)
             if q.real and q.model != model and q.device in (None, device) and \
@@ -85,43 +90,65 @@ class Grouping:
 
     # ---- loads -------------------------------------------------------------------------
     def locked(self) -> bool:
-        return self.holder is not None
+        return self.holder is not None or bool(self.holders)
 
-    def _next(self) -> _Load | None:
-        if not self.queue:
+    def unloaded(self) -> None:
+        self.changes += 1
+
+    def _next(self, device: str | None) -> _Load | None:
+        lane = [q for q in self.queue if q.device == device]
+        if not lane:
             return None
         now = time.monotonic()
-        overdue = [q for q in self.queue if now - self.oldest(q.model, q.since) > self.bound]
+        overdue = [q for q in lane if now - self.oldest(q.model, q.since) > self.bound]
         if overdue:
             return min(overdue, key=lambda q: self.oldest(q.model, q.since))
-        return max(self.queue, key=lambda q: (q.rank(len(self.waiting.get(q.model, ()))),
-                                              -self.oldest(q.model, q.since)))
+        return max(lane, key=lambda q: (q.rank(len(self.waiting.get(q.model, ()))),
+                                        -self.oldest(q.model, q.since)))
 
-    def _up(self, entry: _Load) -> bool:
-        """Whether entry's turn has come; the choice is made once per free turn."""
+    def _free(self, device: str | None) -> bool:
         if self.holder is not None:
             return False
-        if self.chosen is None or self.chosen not in self.queue:
-            self.chosen = self._next()
-        return self.chosen is entry
+        return not self.holders if device is None else device not in self.holders
+
+    def _up(self, entry: _Load) -> bool:
+        """Whether entry's turn on its device has come; the choice is made once per free
+        turn."""
+        if not self._free(entry.device):
+            return False
+        chosen = self.chosen.get(entry.device)
+        if chosen is None or chosen not in self.queue:
+            chosen = self.chosen[entry.device] = self._next(entry.device)
+        return chosen is entry
 
     @contextlib.asynccontextmanager
     async def turn(self, model: str, real: bool = True,
-                   cost: Callable[[], float] | None = None) -> AsyncIterator[None]:
-        """One load at a time (nothing moves while a load copies), in grouping order;
-        cost: the load's estimated seconds of moving bytes (None: unknown)."""
-        entry = _Load(model, time.monotonic(), real, cost=cost)
+                   cost: Callable[[], float] | None = None,
+                   device: str | None = None) -> AsyncIterator[None]:
+        """One load at a time on `device` (nothing moves in its pool while a load copies),
+        in grouping order; loads on other devices go side by side. Without a device the
+        turn holds every device. cost: the load's estimated seconds of moving bytes (None:
+        unknown)."""
+        entry = _Load(model, time.monotonic(), real, device, cost)
         self.queue.append(entry)
         try:
             while not self._up(entry):
                 await asyncio.sleep(POLL)
         finally:
             self.queue.remove(entry)
-        self.holder, self.chosen = entry, None
+        if device is None:
+            self.holder = entry
+        else:
+            self.holders[device] = entry
+        self.chosen.pop(device, None)
         try:
             yield
         finally:
-            self.holder = None
+            if device is None:
+                self.holder = None
+            else:
+                del self.holders[device]
+            self.changes += 1
 
     async def ready(self, models: Mapping[str, ResidentModel], model_id: str,
                     load: Callable[[str], Awaitable[object]]) -> ResidentModel:
@@ -139,7 +166,3 @@ class Grouping:
                     await asyncio.sleep(POLL)
         finally:
             self.served(model_id, arrival)
-
-    def placed(self, model: str, device: str) -> None:
-        if self.holder is not None and self.holder.model == model:
-            self.holder.device = device

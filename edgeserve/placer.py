@@ -1,6 +1,7 @@
 """Placement for one load: what the model needs on each device, scored on the step thread.
 
-The scheduler asks `Placer.place` for a device before a load. What the model is made of
+The scheduler asks `Placer.choose` for a device before a load waits its turn on that
+device (and again when the turn comes, if the pools changed meanwhile). What the model is made of
 (content keys per unit, for each device's compute dtype; a task's blocks too) is read off
 the event loop; the scores are computed on the step thread, where the pools, the queues
 and the resident models hold still.
@@ -45,6 +46,8 @@ class Placer:
         self.rule = rule            # "affinity"; baselines: "most-free", "round-robin"
         self._turn = itertools.count()
         self.queued: dict[str, Needs] = {}     # loads waiting their turn: what they need
+        # placed loads, until they end: model -> (device, the content keys they bring there)
+        self.incoming: dict[str, tuple[str, frozenset[str]]] = {}
 
     def learn(self, report: LoadReport, seconds: dict[str, float]) -> None:
         """Each tier's bandwidth from real loads (moving averages): per device for
@@ -119,6 +122,20 @@ class Placer:
                 if key is not None:
                     self.s.ctx.users.setdefault(key, set()).add(model_id)
 
+    def arriving(self, model_id: str, device: str, needs: Needs) -> None:
+        """A load is placed on device (waiting its turn there or loading): the units it
+        brings count as resident there when other loads are placed, so that a fine-tune
+        queued after its base goes where the base is going."""
+        keys = frozenset(key for key, _ in needs[device] if key is not None)
+        self.incoming[model_id] = (device, keys)
+
+    def arrived(self, model_id: str) -> None:
+        self.incoming.pop(model_id, None)
+
+    def _coming(self, device: str, model_id: str) -> set[str]:
+        return {k for m, (d, keys) in list(self.incoming.items())
+                if d == device and m != model_id for k in keys}
+
     def estimate(self, model_id: str) -> float:
         """(any thread) Seconds a queued load would move bytes for, on its cheapest device:
         units resident there cost nothing, those in the host tier come at its bandwidth."""
@@ -133,21 +150,26 @@ class Placer:
             best = min(best, sum(m.nbytes / bw[m.tier] for m in missing))
         return best
 
-    async def place(self, model_id: str, needs: Needs, device: str | None
-                    ) -> tuple[BlockPool, dict[str, object]]:
-        """The pool to load on (device, when given, overrides the scores), and the
-        report's placement entry; logs the choice and its terms in one line."""
+    async def choose(self, model_id: str, needs: Needs, device: str | None
+                     ) -> tuple[Score, list[Score]]:
+        """The device to load on (device, when given, overrides the scores) and every
+        device's score; nothing is recorded (a load may place again when its turn comes)."""
         scores = await self.s.engine.run(self.scores, model_id, needs)
         by_device = {s.device: s for s in scores}
-        chosen = by_device[device] if device is not None else self._choose(scores)
+        return (by_device[device] if device is not None else self._choose(scores)), scores
+
+    def commit(self, model_id: str, chosen: Score, scores: list[Score], requested: bool
+               ) -> tuple[BlockPool, dict[str, object]]:
+        """The load goes ahead on chosen: the pool, and the report's placement entry; logs
+        the choice and its terms in one line."""
         if chosen.missing_bytes > chosen.free_bytes:
             self.placement.swapped(chosen.device)
         log.info("placing %s on %s%s: %s", model_id, chosen.device,
-                 " (requested)" if device is not None else "",
+                 " (requested)" if requested else "",
                  "; ".join(f"{s.device} move {s.move_s:.3f}s evict {s.evict_s:.3f}s queue "
                            f"{s.queue_s:.3f}s free {s.free_bytes / 1e6:.0f}MB"
                            f"{'' if s.fits else ' (no room)'}" for s in scores))
-        return self.s.pools[chosen.device], report(chosen, scores, device is not None)
+        return self.s.pools[chosen.device], report(chosen, scores, requested)
 
     def _choose(self, scores: list[Score]) -> Score:
         if self.rule == "most-free":          # the baseline: most free memory first
@@ -158,17 +180,20 @@ class Placer:
 
     def scores(self, model_id: str, needs: Needs) -> list[Score]:
         """(step thread) Every device's score for loading model_id. CPU pools share the
-        CPU's compute: each sees the work queued on all of them."""
+        CPU's compute: each sees the work queued on all of them. Units that loads placed
+        on a device bring there count as resident there."""
         own = self.s.engine.queued_steps()
         on_cpu = sum(n for d, n in own.items() if d.startswith("cpu"))
         queued = own | {d: on_cpu for d in self.s.pools if d.startswith("cpu")}
         out = []
         for device, pool in self.s.pools.items():
             arenas = [a for a in self.s.tasks.arenas.values() if a.pool is pool]
+            coming = self._coming(device, model_id)
 
-            def resident(key: str, pool: BlockPool = pool, arenas: list[TileArena] = arenas
-                         ) -> bool:
-                return pool.lookup(key) is not None or any(key in a for a in arenas)
+            def resident(key: str, pool: BlockPool = pool, arenas: list[TileArena] = arenas,
+                         coming: set[str] = coming) -> bool:
+                return pool.lookup(key) is not None or any(key in a for a in arenas) \
+                    or key in coming
 
             missing, keep = missing_units(needs[device], resident, self.s.host)
             victims = pool.policy([u for u in pool.units.values() if u.pins == 0])

@@ -2,11 +2,12 @@
 
 The scheduler decides; the engine's step thread executes (loads and releases run there,
 between steps). Loads of one model are single-flight: concurrent callers share one, and
-loads take turns (grouping.py). A load goes to the device placement scores best
-(placer.py); files never seen are hashed as they are read (first_sight.py); idle time
-prewarms models predicted to be asked for (prewarm.py). How long a model stays is
-residency.py's: until unloaded, until its keep-alive runs out, or until pool pressure
-unloads it; a pinned model never leaves.
+loads onto one device take turns (grouping.py), loads onto different devices go side by
+side. A load goes to the device placement scores best (placer.py), chosen before it waits
+its turn and checked again when the turn comes (turns.py); files never seen are hashed
+as they are read (first_sight.py); idle time prewarms models predicted to be asked for
+(prewarm.py). How long a model stays is residency.py's: until unloaded, until its
+keep-alive runs out, or until pool pressure unloads it; a pinned model never leaves.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from edgeserve.quant.cache import QuantCache
 from edgeserve.residency import Residencies, Residency
 from edgeserve.scheduler.loading import load_scheme, prepare_frozen, progress
 from edgeserve.scheduler.room import BUSY_WAIT, RoomMaking
+from edgeserve.scheduler.turns import Load, placed_turn
 from edgeserve.store import ModelStore, split_tag
 from edgeserve.tiers import DiskLoader, HostTier, LoadCancelled, ReadOptions
 from edgeserve.tokenizer import Tokenizer
@@ -95,7 +97,7 @@ class Scheduler(Residencies, RoomMaking):
         self._loading: dict[str, asyncio.Task[LoadReport]] = {}
         self.totals = dict.fromkeys(("loads", "seconds", "bytes_from_device",
                                      "bytes_from_host", "bytes_from_disk"), 0.0)
-        self.grouping = Grouping(self.config.group_wait)   # one load at a time, in turn
+        self.grouping = Grouping(self.config.group_wait)   # loads take turns per device
         self.ctx.waiting = self.grouping.waiting
         self.placer = Placer(self, self.config.step_seconds, self.config.placement)
         self.prewarm = Prewarmer(self, enabled=self.config.prewarm)
@@ -151,20 +153,14 @@ class Scheduler(Residencies, RoomMaking):
                 break
         host_only = host_only_units(spec, self.experts.budget)
         cost = await self.placer.queue(model_id, checkpoint, spec, task, host_only)
-        queued = time.perf_counter()
-        async with self.grouping.turn(model_id, real=stop is None, cost=cost):
-            queued = time.perf_counter() - queued
-            self.placer.queued.pop(model_id, None)
+        load = Load(model_id, checkpoint, spec, task, host_only)
+        async with placed_turn(self, load, device, stop is None, cost) as turn:
             ReadOptions(stop=stop).check()
-            sizes = self.placer.resident_sizes()
-            needs = await asyncio.to_thread(self.placer.needs, model_id, checkpoint, spec, task,
-                                            host_only, sizes)
-            pool, placement = await self.placer.place(model_id, needs, device)
-            self.grouping.placed(model_id, pool.device)
+            pool = turn.pool
             ctx = self.context(pool)
-            report = LoadReport(model_id, pool.device, placement=placement,
+            report = LoadReport(model_id, pool.device, placement=turn.placement,
                                 quantize_seconds=quantizing, source=str(checkpoint),
-                                converted=gguf_summary(path), turn_seconds=queued)
+                                converted=gguf_summary(path), turn_seconds=turn.waited)
             model, host = await self._read(model_id, checkpoint, spec, ctx, report, host_only,
                                            stop)
             report.scheme = load_scheme(model.schemes)
@@ -295,6 +291,7 @@ class Scheduler(Residencies, RoomMaking):
         while self.engine.has_sequences(model):
             await asyncio.sleep(0.01)
         await self.engine.run(model.release, self.policy.retain)
+        self.grouping.unloaded()
         publish(model.pool, "unload", model_id, retained=self.policy.retain)
         log.info("unloaded %s", model_id)
 
