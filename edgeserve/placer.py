@@ -136,14 +136,17 @@ class Placer:
         return {k for m, (d, keys) in list(self.incoming.items())
                 if d == device and m != model_id for k in keys}
 
-    def estimate(self, model_id: str) -> float:
-        """(any thread) Seconds a queued load would move bytes for, on its cheapest device:
-        units resident there cost nothing, those in the host tier come at its bandwidth."""
+    def estimate(self, model_id: str, on: str | None = None) -> float:
+        """(any thread) Seconds a queued load would move bytes for, on device `on` (None:
+        its cheapest device): units resident there cost nothing, those in the host tier
+        come at its bandwidth."""
         needs = self.queued.get(model_id)
         if needs is None:
             return math.inf
         best = math.inf
         for device, units in needs.items():
+            if on is not None and device != on:
+                continue
             pool = self.s.pools[device]
             missing, _ = missing_units(units, functools.partial(_held, pool), self.s.host)
             bw = self.placement.bandwidth.get(device, self.s.ctx.bandwidth)

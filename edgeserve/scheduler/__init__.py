@@ -152,9 +152,9 @@ class Scheduler(Residencies, RoomMaking):
                 tokenizer = await asyncio.to_thread(self.tokenizer_cache.load, folder)
                 break
         host_only = host_only_units(spec, self.experts.budget)
-        cost = await self.placer.queue(model_id, checkpoint, spec, task, host_only)
+        await self.placer.queue(model_id, checkpoint, spec, task, host_only)
         load = Load(model_id, checkpoint, spec, task, host_only)
-        async with placed_turn(self, load, device, stop is None, cost) as turn:
+        async with placed_turn(self, load, device, stop is None) as turn:
             ReadOptions(stop=stop).check()
             pool = turn.pool
             ctx = self.context(pool)

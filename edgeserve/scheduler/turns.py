@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,17 +48,18 @@ class Turn:
 
 
 @contextlib.asynccontextmanager
-async def placed_turn(s: Scheduler, load: Load, device: str | None, real: bool,
-                      cost: Callable[[], float]) -> AsyncIterator[Turn]:
+async def placed_turn(s: Scheduler, load: Load, device: str | None, real: bool
+                      ) -> AsyncIterator[Turn]:
     """Place the load, wait for its turn on that device, re-place if the pools changed
-    meanwhile; yields the pool once the turn is held. Until the load ends, the units it
-    brings count as coming to its device for other loads' placement."""
+    meanwhile; yields the pool once the turn is held. Its turn is ranked by the bytes it
+    misses on that device. Until the load ends, the units it brings count as coming to
+    its device for other loads' placement."""
     needs = s.placer.queued.get(load.model_id) or await _needs(s, load)
     seen = s.grouping.changes
     chosen, scores = await s.placer.choose(load.model_id, needs, device)
     try:
         s.placer.arriving(load.model_id, chosen.device, needs)
-        async with _turn(s, load, device, real, cost, chosen, scores, seen) as turn:
+        async with _turn(s, load, device, real, chosen, scores, seen) as turn:
             yield turn
     finally:
         s.placer.arrived(load.model_id)
@@ -65,18 +67,18 @@ async def placed_turn(s: Scheduler, load: Load, device: str | None, real: bool,
 
 @contextlib.asynccontextmanager
 async def _turn(s: Scheduler, load: Load, device: str | None, real: bool,
-                cost: Callable[[], float], chosen: Score, scores: list[Score], seen: int
-                ) -> AsyncIterator[Turn]:
+                chosen: Score, scores: list[Score], seen: int) -> AsyncIterator[Turn]:
     start = time.perf_counter()
     moves = 0
     while True:
         stack = contextlib.AsyncExitStack()
+        cost = functools.partial(s.placer.estimate, load.model_id, chosen.device)
         await stack.enter_async_context(
             s.grouping.turn(load.model_id, real, cost, chosen.device))
         try:
             if s.grouping.changes != seen:          # placed on pools since changed
                 seen = s.grouping.changes
-                needs = await _needs(s, load)
+                needs = s.placer.queued[load.model_id] = await _needs(s, load)
                 again, scores = await s.placer.choose(load.model_id, needs, device)
                 if again.device != chosen.device and moves < RECHECKS:
                     moves += 1
