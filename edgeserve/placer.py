@@ -46,7 +46,7 @@ class Placer:
         self.rule = rule            # "affinity"; baselines: "most-free", "round-robin"
         self._turn = itertools.count()
         self.queued: dict[str, Needs] = {}     # loads waiting their turn: what they need
-        # placed loads, until they end: model -> (device, the content keys they bring there)
+        # loads in their turn: model -> (device, the content keys they bring there)
         self.incoming: dict[str, tuple[str, frozenset[str]]] = {}
 
     def learn(self, report: LoadReport, seconds: dict[str, float]) -> None:
@@ -123,9 +123,9 @@ class Placer:
                     self.s.ctx.users.setdefault(key, set()).add(model_id)
 
     def arriving(self, model_id: str, device: str, needs: Needs) -> None:
-        """A load is placed on device (waiting its turn there or loading): the units it
-        brings count as resident there when other loads are placed, so that a fine-tune
-        queued after its base goes where the base is going."""
+        """A load holds its turn on device: the units it brings count as resident there
+        when other loads are placed, so that a fine-tune asked for while its base loads
+        goes where the base is going."""
         keys = frozenset(key for key, _ in needs[device] if key is not None)
         self.incoming[model_id] = (device, keys)
 

@@ -105,7 +105,9 @@ async def test_a_fine_tune_goes_where_its_base_is_being_loaded(store):
             ft = asyncio.create_task(es.load("llama-ft"))
             await asyncio.sleep(0.3)
             assert not ft.done()                  # it waits behind its base, on cpu:1
-            assert es.scheduler.placer.incoming["llama-ft"][0] == "cpu:1"
+            assert es.scheduler.placer.incoming["llama"][0] == "cpu:1"     # in its turn
+            queued = es.scheduler.grouping.queue
+            assert [(q.model, q.device) for q in queued] == [("llama-ft", "cpu:1")]
             reads.release.set()
             await base
             report = await ft
@@ -158,7 +160,9 @@ async def test_a_load_is_placed_again_when_its_turn_comes_on_changed_pools(store
             await reads.held()
             moved = asyncio.create_task(es.load("mistral"))
             await asyncio.sleep(0.3)
-            assert placer.incoming["mistral"][0] == "cpu:0" and not moved.done()
+            queued = es.scheduler.grouping.queue
+            assert [(q.model, q.device) for q in queued] == [("mistral", "cpu:0")]
+            assert "mistral" not in placer.incoming and not moved.done()
             reads.release.set()
             await big
             report = await moved

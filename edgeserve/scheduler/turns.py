@@ -52,14 +52,14 @@ async def placed_turn(s: Scheduler, load: Load, device: str | None, real: bool
                       ) -> AsyncIterator[Turn]:
     """Place the load, wait for its turn on that device, re-place if the pools changed
     meanwhile; yields the pool once the turn is held. Its turn is ranked by the bytes it
-    misses on that device. Until the load ends, the units it brings count as coming to
-    its device for other loads' placement."""
+    misses on that device. From its turn until it ends, the units it brings count as
+    coming to its device when other loads are placed (only then: loads still queued on
+    one device may evict each other's units, and are placed again at their turn)."""
     needs = s.placer.queued.get(load.model_id) or await _needs(s, load)
     seen = s.grouping.changes
     chosen, scores = await s.placer.choose(load.model_id, needs, device)
     try:
-        s.placer.arriving(load.model_id, chosen.device, needs)
-        async with _turn(s, load, device, real, chosen, scores, seen) as turn:
+        async with _turn(s, load, device, real, chosen, scores, needs, seen) as turn:
             yield turn
     finally:
         s.placer.arrived(load.model_id)
@@ -67,7 +67,8 @@ async def placed_turn(s: Scheduler, load: Load, device: str | None, real: bool
 
 @contextlib.asynccontextmanager
 async def _turn(s: Scheduler, load: Load, device: str | None, real: bool,
-                chosen: Score, scores: list[Score], seen: int) -> AsyncIterator[Turn]:
+                chosen: Score, scores: list[Score], needs: Needs, seen: int
+                ) -> AsyncIterator[Turn]:
     start = time.perf_counter()
     moves = 0
     while True:
@@ -83,7 +84,6 @@ async def _turn(s: Scheduler, load: Load, device: str | None, real: bool,
                 if again.device != chosen.device and moves < RECHECKS:
                     moves += 1
                     chosen = again
-                    s.placer.arriving(load.model_id, chosen.device, needs)
                     await stack.aclose()           # to the other device's queue
                     seen = s.grouping.changes      # (leaving the turn counts as a change)
                     continue
@@ -94,6 +94,7 @@ async def _turn(s: Scheduler, load: Load, device: str | None, real: bool,
         break
     async with stack:
         s.placer.queued.pop(load.model_id, None)
+        s.placer.arriving(load.model_id, chosen.device, needs)
         pool, placement = s.placer.commit(load.model_id, chosen, scores, device is not None)
         yield Turn(pool, placement, time.perf_counter() - start)
 
