@@ -78,4 +78,15 @@ class Trace:
             "load_s_med": med([e["seconds"] for e in loads]),
             "turn_s_sum": round(sum(e.get("turn_seconds", 0.0) for e in loads), 2),
             "room_s_sum": round(sum(e.get("room_seconds", 0.0) for e in loads), 2),
+            "loads_side_by_side": side_by_side(loads),
         }
+
+
+def side_by_side(loads: list[dict[str, Any]]) -> int:
+    """Pairs of loads on different devices that ran at the same time, each from the end
+    of its wait for its turn to its end (the span also holds what a load does before
+    queueing: its spec, its hashes; so a few overlaps show even with one turn for all)."""
+    spans = [(e["time"] - e["seconds"] + e.get("turn_seconds", 0.0), e["time"], e["device"])
+             for e in loads]
+    return sum(a[2] != b[2] and a[0] < b[1] and b[0] < a[1]
+               for i, a in enumerate(spans) for b in spans[i + 1:])
