@@ -73,8 +73,8 @@ class Grouping:
 
     def may_run(self, device: str, model: str, arrival: float) -> bool:
         """Whether a request (arrived at `arrival`) for a resident model may start now: not
-        while a load for its device (or not placed yet), asked for before it, has been
-        passed over for longer than the bound."""
+        while a load for its device (or one taken without a device), asked for before it,
+        has been passed over for longer than the bound."""
         now = time.monotonic()
         pending = self.queue + list(self.holders.values()) + \
             ([self.holder] if self.holder is not None else [])
