@@ -92,29 +92,30 @@ async def once(es: EdgeServer, model: str, prompts: list[list[int]], tokens: int
 
 async def speed(store: Path, name: str, variants: list[str], vocab: int,
                 args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Every variant resident (bf16 in a server of its own, computing in bf16); rounds
-    alternate the variants so that noise on a shared machine hits all alike."""
-    # Without prefix reuse: every round computes its prompts (they repeat across rounds).
-    fp32 = EdgeServer(models=store, device="cpu", pool_size=args.pool_size, prefix_cache=False)
-    bf16 = EdgeServer(models=store, device="cpu", pool_size=args.pool_size, dtype="bfloat16",
-                      prefix_cache=False)
-    async with fp32, bf16:
-        servers = {v: (bf16 if v == "bf16" else fp32, name + VARIANTS[v][0]) for v in variants}
-        out: dict[str, dict[str, float]] = {}
-        for v, (es, model) in servers.items():
-            report = await es.load(model)
-            out[v] = {"device_bytes": report.bytes_total,
-                      "quantize_s": round(report.quantize_seconds, 2)}
-        tests = {"prefill_512_tok_s": ([ids(512, vocab, 1)], 1)} | {
-            f"decode_{n}_tok_s": ([ids(8, vocab, 100 + s) for s in range(n)], args.tokens)
-            for n in (1, 8, 32)}
-        runs: dict[tuple[str, str], list[Run]] = {}
-        for r in range(args.repeats + 1):              # round 0 warms up
-            for test, (prompts, tokens) in tests.items():
-                for v, (es, model) in servers.items():
-                    run = await once(es, model, prompts, tokens)
-                    if r:
-                        runs.setdefault((v, test), []).append(run)
+    """fp32, int8 and int4 resident together in one server, rounds alternating them so that
+    noise on a shared machine hits all alike; then bf16 in a server of its own (computing in
+    bf16), after the first is closed. Two servers alive at once slow each other's steps on
+    the CPU (each step thread keeps its own team of compute threads): measured 34 against
+    22 tok/s for fp32 with one stream, so they never run side by side here."""
+    tests = {"prefill_512_tok_s": ([ids(512, vocab, 1)], 1)} | {
+        f"decode_{n}_tok_s": ([ids(8, vocab, 100 + s) for s in range(n)], args.tokens)
+        for n in (1, 8, 32)}
+    out: dict[str, dict[str, float]] = {}
+    for dtype, group in (("float32", [v for v in variants if v != "bf16"]),
+                         ("bfloat16", [v for v in variants if v == "bf16"])):
+        if not group:
+            continue
+        # Without prefix reuse: every round computes its prompts (they repeat across rounds).
+        async with EdgeServer(models=store, device="cpu", pool_size=args.pool_size,
+                              dtype=dtype, prefix_cache=False) as es:
+            models = {v: name + VARIANTS[v][0] for v in group}
+            for v, model in models.items():
+                report = await es.load(model)
+                out[v] = {"device_bytes": report.bytes_total,
+                          "quantize_s": round(report.quantize_seconds, 2)}
+            runs = await rounds(es, models, tests, args.repeats)
+            for pool in es.pools.values():
+                pool.check_integrity()
         for (v, test), rs in runs.items():
             prompts, tokens = tests[test]
             if test.startswith("prefill"):
@@ -124,10 +125,21 @@ async def speed(store: Path, name: str, variants: list[str], vocab: int,
                                                    for r in rs), 1)
             out[v][test.replace("decode", "e2e")] = round(
                 len(prompts) * tokens / statistics.median(r.seconds for r in rs), 1)
-        for es in (fp32, bf16):
-            for pool in es.pools.values():
-                pool.check_integrity()
     return out
+
+
+async def rounds(es: EdgeServer, models: dict[str, str],
+                 tests: dict[str, tuple[list[list[int]], int]], repeats: int
+                 ) -> dict[tuple[str, str], list[Run]]:
+    """Every test on every model, `repeats` rounds after a warm-up round."""
+    runs: dict[tuple[str, str], list[Run]] = {}
+    for r in range(repeats + 1):              # round 0 warms up
+        for test, (prompts, tokens) in tests.items():
+            for v, model in models.items():
+                run = await once(es, model, prompts, tokens)
+                if r:
+                    runs.setdefault((v, test), []).append(run)
+    return runs
 
 
 def text_prompts(path: Path, n: int, length: int) -> list[list[int]]:
