@@ -7,15 +7,15 @@ import itertools
 import logging
 import time
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from edgeserve.api.stream import collect, stream
 from edgeserve.config import Config, from_env
-from edgeserve.constrain import start_grammar
 from edgeserve.device import cpu_info, discover
 from edgeserve.embeddings import Embeddings, embed
 from edgeserve.engine import Engine
@@ -25,21 +25,9 @@ from edgeserve.mailbox import Mailbox
 from edgeserve.metrics import Metrics, live_gauges
 from edgeserve.model import ResidentModel
 from edgeserve.pool import BlockPool, Unit
-from edgeserve.request_timer import RequestTimer
-from edgeserve.requests import check_prompt
-from edgeserve.results import (
-    Completion,
-    Delta,
-    GenerationError,
-    InvalidRequest,
-    ServerClosing,
-    TokenLogprob,
-    Usage,
-)
+from edgeserve.results import Completion, Delta, InvalidRequest, ServerClosing
 from edgeserve.sampling import SamplingParams
 from edgeserve.scheduler import Scheduler
-from edgeserve.sequence import Event, Status
-from edgeserve.sequence import Sequence as Seq
 from edgeserve.settings import pool_sizes, with_arguments
 from edgeserve.stats import pool_stats
 from edgeserve.store import ModelStore
@@ -192,11 +180,11 @@ class EdgeServer:
     # ---- generation --------------------------------------------------------------------
     async def chat(self, model: str, messages: list[dict[str, Any]], **sampling: Any
                    ) -> Completion:
-        return await self._collect(self.stream_chat(model, messages, **sampling))
+        return await collect(self.stream_chat(model, messages, **sampling))
 
     async def complete(self, model: str, prompt: str | Sequence[int], **sampling: Any
                        ) -> Completion:
-        return await self._collect(self.stream_complete(model, prompt, **sampling))
+        return await collect(self.stream_complete(model, prompt, **sampling))
 
     async def stream_chat(self, model: str, messages: list[dict[str, Any]], *,
                           tools: list[dict[str, Any]] | None = None, tool_choice: Any = None,
@@ -213,8 +201,8 @@ class EdgeServer:
         extra = {"tools": tools} if tools else {}
         # Rendering and tokenizing a long chat takes a while: keep it off the event loop.
         prompt = await asyncio.to_thread(tokenizer.encode_chat, messages, True, **extra)
-        stream = self._stream(model, prompt, params)
-        async for delta in parse_stream(stream, plan.format) if plan.format else stream:
+        deltas = self._stream(model, prompt, params)
+        async for delta in parse_stream(deltas, plan.format) if plan.format else deltas:
             yield delta
 
     async def stream_complete(self, model: str, prompt: str | Sequence[int], **sampling: Any
@@ -235,64 +223,10 @@ class EdgeServer:
                                  "prompt")
         return tokenizer
 
-    async def _stream(self, model_id: str, prompt: list[int], params: SamplingParams
-                      ) -> AsyncGenerator[Delta, None]:
-        if self._closing:
-            raise ServerClosing("the server is shutting down")
-        self.scheduler.request_started(model_id)
-        model = await self.scheduler.ready(model_id, self.load)
-        check_prompt(model, prompt, params)
-        grammar = None
-        if params.grammar is not None:      # compiled once per schema, off the event loop
-            grammar = await asyncio.to_thread(start_grammar, params.grammar,
-                                              self._require_tokenizer(model_id), model)
-        loop = asyncio.get_running_loop()
-        mailbox = self._mailboxes.get(loop)
-        if mailbox is None:
-            mailbox = self._mailboxes[loop] = Mailbox(loop)
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-
-        def sink(event: Event) -> None:     # called on the step thread
-            mailbox.post(queue, event)
-
-        seq = Seq(next(self._ids), model, prompt, params, sink,
-                  tokenizer=self.tokenizer(model_id), grammar=grammar)
-        self._engine.submit(seq)
-        timer = RequestTimer(self.metrics, model_id, seq)
-        try:
-            while True:
-                event = await queue.get()
-                if event.error is not None:
-                    raise GenerationError(str(event.error)) from event.error
-                timer.tokens(len(event.token_ids))
-                usage = (Usage(event.prompt_tokens, event.completion_tokens,
-                               event.cached_tokens) if event.finish_reason else None)
-                if event.finish_reason:
-                    timer.finish(event)
-                yield Delta(event.text, event.token_ids, event.finish_reason, usage,
-                            event.logprobs)
-                if event.finish_reason:
-                    return
-        finally:
-            if seq.status is not Status.FINISHED and self.engine is not None:
-                self.engine.cancel(seq)
-            if self._scheduler is not None:
-                self._scheduler.request_ended(model_id)
-
-    @staticmethod
-    async def _collect(stream: AsyncIterator[Delta]) -> Completion:
-        text, ids, calls = [], [], []
-        logprobs: list[TokenLogprob] | None = None
-        async for delta in stream:
-            text.append(delta.text)
-            ids.extend(delta.token_ids)
-            calls.extend(delta.tool_calls or [])
-            if delta.logprobs is not None:
-                logprobs = (logprobs or []) + delta.logprobs
-            if delta.finish_reason and delta.usage:
-                return Completion("".join(text), ids, delta.finish_reason, delta.usage,
-                                  logprobs, calls or None)
-        raise GenerationError("the stream ended without a finish reason")
+    def _stream(self, model_id: str, prompt: list[int], params: SamplingParams
+                ) -> AsyncGenerator[Delta, None]:
+        """One generation's deltas (api/stream.py)."""
+        return stream(self, model_id, prompt, params)
 
     async def embed(self, model: str, inputs: Sequence[str | Sequence[int]],
                     truncate: bool = False) -> Embeddings:
