@@ -14,13 +14,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from edgeserve.config import kernel_config
 from edgeserve.kernels.cpu import build
+from edgeserve.quant.format import GROUP, dequantize
 
 log = logging.getLogger("edgeserve.kernels")
 # float32 weights: the activation rows for which the kernel beats torch's matmul on the CPU
@@ -30,7 +30,6 @@ MIN_ROWS, ROWS = 2, 32
 # Quantized weights: rows up to which the kernel beats quant/linear.py's torch path (which
 # dequantizes slices and multiplies them with torch's matmul), measured likewise.
 QUANT_ROWS = 256
-GROUP = 32
 SLICE = 4096                    # weight rows dequantized at once by the torch fallback
 
 _L, _I, _P = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
@@ -101,9 +100,11 @@ def few_rows_f32(x: torch.Tensor, w: torch.Tensor,
     """x @ w.T + b through the kernel where it beats torch's matmul (float32 on the CPU,
     MIN_ROWS to ROWS rows, x contiguous, w with unit column stride); None elsewhere. The
     decode hook: it is called for every linear, so it checks little and cheaply."""
-    lib = _library if _tried else library()
-    if (lib is None or not x.is_cpu or x.dtype != torch.float32 or w.dtype != torch.float32
+    if (not x.is_cpu or x.dtype != torch.float32 or w.dtype != torch.float32
             or w.dim() != 2 or w.stride(1) != 1 or not w.is_cpu or not x.is_contiguous()):
+        return None
+    lib = _library if _tried else library()
+    if lib is None:
         return None
     n, k = w.shape
     m = x.numel() // k if x.shape[-1] == k else 0
@@ -151,26 +152,13 @@ def _check_groups(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tenso
         raise ValueError(f"codes must be contiguous uint8, got {codes.dtype}")
 
 
-def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor,
-                    minimum: torch.Tensor) -> torch.Tensor:
-    """Rows of an int8 weight in float32: (n, K)."""
-    g = codes.float().view(codes.shape[0], -1, GROUP)
-    return (g * scale.float()[..., None] + minimum.float()[..., None]).flatten(1)
-
-
-def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor,
-                    minimum: torch.Tensor) -> torch.Tensor:
-    """Rows of an int4 weight in float32: (n, K)."""
-    return dequantize_int8(torch.stack((packed & 15, packed >> 4), -1).flatten(1), scale,
-                           minimum)
-
-
 def _sliced(x2: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-            rows: Callable[..., torch.Tensor], b: torch.Tensor | None) -> torch.Tensor:
-    """torch's result, SLICE weight rows dequantized at a time."""
+            scheme: str, b: torch.Tensor | None) -> torch.Tensor:
+    """torch's result, SLICE weight rows dequantized at a time (quant/format.py)."""
     codes, scale, minimum = parts
     x2 = x2.float()
-    out = [x2 @ rows(codes[i:i + SLICE], scale[i:i + SLICE], minimum[i:i + SLICE]).t()
+    out = [x2 @ dequantize(scheme, {"qweight": codes[i:i + SLICE], "scale": scale[i:i + SLICE],
+                                    "min": minimum[i:i + SLICE]}).t()
            for i in range(0, codes.shape[0], SLICE)]
     y = torch.cat(out, dim=1)
     return y if b is None else y + b
@@ -200,9 +188,11 @@ def few_rows_quantized(x: torch.Tensor, scheme: str, codes: torch.Tensor, scale:
     """x @ w.T + b over an int8 or int4 weight (the layouts above) through the kernel: float32
     on the CPU, up to QUANT_ROWS rows, contiguous parts; None elsewhere (the caller's torch
     path). The hook of quant/linear.py, called for every quantized linear."""
-    lib = _library if _tried else library()
-    if (lib is None or not x.is_cpu or x.dtype != torch.float32 or codes.dim() != 2
+    if (not x.is_cpu or x.dtype != torch.float32 or codes.dim() != 2
             or not codes.is_cpu or scale.dtype != torch.float16):
+        return None
+    lib = _library if _tried else library()
+    if lib is None:
         return None
     k = codes.shape[1] * (2 if scheme == "int4" else 1)
     m = x.numel() // k if x.shape[-1] == k and k % GROUP == 0 else 0
@@ -228,8 +218,8 @@ def _quantized(x: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor, torch.T
     lib = library()
     if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu"
             or codes.device.type != "cpu" or x2.shape[0] == 0):
-        rows = dequantize_int4 if bits == 4 else dequantize_int8
-        return _sliced(x2, parts, rows, b).to(x.dtype).view(*x.shape[:-1], n)
+        scheme = "int4" if bits == 4 else "int8"
+        return _sliced(x2, parts, scheme, b).to(x.dtype).view(*x.shape[:-1], n)
     return _run(lib, x2, x2.shape[0], parts, b, bits, x.shape[:-1])
 
 
