@@ -25,7 +25,7 @@ from edgeserve.arch.spec import ModelSpec
 from edgeserve.blocks.arena import TileArena
 from edgeserve.blocks.task import TaskSource
 from edgeserve.loader import LoadReport, Sources
-from edgeserve.placement import Placement, Score, missing_units, report
+from edgeserve.placement import EWMA, Placement, Score, missing_units, report
 from edgeserve.pool import BlockPool, Unit, UnitKind
 from edgeserve.quant.units import unit_nbytes
 from edgeserve.results import InvalidRequest
@@ -56,7 +56,7 @@ class Placer:
             if nbytes >= MEASURE_MIN and seconds[tier] > 0:
                 self.placement.measured(report.device, tier, nbytes / seconds[tier])
                 old = self.s.ctx.bandwidth[tier]
-                self.s.ctx.bandwidth[tier] = 0.7 * old + 0.3 * nbytes / seconds[tier]
+                self.s.ctx.bandwidth[tier] = (1 - EWMA) * old + EWMA * nbytes / seconds[tier]
 
     def check_device(self, device: str | None) -> None:
         if device is not None and device not in self.s.pools:

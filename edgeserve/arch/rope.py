@@ -37,8 +37,8 @@ def cos_sin(freq: torch.Tensor, positions: torch.Tensor,
     result is bit for bit `x * cos + rotate_half(x) * sin` (Hugging Face's formula).
     """
     angles = positions.to(torch.float32)[..., None] * freq      # (B, S, hd/2)
-    sin = angles.sin()
-    cos = torch.cat((angles, angles), dim=-1).cos()
+    sin, cos = angles.sin(), angles.cos()
+    cos = torch.cat((cos, cos), dim=-1)
     return cos[:, :, None, :].to(dtype), torch.cat((-sin, sin), dim=-1)[:, :, None, :].to(dtype)
 
 

@@ -144,6 +144,7 @@ def _quantized(t: GGUFTensor, fix: Callable[[torch.Tensor], torch.Tensor], schem
     """t's components in scheme, and the relative error (Frobenius) they add to its values;
     None where they are its own, bit for bit (Q8_0 as int8, Q4_0 and Q4_1 as int4)."""
     exact = t.type in blocks.EXACT_TYPES and (scheme == "int8") == (t.type == "Q8_0")
+    w = None
     if exact or (scheme == "int4" and t.type in blocks.INT4_TYPES):
         q = blocks.int8(t) if scheme == "int8" else blocks.int4(t)
         codes = fix(q.codes)
@@ -154,7 +155,8 @@ def _quantized(t: GGUFTensor, fix: Callable[[torch.Tensor], torch.Tensor], schem
         values = {f".{k}": v for k, v in quantize(scheme, w).items()}
     if exact:
         return values, None
-    w = fix(blocks.dequantize(t).reshape(-1, t.shape[-1]))
+    if w is None:                       # re-chosen codes (Q4_K): the values they stand for
+        w = fix(blocks.dequantize(t).reshape(-1, t.shape[-1]))
     back = dequantize_scheme(scheme, {k[1:]: v for k, v in values.items()})
     return values, float((back - w).norm() / w.norm().clamp_min(1e-30))
 
