@@ -29,9 +29,8 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from edgeserve.gguf.reader import GGUFTensor
-from edgeserve.quant.format import encode
+from edgeserve.quant.format import GROUP, encode
 
-GROUP = 32
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 INT8_TYPES = ("Q8_0", "Q5_K", "Q6_K")
 EXACT_TYPES = ("Q8_0", "Q4_0", "Q4_1")     # map onto edgeserve's schemes bit for bit

@@ -13,14 +13,8 @@ from edgeserve.pool import BlockPool, Unit, UnitKind
 
 def models_of(es: EdgeServer) -> Any:
     """unit -> the ids of the models that use it (or created it), sorted."""
-    users = es.scheduler.ctx.users
-
-    def of(unit: Unit) -> tuple[str, ...]:
-        found = users.get(unit.key) if unit.key else None
-        if found:
-            return tuple(sorted(found))
-        return (unit.owner,) if unit.owner else ()
-    return of
+    ctx = es.scheduler.ctx
+    return lambda unit: tuple(sorted(ctx.models_of(unit)))
 
 
 def resident_models(es: EdgeServer) -> dict[str, dict[str, Any]]:
