@@ -105,6 +105,13 @@ def read_into(path: Path, offset: int, buffer: memoryview) -> None:
         os.close(fd)
 
 
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """One tensor of a checkpoint read into a new CPU tensor."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    read_into(info.path, info.start, buf.numpy().data)
+    return buf.view(info.dtype).view(info.shape)
+
+
 ALGORITHM = "blake3"          # tensor content hashes; "blake2b" for older caches and packs
 
 

@@ -20,7 +20,7 @@ import torch
 from edgeserve.arch.plan import EMBED, HEAD
 from edgeserve.arch.spec import ModelFormatError, ModelSpec
 from edgeserve.blocks.pack import is_task_dir
-from edgeserve.checkpoint import TensorInfo, read_header, read_into
+from edgeserve.checkpoint import TensorInfo, read_header, read_tensor
 from edgeserve.loader import read_spec, scan_checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -47,12 +47,6 @@ class WeightSource(Protocol):
     def get(self, tensor: str) -> torch.Tensor: ...
 
     def names(self) -> set[str]: ...
-
-
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    buf = torch.empty(info.nbytes, dtype=torch.uint8)
-    read_into(info.path, info.start, buf.numpy().data)
-    return buf.view(info.dtype).view(info.shape)
 
 
 class Checkpoint:

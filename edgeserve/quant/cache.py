@@ -22,7 +22,7 @@ import torch
 from edgeserve.arch import weight_plan
 from edgeserve.arch.plan import EMBED, HEAD, WeightUnit
 from edgeserve.arch.spec import ModelFormatError, ModelSpec, load_spec
-from edgeserve.checkpoint import HashCache, TensorInfo, read_into
+from edgeserve.checkpoint import HashCache, TensorInfo, read_tensor
 from edgeserve.loader import scan_checkpoint
 from edgeserve.quant.format import (
     FORMAT,
@@ -157,15 +157,9 @@ def _outputs(ordered: list[TensorInfo], chosen: dict[str, str]
     return out
 
 
-def _read(t: TensorInfo) -> torch.Tensor:
-    buf = torch.empty(t.nbytes, dtype=torch.uint8)
-    read_into(t.path, t.start, buf.numpy().data)
-    return buf.view(t.dtype).view(t.shape)
-
-
 def _convert(t: TensorInfo, chosen: dict[str, str]) -> dict[str, torch.Tensor]:
     """Output name -> values for one source tensor."""
     scheme = chosen.get(t.name)
     if scheme is None:
-        return {t.name: _read(t)}
-    return {f"{t.name}.{k}": v for k, v in quantize(scheme, _read(t)).items()}
+        return {t.name: read_tensor(t)}
+    return {f"{t.name}.{k}": v for k, v in quantize(scheme, read_tensor(t)).items()}
