@@ -32,12 +32,11 @@ import asyncio
 import json
 import random
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from multimodel import fine_tune
-from tracelog import Trace
+from tracelog import Trace, send
 
 from edgeserve import EdgeServer
 from edgeserve.config import Config, PoolConfig, SchedulerConfig, TierConfig
@@ -138,24 +137,9 @@ async def replay(policy: str, requests: list[tuple[float, str]], pool: int, prew
                  pool=PoolConfig(pool_size=pool),
                  tiers=TierConfig(host_size=pool, policy=eviction),
                  scheduler=SchedulerConfig(placement=placement, prewarm=prewarm))
-    ttft: list[float] = []
     async with EdgeServer(config=cfg) as es:
         trace = Trace(es)
-        start = time.perf_counter()
-
-        async def one(at: float, model: str, i: int) -> None:
-            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-            arrival = time.perf_counter()
-            resident = trace.resident(model)
-            prompt = [(i * 7 + k) % 8000 + 1 for k in range(16)]
-            async for _ in es.stream_complete(model, prompt, max_tokens=4, ignore_eos=True,
-                                              temperature=0):
-                if at >= warmup:
-                    ttft.append(time.perf_counter() - arrival)
-                    trace.request(model, at, ttft[-1], resident, trace.resident(model))
-                break
-
-        await asyncio.gather(*[one(at, m, i) for i, (at, m) in enumerate(requests)])
+        ttft = await send(es, trace, requests, 4, warmup)
         stats = es.stats()
         if log is not None:
             trace.dump(log)

@@ -10,14 +10,39 @@ bytes by tier and waits; unloads; evictions; demotions), as JSON lines, and a su
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 from edgeserve import EdgeServer
 from edgeserve.events import EventLog
+
+
+async def send(es: EdgeServer, trace: Trace, requests: list[tuple[float, str]],
+               max_tokens: int, warmup: float = 0.0) -> list[float]:
+    """Each (arrival second, model) request sent at its time, 16 prompt tokens; the TTFTs
+    of those arriving from `warmup` on, each also recorded in trace."""
+    ttft: list[float] = []
+    start = time.perf_counter()
+
+    async def one(at: float, model: str, i: int) -> None:
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        arrival = time.perf_counter()
+        resident = trace.resident(model)
+        prompt = [(i * 7 + k) % 8000 + 1 for k in range(16)]
+        async for _ in es.stream_complete(model, prompt, max_tokens=max_tokens,
+                                          ignore_eos=True, temperature=0):
+            if at >= warmup:
+                ttft.append(time.perf_counter() - arrival)
+                trace.request(model, at, ttft[-1], resident, trace.resident(model))
+            break
+
+    await asyncio.gather(*[one(at, m, i) for i, (at, m) in enumerate(requests)])
+    return ttft
 
 
 class Trace:
