@@ -146,8 +146,17 @@ def test_key_prompt_with_api_key(serve: Any, page: Any) -> None:
     page.screenshot("key")
 
 
-def test_stop_ends_the_reply_and_its_request(serve: Any, page: Any) -> None:
+def test_stop_ends_the_reply_and_its_request(serve: Any, page: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     server = serve()
+    engine = server.es.engine
+    step = engine.step
+
+    def paced_step() -> None:       # the reply must still be running when Stop is clicked:
+        time.sleep(0.01)            # the demo model alone can finish 1500 tokens first
+        step()
+
+    monkeypatch.setattr(engine, "step", paced_step)
     open_page(page, server.url + "/")
     p = page.page
     p.click("#settings summary")
@@ -159,7 +168,6 @@ def test_stop_ends_the_reply_and_its_request(serve: Any, page: Any) -> None:
     p.click("#stop")
     p.wait_for_selector(".msg.assistant .meta:has-text('stopped')", timeout=TIMEOUT)
     assert p.is_visible("#send") and p.is_hidden("#stop")
-    engine = server.es.engine
     deadline = time.monotonic() + 30
     while engine.num_running + engine.num_waiting and time.monotonic() < deadline:
         time.sleep(0.05)        # the server cancels the sequence at its next step
