@@ -34,6 +34,20 @@ def tiny_store(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def family_store(tmp_path, tiny_store) -> Path:
+    """Three architectures and a fine-tune of the llama (for placement across devices)."""
+    import shutil
+
+    from test_reuse import fine_tune
+
+    root = tmp_path / "store"
+    for arch in ("llama", "qwen2", "mistral"):
+        shutil.copytree(tiny_store / arch, root / arch)
+    fine_tune(root / "llama", root / "llama-ft")
+    return root
+
+
 @pytest.fixture(scope="session")
 def demo_store(tmp_path_factory) -> Path:
     """A store holding the demo model (real tokenizer and chat template, random weights)."""

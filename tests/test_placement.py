@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import shutil
 import time
 
 import pytest
 from hf_models import hf_greedy
-from test_reuse import fine_tune
 
 from edgeserve import EdgeServer
 from edgeserve.demand import DemandHistory
@@ -21,12 +19,8 @@ from edgeserve.server import create_app
 
 
 @pytest.fixture
-def store(tmp_path, tiny_store):
-    root = tmp_path / "store"
-    for arch in ("llama", "qwen2", "mistral"):
-        shutil.copytree(tiny_store / arch, root / arch)
-    fine_tune(root / "llama", root / "llama-ft")
-    return root
+def store(family_store):
+    return family_store
 
 
 def server(store, sizes: str, devices: str = "cpu:0,cpu:1") -> EdgeServer:

@@ -4,24 +4,18 @@ device take turns, and a load is placed before it waits (simulated devices: CPU 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 import time
 
 import pytest
-from test_reuse import fine_tune
 
 from edgeserve import EdgeServer
 from edgeserve.grouping import Grouping
 
 
 @pytest.fixture
-def store(tmp_path, tiny_store):
-    root = tmp_path / "store"
-    for arch in ("llama", "qwen2", "mistral"):
-        shutil.copytree(tiny_store / arch, root / arch)
-    fine_tune(root / "llama", root / "llama-ft")
-    return root
+def store(family_store):
+    return family_store
 
 
 def server(store) -> EdgeServer:
