@@ -16,13 +16,15 @@ from typing import Any
 
 import torch
 
+from edgeserve.arch import weight_plan
 from edgeserve.arch.moe import ExpertWeights, MoeModel, route
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.config import ExpertConfig
 from edgeserve.experts.cache import Expert, ExpertCache
 from edgeserve.experts.copies import CopyQueue
+from edgeserve.experts.forms import ExpertForm
 from edgeserve.experts.similarity import cached_similarity
-from edgeserve.loader import HostUnits, weight_views
+from edgeserve.loader import HostUnits
 from edgeserve.model import ResidentModel
 from edgeserve.pool import PoolFull, Unit, UnitKind
 from edgeserve.tiers import HostSlab
@@ -73,7 +75,8 @@ class ExpertOffload:
         self.first_layer, self.layers = (layers[0] if layers else -1), layers
         self.prefetching = prefetch
         self.copies = CopyQueue(torch.device(self.pool.device))
-        self.host: dict[Expert, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.host: dict[Expert, tuple[torch.Tensor, torch.Tensor]] = {}   # in ExpertForm
+        self.forms = expert_forms(model)
         self.slabs = [host.slab] if host is not None else []
         keys = self._host_copies(host.tensors if host is not None else {})
         sizes = next(iter(self.host.values()), ())
@@ -101,11 +104,10 @@ class ExpertOffload:
     def _host_copies(self, given: dict[str, tuple[str, torch.Tensor]]) -> dict[str, str]:
         """Every expert's values in host memory (self.host): copied from its pool units, or
         as the load gave them. Returns each expert unit's content key."""
-        model = self.model
-        views = model_views(model)
+        model, forms = self.model, self.forms
         names = [n for layer in self.layers for e in range(model.spec.num_experts)
                  for n in _names(layer, e)]
-        slab = HostSlab([views[n].nbytes for n in names if n in model.units])
+        slab = HostSlab([forms[n].nbytes for n in names if n in model.units])
         self.slabs.append(slab)
         keys: dict[str, str] = {}
         for layer in self.layers:
@@ -114,8 +116,8 @@ class ExpertOffload:
                 for name in _names(layer, e):
                     if name in model.units:
                         keys[name] = model.units[name].key or ""
-                        pair.append(slab.take(views[name].shape, views[name].dtype))
-                        pair[-1].copy_(views[name])
+                        pair.append(slab.take(*forms[name].held))
+                        pair[-1].copy_(forms[name].view(self.pool, model.units[name]))
                     elif name in given:
                         keys[name], data = given[name]
                         pair.append(data)
@@ -138,15 +140,18 @@ class ExpertOffload:
             return cached
         per_layer = []
         for n in range(spec.num_layers):
-            experts = [self.host[(n, e)] for e in range(spec.num_experts)] \
-                if n in layers else [self.host[(layers[0], e)] for e in range(spec.num_experts)]
-            per_layer.append(experts)
+            at = n if n in layers else layers[0]
+            per_layer.append([self._floats(at, e) for e in range(spec.num_experts)])
         sim = cached_similarity(model.path.parent, digest, per_layer)
         assert sim is not None
         for n in range(spec.num_layers):
             if n not in layers:
                 sim[n] = float("-inf")          # dense layers have no experts
         return sim
+
+    def _floats(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        names, data = _names(layer, e), self.host[(layer, e)]
+        return self.forms[names[0]].floats(data[0]), self.forms[names[1]].floats(data[1])
 
     # ---- on the step thread --------------------------------------------------------------
     def attach(self, runner: MoeModel) -> None:
@@ -237,15 +242,14 @@ class ExpertOffload:
         self.units[key] = (pair[0], pair[1])
 
     def weights(self, layer: int, e: int) -> ExpertWeights:
+        g_form, d_form = (self.forms[n] for n in _names(layer, e))
         if (layer, e) not in self.units:
             g_host, d_host = self.host[(layer, e)]
             device = self.pool.device
-            return g_host.to(device), d_host.to(device)
+            return g_form.weight(g_host.to(device)), d_form.weight(d_host.to(device))
         self.copies.ready((layer, e))
         g, d = self.units[(layer, e)]
-        host_g, host_d = self.host[(layer, e)]
-        return (self.pool.view(g, host_g.dtype, host_g.shape),
-                self.pool.view(d, host_d.dtype, host_d.shape))
+        return g_form.weight(g_form.view(self.pool, g)), d_form.weight(d_form.view(self.pool, d))
 
     def _evict(self, key: Expert, retain: bool = False) -> None:
         self.copies.settle(key)             # a copy may still be writing its units
@@ -306,12 +310,11 @@ def _check(model: ResidentModel, budget: float, policy: str) -> None:
             f"save_pretrained(save_original_format=True), or serve it with expert budget 1")
     if model.offload is not None:
         raise ValueError(f"{model.id}: its experts are offloaded already")
-    if model.schemes:
-        raise ValueError(f"{model.id}: expert offload needs float experts, but this model's "
-                         f"weights are quantized; serve it with expert budget 1")
     ExpertConfig(budget, policy)            # raises on a budget or policy out of range
 
 
-def model_views(model: ResidentModel) -> dict[str, torch.Tensor]:
-    views = weight_views(model.pool, model.units, model.spec, model.dtype)   # float units
-    return {n: v for n, v in views.items() if isinstance(v, torch.Tensor)}
+def expert_forms(model: ResidentModel) -> dict[str, ExpertForm]:
+    """Each expert unit's form: float, or quantized in the model's scheme for it."""
+    plan = weight_plan(model.spec)
+    return {name: ExpertForm(planned.shape, model.dtype, model.schemes.get(name))
+            for name, planned in plan.items() if planned.kind == UnitKind.EXPERT}

@@ -13,7 +13,6 @@ every unit whose bytes equal its base's.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from edgeserve.arch import WeightUnit, weight_plan
-from edgeserve.arch.spec import ModelFormatError, ModelSpec
+from edgeserve.arch.spec import ModelSpec
 from edgeserve.checkpoint import HashCache
 from edgeserve.loader.sources import Sources, read_spec, scan_checkpoint, unit_keys
 from edgeserve.pool import BlockPool, PoolFull, Unit
@@ -175,20 +174,22 @@ class HostUnits:
 
 def _host_units(plan: dict[str, WeightUnit], names: frozenset[str], sources: Sources,
                 ctx: LoadContext, jobs: list[DiskJob]) -> HostUnits:
-    """Host tensors for the named units, adding the disk jobs that fill them to jobs."""
-    quantized = sorted(names & set(sources.schemes))
-    if quantized:
-        raise ModelFormatError(f"experts kept in host memory must be float for now, but "
-                               f"'{quantized[0]}' is {sources.schemes[quantized[0]]}: serve "
-                               f"this model with expert budget 1")
+    """Host tensors for the named units, adding the disk jobs that fill them to jobs: a
+    float unit as a tensor of its shape, a quantized one as its raw bytes (uint8), as the
+    pool would hold them."""
     ordered = sorted(names)
-    slab = HostSlab([math.prod(plan[n].shape) * ctx.dtype.itemsize for n in ordered])
+    schemes = sources.schemes
+    slab = HostSlab([unit_nbytes(plan[n], schemes.get(n), ctx.dtype) for n in ordered])
     out = {}
     for name in ordered:
-        planned = plan[name]
-        data = slab.take(planned.shape, ctx.dtype)
-        for part, first, rows in planned.slices():
-            jobs.append(DiskJob(sources.tensors[part], data[first:first + rows]))
+        planned, scheme = plan[name], schemes.get(name)
+        if scheme:
+            data = slab.take((unit_nbytes(planned, scheme, ctx.dtype),), torch.uint8)
+            jobs += disk_jobs(planned, scheme, sources.tensors, data)
+        else:
+            data = slab.take(planned.shape, ctx.dtype)
+            for part, first, rows in planned.slices():
+                jobs.append(DiskJob(sources.tensors[part], data[first:first + rows]))
         out[name] = (sources.keys[name], data)
     return HostUnits(slab, out)
 
