@@ -5,9 +5,10 @@ fp32; random weights with a spread router, made locally). For each budget and po
 decode tokens/s (8 concurrent greedy streams), hit rate and expert bytes moved per token
 during that decode, and accuracy against the full model: teacher-forced decode steps over
 a fixed prompt set, top-1 agreement and mean KL(full || cached). One JSON line each, then
-the ratios the targets are stated in.
+the ratios the targets are stated in. With --schemes int8,int4 the quantized variants run at
+budget 0.5 (importance) too, and the bytes a miss moves are compared with float32's.
 
-    .venv/bin/python bench/moe.py [--tokens 32] [--device cuda:0]
+    .venv/bin/python bench/moe.py [--tokens 32] [--device cuda:0] [--schemes int8,int4]
 """
 
 from __future__ import annotations
@@ -73,17 +74,18 @@ DEVICE = ["cpu"]
 
 
 async def measure(budget: float, policy: str, tokens: int,
-                  reference: dict[str, object] | None) -> dict[str, object]:
+                  reference: dict[str, object] | None, model_id: str = MODEL
+                  ) -> dict[str, object]:
     cfg = Config(models=OUT, device=DEVICE[0], dtype="float32", pool=PoolConfig(pool_size=1 << 30),
                  experts=ExpertConfig(budget, policy, THRESHOLD[0], PREFETCH[0]))
     async with EdgeServer(config=cfg) as es:
-        await es.load(MODEL)
-        model = es.models[MODEL]
+        await es.load(model_id)
+        model = es.models[model_id]
         start = time.perf_counter()
         outs = []
         for i in range(0, len(PROMPTS), STREAMS[0]):     # STREAMS concurrent requests
             outs += await asyncio.gather(*[
-                es.complete(MODEL, p, max_tokens=tokens, temperature=0, ignore_eos=True)
+                es.complete(model_id, p, max_tokens=tokens, temperature=0, ignore_eos=True)
                 for p in PROMPTS[i:i + STREAMS[0]]])
         rate = len(PROMPTS) * tokens / (time.perf_counter() - start)
         stats = model.offload.stats() if model.offload is not None else {}
@@ -93,12 +95,15 @@ async def measure(budget: float, policy: str, tokens: int,
         logits = await es.engine.run(lambda: [  # type: ignore[union-attr]
             forced_logits(model, p, c) for p, c in zip(PROMPTS, reference["tokens"],  # type: ignore[call-overload]
                                                        strict=True)])
-    result: dict[str, object] = {"budget": budget, "policy": policy, "threshold": THRESHOLD[0],
+    result: dict[str, object] = {"model": model_id, "budget": budget, "policy": policy,
+                                 "threshold": THRESHOLD[0],
                                  "prefetch": PREFETCH[0], "streams": STREAMS[0],
                                  "decode_tok_s": round(rate, 1),
                                  "hit_rate": round(stats.get("hit_rate", 1.0), 3),
                                  "bytes_moved_per_token": round(
                                      stats.get("bytes_moved_per_token", 0.0)),
+                                 "bytes_per_copy": stats.get("bytes_moved", 0) // max(
+                                     1, stats.get("misses", 0) + stats.get("prefetches", 0)),
                                  "substitutions": stats.get("substitutions", 0)}
     if "logits" in reference:
         full = torch.cat(reference["logits"])  # type: ignore[arg-type]
@@ -112,7 +117,7 @@ async def measure(budget: float, policy: str, tokens: int,
     return result | {"_reference": reference}
 
 
-async def run(tokens: int) -> None:
+async def run(tokens: int, schemes: list[str]) -> None:
     full = await measure(1.0, "lru", tokens, None)
     reference = full.pop("_reference")
     print(json.dumps({"bench": "moe", **full}))
@@ -130,6 +135,13 @@ async def run(tokens: int) -> None:
                           3),
                       "decode_latency_vs_lru": round(
                           lru["decode_tok_s"] / best["decode_tok_s"], 3)}))  # type: ignore[operator]
+    base = rows[(0.5, "importance")]
+    for scheme in schemes:          # quantized experts: a miss moves the quantized bytes
+        row = await measure(0.5, "importance", tokens, reference, f"{MODEL}:{scheme}")  # type: ignore[arg-type]
+        row.pop("_reference")
+        row["bytes_per_copy_vs_fp32"] = round(
+            row["bytes_per_copy"] / max(1, base["bytes_per_copy"]), 3)  # type: ignore[operator]
+        print(json.dumps({"bench": "moe", **row}))
 
 
 def main() -> None:
@@ -140,13 +152,14 @@ def main() -> None:
     parser.add_argument("--no-prefetch", action="store_true")
     parser.add_argument("--streams", type=int, default=8, help="concurrent decode streams")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda:0 on a GPU")
+    parser.add_argument("--schemes", default="", help="quantized variants too: int8,int4")
     args = parser.parse_args()
     DEVICE[0] = args.device
     THRESHOLD[0] = args.threshold
     PREFETCH[0] = not args.no_prefetch
     STREAMS[0] = args.streams
     make_model()
-    asyncio.run(run(args.tokens))
+    asyncio.run(run(args.tokens, [s for s in args.schemes.split(",") if s]))
 
 
 if __name__ == "__main__":
