@@ -7,9 +7,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edgeserve.pool.hugepages import host_buffer
+
 
 def allocate_slab(device: str, nbytes: int) -> torch.Tensor:
-    """A uint8 tensor of nbytes: CuPy memory on CUDA, host memory on the CPU."""
+    """A uint8 tensor of nbytes: CuPy memory on CUDA, host memory on the CPU (on huge pages
+    where the kernel offers them)."""
     if device.startswith("cuda"):
         import cupy
 
@@ -18,7 +21,7 @@ def allocate_slab(device: str, nbytes: int) -> torch.Tensor:
             mem = cupy.empty(nbytes, dtype=cupy.uint8)
         # torch shares the CuPy allocation (no copy); DLPack keeps it alive with the tensor.
         return torch.from_dlpack(mem)
-    return torch.empty(nbytes, dtype=torch.uint8)
+    return host_buffer(nbytes)
 
 
 @dataclass
