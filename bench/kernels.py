@@ -16,6 +16,10 @@ dequantized to float32) and its `:int8` variant served by EdgeServer, with the k
 switched on and off in turns (EDGESERVE_CPU_KERNELS), 24 greedy tokens per stream; it also
 says whether both gave the same tokens.
 
+Each figure is also given as the weight bytes read per second (GB/s), against the machine's
+read bandwidth with the same threads, measured before and after (a streaming sum of a
+buffer as large as the float32 weights: `matmul.read_bandwidth`).
+
 `--clock cpu` (with `--threads 1`) times the thread's CPU time instead of the wall clock:
 on a shared machine it leaves out the time other processes take the core.
 """
@@ -68,6 +72,14 @@ def weights(torch_quant: bool) -> list[dict[str, Linear]]:
             lins["torch_int4"] = partial(quant.matmul, w=q4)
         out.append(lins)
     return out
+
+
+def step_bytes(shapes: list[tuple[int, int]]) -> dict[str, int]:
+    """Bytes of weights one step reads per format (int8, int4: codes, float16 scales and
+    minimums per group of 32)."""
+    weights = sum(n * k for n, k in shapes)
+    return {"fp32": 4 * weights, "int8": weights + weights // 8, "int4": weights // 2
+            + weights // 8}
 
 
 async def _streams(es: EdgeServer, model: str, n: int) -> tuple[float, list[list[int]]]:
@@ -134,8 +146,12 @@ def main() -> None:
     shapes = [s for _ in range(LAYERS) for s in SHAPES] + [HEAD]
     linears = weights(args.torch_quant)
     variants = list(linears[0])
+    nbytes = step_bytes(shapes)
+    bandwidth = cpu.read_bandwidth(nbytes["fp32"], args.threads, clock=clock) / 1e9
     result: dict[str, object] = {"bench": "kernels", "threads": args.threads, "clock": args.clock,
-                                 "weights_mb": {"fp32": 538, "int8": 151, "int4": 84}}
+                                 "weights_mb": {s: round(b / 1e6) for s, b in nbytes.items()},
+                                 "read_gb_s": round(bandwidth, 1)}
+    print(f"# read bandwidth, {args.threads} threads: {bandwidth:.1f} GB/s", flush=True)
     for m in map(int, args.rows.split(",")):
         xs = {k: torch.randn(m, k) for k in (576, 1536)}
         times: dict[str, list[float]] = {v: [] for v in variants}
@@ -148,10 +164,15 @@ def main() -> None:
                 times[v].append(clock() - t)
         ms = {v: round(statistics.median(ts[1:]) * 1e3, 2) for v, ts in times.items()}
         best = {v: round(min(ts[1:]) * 1e3, 2) for v, ts in times.items()}
-        result[f"m{m}"] = {"ms": ms, "best_ms": best, "speedup_vs_torch_fp32": {
+        gbs = {v: round(nbytes[v.split("_")[1]] / t / 1e6, 1) for v, t in ms.items()}
+        result[f"m{m}"] = {"ms": ms, "best_ms": best, "gb_s": gbs, "speedup_vs_torch_fp32": {
             v: round(ms["torch_fp32"] / t, 2) for v, t in ms.items() if v != "torch_fp32"}}
-        print(f"# M={m}: " + ", ".join(f"{v} {t} ms (best {best[v]})" for v, t in ms.items()),
-              flush=True)
+        print(f"# M={m}: " + ", ".join(
+            f"{v} {t} ms (best {best[v]}, {gbs[v]} GB/s = {gbs[v] / bandwidth:.0%})"
+            for v, t in ms.items()), flush=True)
+    after = cpu.read_bandwidth(nbytes["fp32"], args.threads, clock=clock) / 1e9
+    result["read_gb_s_after"] = round(after, 1)
+    print(f"# read bandwidth after: {after:.1f} GB/s", flush=True)
     print(json.dumps(result))
 
 

@@ -19,6 +19,7 @@
 #include <omp.h>
 #endif
 #include "simd.h"
+#include "vec.h"
 
 /* NR output rows per tile (their weights are loaded once per K step) and MR activation rows
  * (4 or 2). On AVX-512 (measured) 24 accumulators, 6 weight vectors and an activation
@@ -32,8 +33,12 @@
 #endif
 #define MINWORK 65536   /* weights (N K) below which one thread does the whole product */
 #define CHUNKS 4        /* chunks of output rows per thread, taken in turn */
-#define GROUP 32
-#define GCHUNK 64       /* groups whose scales are converted to float at once */
+#ifndef QH
+#define QH 3
+#endif
+#ifndef QA
+#define QA 2
+#endif
 
 /* Stores one tile's sums plus bias; K tail (K % VW) for float weights added by the caller. */
 INLINE void store(vf acc[MR][NR], int mr, int nr, float *y, long ldy, const float *bias) {
@@ -75,7 +80,7 @@ INLINE void tile_f32(const float *x, long ldx, const float *w, long ldw, long K,
 /* Share g of a block of weights ahead (step bytes per share) fetched into the cache: short
  * quantized rows are too short for the hardware prefetcher to run far enough ahead. */
 INLINE void ahead(const uint8_t *pf, long step, long g) {
-    for (long o = g * step; o < (g + 1) * step; o += 64) __builtin_prefetch(pf + o);
+    for (long o = g * step; o < (g + 1) * step; o += 64) __builtin_prefetch(pf + o, 0, QH);
 }
 
 /* x here is the activations with int4's column order within each chunk of 2 VW columns:
@@ -133,6 +138,7 @@ typedef struct {
     const float *bias;
     float *y; long ldy;
     long M, N, K;
+    const float *xs;                /* one activation row, quantized: its group sums */
 } job;
 
 /* One tile of mr activation rows and nr output rows, with constant mr, nr per branch so the
@@ -209,13 +215,25 @@ static void rows(const job *j, long n0, int nr, float *buf, long end) {
                               ? (const float *)w + 2 * NR * ldw : 0;
         long tiles = (j->M + MR - 1) / MR, t = m0 / MR;   /* each tile fetches a K share */
         long plo = j->K * t / tiles, phi = j->K * (t + 1) / tiles;
-        const uint8_t *pfq = m0 == 0 && kind != F32 && n0 + 3 * NR <= end
-                                 ? (const uint8_t *)w + 2 * NR * ldw : 0;
+        const uint8_t *pfq = m0 == 0 && kind != F32 && n0 + (QA + 1) * NR <= end
+                                 ? (const uint8_t *)w + QA * NR * ldw : 0;
         if (nr == NR)
             TILES(NR)
         else
             TILES(1)
     }
+}
+
+/* Output rows lo .. hi of a product with one activation row. */
+static void one_row(const job *j, long lo, long hi) {
+    if (j->kind == F32)
+        vec_f32(j->x, (const float *)j->w, j->ldw, j->K, j->bias, j->y, lo, hi, j->N);
+    else if (j->kind == Q8)
+        vec_q(j->x, j->xs, (const uint8_t *)j->w, j->ldw, j->scale, j->min, j->K, j->bias, j->y,
+              lo, hi, j->N, 8);
+    else
+        vec_q(j->x, j->xs, (const uint8_t *)j->w, j->ldw, j->scale, j->min, j->K, j->bias, j->y,
+              lo, hi, j->N, 4);
 }
 
 /* Each thread takes chunks of `per` NR-row blocks, the next free one each time (the last
@@ -229,6 +247,12 @@ static void part(const job *j, long per) {
 #pragma omp for schedule(dynamic, 1)
 #endif
     for (long c = 0; c <= chunks; c++) {
+        if (j->M == 1 && (j->kind == F32 || j->xs)) {     /* one row: vec.h, no tiles */
+            long lo = (c < chunks ? c * per : blocks) * NR;
+            long hi = c < chunks ? ((c + 1) * per < blocks ? (c + 1) * per : blocks) * NR : j->N;
+            if (lo < hi) one_row(j, lo, hi);
+            continue;
+        }
         if (c == chunks) {
             for (long n = blocks * NR; n < j->N; n++) rows(j, n, 1, buf, 0);
             continue;
@@ -239,18 +263,29 @@ static void part(const job *j, long per) {
     free(buf);
 }
 
-static void run(const job *j, int threads) {
-    long blocks = j->N / NR;
+static void run(job *j, int threads) {
+    long blocks = j->N / NR, groups = j->K / GROUP;
+    float *xs = 0;
+    if (j->M == 1 && j->kind != F32 && (xs = malloc(sizeof(float) * (groups + 1)))) {
+        for (long g = 0; g < groups; g++) {         /* (without memory: the tiles) */
+            vf t = {0};
+            for (int v = 0; v < GROUP / VW; v++) t += loadf(j->x + g * GROUP + v * VW);
+            xs[g] = hsum(t);
+        }
+        j->xs = xs;
+    }
 #ifdef _OPENMP
     if (threads > 1 && blocks >= 2 && j->N * j->K >= MINWORK) {
         long per = blocks / (threads * CHUNKS);
 #pragma omp parallel num_threads(threads)
         part(j, per > 0 ? per : 1);
+        free(xs);
         return;
     }
 #endif
     (void)threads;
     part(j, blocks > 0 ? blocks : 1);
+    free(xs);
 }
 
 /* int4's activations with each chunk of 2 VW columns reordered: evens, then odds. */
@@ -273,6 +308,35 @@ static float *permute(const float *x, long ldx, long M, long K) {
 }
 
 int es_vector_width(void) { return VW; }
+
+/* The sum of n floats, each thread reading a contiguous share (fetched PF bytes ahead as
+ * vec_f32 does): the machine's read bandwidth, which bench/kernels.py measures the matmuls
+ * against. */
+double es_stream_sum(const float *x, long n, int threads) {
+    double total = 0;
+    if (threads < 1) threads = 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+#endif
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num(), nt = omp_get_num_threads();
+#endif
+        long lo = n * t / nt, hi = n * (t + 1) / nt, i = lo;
+        vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+        for (; i + 4 * VW <= hi; i += 4 * VW) {
+            for (int c = 0; c < VW / 4; c++)      /* the 4 VW floats' cache lines */
+                __builtin_prefetch(x + i + PF / 4 + 16 * c, 0, 3);
+            s0 += loadf(x + i), s1 += loadf(x + i + VW);
+            s2 += loadf(x + i + 2 * VW), s3 += loadf(x + i + 3 * VW);
+        }
+        double part = hsum(s0 + s1 + s2 + s3);
+        for (; i < hi; i++) part += x[i];
+        total += part;
+    }
+    return total;
+}
 
 void es_matmul_f32(const float *x, long ldx, const float *w, long ldw, const float *bias,
                    float *y, long ldy, long M, long N, long K, int threads) {

@@ -14,6 +14,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,9 @@ class Library:
         self.q4.argtypes = self.q8.argtypes
         self.q4.restype = _I
         self.vector_width = int(lib.es_vector_width())
+        self.stream_sum = lib.es_stream_sum
+        self.stream_sum.argtypes = [_P, _L, _I]
+        self.stream_sum.restype = ctypes.c_double
 
 
 _library: Library | None = None
@@ -77,6 +82,23 @@ def reset() -> None:
     global _library, _tried
     with _lock:
         _library, _tried = None, False
+
+
+def read_bandwidth(nbytes: int, threads: int, reps: int = 5,
+                   clock: Callable[[], float] = time.perf_counter) -> float:
+    """The machine's read bandwidth in bytes/s: the best of reps sums of a float32 buffer
+    of nbytes (larger than the caches, for memory's speed) over threads threads, timed by
+    clock (time.thread_time with one thread leaves out other processes' turns)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not available")
+    buf = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(reps + 1):                   # the first touches the pages
+        t = clock()
+        lib.stream_sum(buf.data_ptr(), buf.numel(), threads)
+        best = min(best, clock() - t)
+    return buf.numel() * 4 / best
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

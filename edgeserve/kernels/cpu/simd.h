@@ -49,6 +49,24 @@ INLINE vf codes(const uint8_t *p, int part) {
 #endif
 }
 
+/* The 2 VW codes of VW packed bytes at p: the low nibbles in *lo, the high ones in *hi
+ * (bytes widened once, then masked and shifted: no nibble is moved across lanes). */
+INLINE void nibbles(const uint8_t *p, vf *lo, vf *hi) {
+#if defined(__AVX512F__)
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    *lo = (vf)_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+    *hi = (vf)_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+#elif defined(__AVX2__)
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    *lo = (vf)_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+    *hi = (vf)_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+#else
+    vb b = loadb(p);
+    *lo = __builtin_convertvector(b & 15, vf);
+    *hi = __builtin_convertvector(b >> 4, vf);
+#endif
+}
+
 INLINE float hsum(vf v) {
 #if defined(__AVX512F__)
     return _mm512_reduce_add_ps((__m512)v);
