@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("matmul.c")
-HEADERS = (Path(__file__).with_name("simd.h"), Path(__file__).with_name("vec.h"))
+HEADERS = tuple(Path(__file__).with_name(h) for h in ("simd.h", "tile.h", "vec.h"))
 # OpenMP from the same runtime as torch: the library's NEEDED libgomp.so.1 resolves to the
 # copy torch has already loaded.
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-std=gnu11")

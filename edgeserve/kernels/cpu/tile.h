@@ -92,7 +92,7 @@ INLINE void tile_f32(const float *xt, const float *x, long ldx, const float *w, 
 /* Share g of a block of weights ahead (step bytes per share) fetched into the cache: short
  * quantized rows are too short for the hardware prefetcher to run far enough ahead. */
 INLINE void ahead(const uint8_t *pf, long step, long g) {
-    for (long o = g * step; o < (g + 1) * step; o += 64) __builtin_prefetch(pf + o, 0, 2);
+    for (long o = g * step; o < (g + 1) * step; o += 64) __builtin_prefetch(pf + o, 0, PH);
 }
 
 /* VW weights (int8), or 2 VW (int4: the low nibbles, then the high ones) of row q's codes at

@@ -27,13 +27,16 @@ def fresh() -> Iterator[None]:
 
 
 def results() -> list[torch.Tensor]:
+    """Every layout with one row (vec.h), 3 (tiles) and 9 (dequantized into a buffer)."""
     g = torch.Generator().manual_seed(11)
-    x, w = torch.randn(5, 96, generator=g), torch.randn(33, 96, generator=g)
-    b = torch.randn(33, generator=g)
-    out = [cpu.linear_f32(x, w, b)]
-    for bits, fn in ((8, cpu.linear_int8), (4, cpu.linear_int4)):
-        stored, scale, low, _ = quantized(33, 96, bits, seed=bits)
-        out.append(fn(x, stored, scale, low, b))
+    w, b = torch.randn(33, 96, generator=g), torch.randn(33, generator=g)
+    out = []
+    for m in (1, 3, 9):
+        x = torch.randn(m, 96, generator=g)
+        out.append(cpu.linear_f32(x, w, b))
+        for bits, fn in ((8, cpu.linear_int8), (4, cpu.linear_int4)):
+            stored, scale, low, _ = quantized(33, 96, bits, seed=bits)
+            out.append(fn(x, stored, scale, low, b))
     return out
 
 
@@ -106,13 +109,20 @@ def test_switched_off(monkeypatch, caplog):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+AVX2 = (*build.PORTABLE, "-mavx2", "-mfma", "-mf16c")
+
+
 @pytest.mark.skipif(CC is None, reason="needs a C compiler")
-def test_the_portable_build_agrees(tmp_path):
-    """Built for the compiler's default target, not this CPU: the generic vector code and
-    float16 conversion by hand (where the default has no F16C) give the same results."""
+@pytest.mark.parametrize("flags", [build.PORTABLE, AVX2], ids=["portable", "avx2"])
+def test_other_targets_agree(tmp_path, flags):
+    """Built for the compiler's default target (the generic vector code and float16
+    conversion by hand where the default has no F16C) or for AVX2 without AVX-512, not
+    this CPU: the same results."""
     assert CC is not None
+    if flags == AVX2 and "avx2" not in build.cpu_features().split():
+        pytest.skip("this CPU has no AVX2")
     native = results()
-    lib = cpu.Library(str(build.library(CC, tmp_path, build.PORTABLE)))
+    lib = cpu.Library(str(build.library(CC, tmp_path, flags)))
     cpu.reset()
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(cpu, "_library", lib)

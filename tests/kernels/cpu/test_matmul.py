@@ -47,6 +47,50 @@ def test_quantized_every_row_count(bits, n, k):
         close(fn(x, stored, scale, low), x @ w.t())
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_long_rows_and_bias(bits):
+    """K of 65 groups (more than the kernels convert at once), N not a multiple of any
+    tile, a bias: one row (vec.h), up to 4 (tiles dequantized in registers) and more
+    (dequantized once into a buffer)."""
+    n, k = 13, 65 * 32
+    stored, scale, low, w = quantized(n, k, bits, seed=bits + 20)
+    fn = cpu.linear_int8 if bits == 8 else cpu.linear_int4
+    g = torch.Generator().manual_seed(21)
+    b = torch.randn(n, generator=g)
+    for m in (1, 2, 3, 5, 8):
+        x = torch.randn(m, k, generator=g)
+        close(fn(x, stored, scale, low, b), x @ w.t() + b)
+
+
+def test_float32_one_row_long_and_odd():
+    g = torch.Generator().manual_seed(22)
+    for n, k in ((3, 2085), (4099, 19), (9, 16)):
+        w, x, b = torch.randn(n, k, generator=g), torch.randn(1, k, generator=g), torch.randn(n)
+        close(cpu.linear_f32(x, w, b), x @ w.t() + b)
+
+
+def test_many_rows():
+    """More rows than the decode hooks take: packed activations in many tiles."""
+    g = torch.Generator().manual_seed(23)
+    w, x = torch.randn(70, 99, generator=g), torch.randn(300, 99, generator=g)
+    close(cpu.linear_f32(x, w), x @ w.t())
+    for bits, fn in ((8, cpu.linear_int8), (4, cpu.linear_int4)):
+        stored, scale, low, wq = quantized(70, 96, bits, seed=bits + 23)
+        xq = x[:, :96].contiguous()
+        close(fn(xq, stored, scale, low), xq @ wq.t())
+
+
+@needs_cc
+def test_stream_sum_and_read_bandwidth():
+    lib = cpu.library()
+    assert lib is not None
+    x = torch.rand(100_003, generator=torch.Generator().manual_seed(24))
+    for threads in (1, 2):
+        assert lib.stream_sum(x.data_ptr(), x.numel(), threads) == pytest.approx(
+            float(x.double().sum()), rel=1e-5)
+    assert cpu.read_bandwidth(1 << 20, 1, reps=1) > 1e8          # bytes/s: over 0.1 GB/s
+
+
 def test_bias_strides_and_leading_dims():
     g = torch.Generator().manual_seed(5)
     big = torch.randn(45, 200, generator=g)
