@@ -80,20 +80,31 @@ INLINE void q_rows(const float *x, const float *xs, const uint8_t *w, long ldq,
                    float *y, const float *bias, int nr, int bits) {
     long gb = GROUP * bits / 8;                         /* bytes of a row's group */
     vf acc[VR];
-    float low[VR] = {0}, s[VR][GCHUNK], b[VR][GCHUNK];
+    float low[VR] = {0}, s[VR * GCHUNK], b[VR * GCHUNK];
     for (int r = 0; r < VR; r++) acc[r] = (vf){0};
     for (long g0 = 0; g0 < groups; g0 += GCHUNK) {
         int gc = groups - g0 < GCHUNK ? (int)(groups - g0) : GCHUNK;
+        if (gc == groups) {         /* all groups at once: the rows' values are contiguous */
+            halves(scale, s, nr * gc);
+            halves(min, b, nr * gc);
+        } else {
+            for (int r = 0; r < nr; r++) {
+                halves(scale + r * groups + g0, s + r * gc, gc);
+                halves(min + r * groups + g0, b + r * gc, gc);
+            }
+        }
         for (int r = 0; r < nr; r++) {
-            halves(scale + r * groups + g0, s[r], gc);
-            halves(min + r * groups + g0, b[r], gc);
-            for (int g = 0; g < gc; g++) low[r] += b[r][g] * xs[g0 + g];
+            const float *br = b + r * gc;
+            int g = 0;              /* the minimums' share in lanes, then the rest */
+            for (; g + VW <= gc; g += VW) acc[r] += loadf(br + g) * loadf(xs + g0 + g);
+            for (; g < gc; g++) low[r] += br[g] * xs[g0 + g];
         }
         const float *xg = x + g0 * GROUP;
         const uint8_t *q = w + g0 * gb, *p = pf + g0 * gb;
         for (int g = 0; g < gc; g++, xg += GROUP, q += gb, p += gb) {
             for (int r = 0; r < nr; r++) __builtin_prefetch(p + r * ldq, 0, PH);
-            for (int r = 0; r < nr; r++) acc[r] += group_dot(xg, q + r * ldq, bits) * s[r][g];
+            for (int r = 0; r < nr; r++)
+                acc[r] += group_dot(xg, q + r * ldq, bits) * s[r * gc + g];
         }
     }
     vec_store(acc, low, nr, y, bias);
