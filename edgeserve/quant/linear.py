@@ -12,8 +12,9 @@ float throughout (rounding them to int8 per token, as integer matmuls need, cost
 model several points of top-1 agreement). int4's slices on the CPU take the even and odd
 columns apart (the low and high nibbles of its bytes) so that no slice is interleaved back.
 Everything here is plain torch, so CUDA takes the same paths. On the CPU, a float32 product
-of up to 256 rows (decode) goes to the C kernels of kernels/cpu/matmul.py instead, which
-expand the codes in registers and stream each weight once.
+of up to 512 rows (decode, short prefills; QUANT_ROWS) goes to the C kernels of
+kernels/cpu/matmul.py instead, which expand the codes in registers and stream each weight
+once.
 """
 
 from __future__ import annotations

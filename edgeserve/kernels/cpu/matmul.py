@@ -26,12 +26,13 @@ from edgeserve.quant.format import GROUP, dequantize
 
 log = logging.getLogger("edgeserve.kernels")
 # float32 weights: the activation rows for which the kernel beats torch's matmul on the CPU
-# (bench/kernels.py). With one row both stream the weight at the memory's speed, and
-# torch's matrix-vector product was a few percent faster.
-MIN_ROWS, ROWS = 2, 32
+# (bench/kernels.py, bench/RESULTS.md: 1.3x at 64 rows, even at 128). With one row both
+# stream the weight at the memory's speed, and torch's matrix-vector product was as fast.
+MIN_ROWS, ROWS = 2, 64
 # Quantized weights: rows up to which the kernel beats quant/linear.py's torch path (which
-# dequantizes slices and multiplies them with torch's matmul), measured likewise.
-QUANT_ROWS = 256
+# dequantizes slices and multiplies them with torch's matmul), measured likewise: at 512
+# rows int8 even, int4 1.2x.
+QUANT_ROWS = 512
 SLICE = 4096                    # weight rows dequantized at once by the torch fallback
 
 _L, _I, _P = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
