@@ -25,19 +25,19 @@
 
 #define MINWORK 65536   /* weights (N K) below which one thread does the whole product */
 #define CHUNKS 4        /* chunks of output rows per thread, taken in turn */
-#define PFB 2           /* blocks of NR rows ahead fetched into the cache (1-8 measured alike) */
+#define PFB 1           /* blocks of NR rows ahead fetched into the cache (measured: 1 best) */
 
 enum { F32 = 0, Q8 = 8, Q4 = 4 };
 
 typedef struct {
     int kind;
-    const float *x; long ldx;       /* int4: in permute()'s column order */
+    const float *x; long ldx;
     const void *w; long ldw;        /* f32: floats per row; q8, q4: bytes per row */
     const uint16_t *scale, *min;
     const float *bias;
     float *y; long ldy;
     long M, N, K;
-    const float *xp;                /* x packed by pack_x (M > 1) */
+    const float *xp;                /* x packed by pack_x (M > 1; int4 reordered) */
     const float *xs;                /* x's group sums (M = 1, quantized) */
 } job;
 
@@ -46,7 +46,7 @@ typedef struct {
 #define TILE(MRC, NRC)                                                                     \
     do {                                                                                  \
         if (buf)                                                                          \
-            tile_f32(xt, x, j->ldx, buf, VW, NRC, j->K, y, j->ldy, bias, MRC, NRC, 0, 0, 0); \
+            tile_buf(xt, buf, j->K, y, j->ldy, bias, MRC, NRC, pl, lines);                \
         else if (j->kind == F32)                                                          \
             tile_f32(xt, x, j->ldx, (const float *)w, j->ldw, 1, j->K, y, j->ldy, bias,   \
                      MRC, NRC, pf, plo, phi);                                             \
@@ -82,8 +82,7 @@ static void rows(const job *j, long n0, int nr, float *buf, long end) {
      * prefetcher makes on its own) */
     int ahead = n0 + (PFB + 1) * NR <= end;
     if (buf)                        /* dequantized once, then multiplied as floats */
-        dequant(w, ldw, sc, mn, j->K, nr, j->kind, buf,
-                ahead ? (const uint8_t *)w + PFB * NR * ldw : 0);
+        dequant(w, ldw, sc, mn, j->K, nr, j->kind, buf);
     for (long m0 = 0; m0 < j->M; m0 += MR) {
         const float *x = j->x + m0 * j->ldx, *xt = j->xp + m0 * kv;
         float *y = j->y + m0 * j->ldy + n0;
@@ -92,6 +91,10 @@ static void rows(const job *j, long n0, int nr, float *buf, long end) {
         long tiles = (j->M + MR - 1) / MR, t = m0 / MR;
         long plo = kv / VW * t / tiles * VW, phi = kv / VW * (t + 1) / tiles * VW;
         const uint8_t *pfq = m0 == 0 && ahead ? (const uint8_t *)w + PFB * NR * ldw : 0;
+        /* with a buffer: the quantized block ahead, its lines shared out over the tiles */
+        long all = ahead ? (NR * ldw + 63) / 64 : 0, l0 = all * t / tiles;
+        const uint8_t *pl = (const uint8_t *)w + PFB * NR * ldw + 64 * l0;
+        long lines = all * (t + 1) / tiles - l0;
         if (nr == NR)
             TILES(NR)
         else
@@ -136,18 +139,18 @@ static void part(const job *j, long per) {
     free(buf);
 }
 
-/* A buffer of n floats (64-byte aligned) kept by the calling thread for its next products:
- * slot 0 int4's reordered activations, 1 the packed ones. NULL without memory. */
-static float *scratch(int slot, long n) {
-    static _Thread_local float *bufs[2];
-    static _Thread_local long caps[2];
-    if (n > caps[slot]) {
-        free(bufs[slot]);
-        caps[slot] = (n + 15) / 16 * 16;
-        bufs[slot] = aligned_alloc(64, sizeof(float) * caps[slot]);
-        if (!bufs[slot]) caps[slot] = 0;
+/* A buffer of n floats (64-byte aligned) kept by the calling thread for its next products
+ * (the packed activations); NULL without memory. */
+static float *scratch(long n) {
+    static _Thread_local float *buf;
+    static _Thread_local long cap;
+    if (n > cap) {
+        free(buf);
+        cap = (n + 15) / 16 * 16;
+        buf = aligned_alloc(64, sizeof(float) * cap);
+        if (!buf) cap = 0;
     }
-    return bufs[slot];
+    return buf;
 }
 
 static void run_threads(const job *j, int threads) {
@@ -164,9 +167,10 @@ static void run_threads(const job *j, int threads) {
     part(j, blocks > 0 ? blocks : 1);
 }
 
-/* Packs x (or for one row, sums its groups) and runs the product; without memory for the
- * packed rows, one row at a time (one row needs none: its packed form is itself). */
-static void run(job *j, int threads) {
+/* Packs x (int4: reordered, pack_x) and, for one quantized row, sums its groups; then runs
+ * the product. Returns -1 where int4's activations found no memory; other products then
+ * take one row at a time (one float32 or int8 row is not packed: it is its packed form). */
+static int run(job *j, int threads) {
     long groups = j->K / GROUP;
     float xs[j->M == 1 && j->kind != F32 && groups <= 4096 ? groups : 1];
     j->xp = j->x;
@@ -178,33 +182,23 @@ static void run(job *j, int threads) {
         }
         j->xs = xs;
     }
-    if (j->M > 1) {
-        float *xp = scratch(1, j->M * (j->K / VW * VW));
+    if (j->M > 1 || j->kind == Q4) {
+        float *xp = scratch(j->M * (j->K / VW * VW));
+        if (!xp && j->kind == Q4) return -1;
         if (!xp) {
             for (long m = 0; m < j->M; m++) {
                 job one = *j;
                 one.x += m * j->ldx, one.y += m * j->ldy, one.M = 1;
                 run(&one, threads);
             }
-            return;
+            return 0;
         }
-        pack_x(j->x, j->ldx, j->M, j->K, xp);
+        pack_x(j->x, j->ldx, j->M, j->K, xp, j->kind == Q4);
         j->xp = xp;
+        if (j->M == 1) j->x = xp, j->ldx = j->K;    /* vec.h reads x: int4's order */
     }
     run_threads(j, threads);
-}
-
-/* int4's activations with each chunk of 2 VW columns reordered: evens, then odds. */
-static float *permute(const float *x, long ldx, long M, long K) {
-    float *buf = scratch(0, M * K);
-    if (!buf) return 0;
-    for (long m = 0; m < M; m++)
-        for (long c = 0; c < K; c += 2 * VW)
-            for (int i = 0; i < VW; i++) {
-                buf[m * K + c + i] = x[m * ldx + c + 2 * i];
-                buf[m * K + c + VW + i] = x[m * ldx + c + 2 * i + 1];
-            }
-    return buf;
+    return 0;
 }
 
 int es_vector_width(void) { return VW; }
@@ -255,9 +249,6 @@ void es_matmul_q8(const float *x, long ldx, const uint8_t *codes, const uint16_t
 int es_matmul_q4(const float *x, long ldx, const uint8_t *packed, const uint16_t *scale,
                  const uint16_t *min, const float *bias, float *y, long ldy, long M, long N,
                  long K, int threads) {
-    const float *xp = permute(x, ldx, M, K);
-    if (!xp) return -1;
-    job j = {Q4, xp, K, packed, K / 2, scale, min, bias, y, ldy, M, N, K, 0, 0};
-    run(&j, threads);
-    return 0;
+    job j = {Q4, x, ldx, packed, K / 2, scale, min, bias, y, ldy, M, N, K, 0, 0};
+    return run(&j, threads);
 }

@@ -67,6 +67,21 @@ INLINE void nibbles(const uint8_t *p, vf *lo, vf *hi) {
 #endif
 }
 
+/* The even lanes of a then b into *ev, the odd ones into *od: 2 VW columns taken apart. */
+INLINE void deinterleave(vf a, vf b, vf *ev, vf *od) {
+#if defined(__AVX512F__)
+    const __m512i e = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i o = _mm512_add_epi32(e, _mm512_set1_epi32(1));
+    *ev = (vf)_mm512_permutex2var_ps((__m512)a, e, (__m512)b);
+    *od = (vf)_mm512_permutex2var_ps((__m512)a, o, (__m512)b);
+#else
+    for (int i = 0; i < VW / 2; i++) {
+        (*ev)[i] = a[2 * i], (*ev)[VW / 2 + i] = b[2 * i];
+        (*od)[i] = a[2 * i + 1], (*od)[VW / 2 + i] = b[2 * i + 1];
+    }
+#endif
+}
+
 INLINE float hsum(vf v) {
 #if defined(__AVX512F__)
     return _mm512_reduce_add_ps((__m512)v);

@@ -24,14 +24,27 @@
 
 /* M activation rows packed tile by tile into xp: each tile of MR rows (mr in the last) as
  * xp[m0 * KV + k * mr + m * VW .. + VW] = x[m0 + m, k .. k + VW] for k a multiple of VW below
- * KV = K - K % VW; the K % VW tail columns are read from x itself. */
-static void pack_x(const float *x, long ldx, long M, long K, float *xp) {
+ * KV = K - K % VW; the K % VW tail columns are read from x itself. With perm (int4, K a
+ * multiple of 2 VW) each chunk of 2 VW columns is reordered, its even columns first, then
+ * its odd ones: the order of the low and high nibbles of VW packed bytes. */
+static void pack_x(const float *x, long ldx, long M, long K, float *xp, int perm) {
     long kv = K / VW * VW;
     for (long m0 = 0; m0 < M; m0 += MR) {
         int mr = M - m0 < MR ? (int)(M - m0) : MR;
-        for (long k = 0; k < kv; k += VW)
-            for (int m = 0; m < mr; m++)
-                *(vfu *)(xp + m0 * kv + k * mr + m * VW) = loadf(x + (m0 + m) * ldx + k);
+        float *t = xp + m0 * kv;
+        for (int m = 0; m < mr; m++) {
+            const float *r = x + (m0 + m) * ldx;
+            if (perm) {
+                for (long k = 0; k < kv; k += 2 * VW) {
+                    vf ev, od;
+                    deinterleave(loadf(r + k), loadf(r + k + VW), &ev, &od);
+                    *(vfu *)(t + k * mr + m * VW) = ev;
+                    *(vfu *)(t + (k + VW) * mr + m * VW) = od;
+                }
+            } else {
+                for (long k = 0; k < kv; k += VW) *(vfu *)(t + k * mr + m * VW) = loadf(r + k);
+            }
+        }
     }
 }
 
@@ -51,10 +64,12 @@ INLINE void store(vf acc[MR][NR], int mr, int nr, float *y, long ldy, const floa
 
 /* Columns k0 .. k1 (multiples of VW) of a tile: w's row n, columns k .. k + VW, at
  * w + n * wn + k * wk (in place: wn = the row stride, wk = 1; interleaved: wn = VW,
- * wk = nr); the rows at pf (same strides) are fetched meanwhile where pf is set. */
+ * wk = nr); the rows at pf (same strides) are fetched meanwhile where pf is set, and the
+ * first `lines` cache lines from pl, one a step. */
 INLINE void steps(vf acc[MR][NR], const float *xt, const float *w, long wn, long wk, long k0,
-                  long k1, int mr, int nr, const float *pf) {
+                  long k1, int mr, int nr, const float *pf, const uint8_t *pl, long lines) {
     for (long k = k0; k < k1; k += VW) {
+        if (lines > 0) __builtin_prefetch(pl, 0, PH), pl += 64, lines--;
         vf wv[NR];
         const float *wp = w + k * wk, *xk = xt + k * mr;
         for (int n = 0; n < nr; n++) wv[n] = loadf(wp + n * wn);
@@ -77,16 +92,27 @@ INLINE void tile_f32(const float *xt, const float *x, long ldx, const float *w, 
     for (int m = 0; m < mr; m++)
         for (int n = 0; n < nr; n++) acc[m][n] = (vf){0};
     if (pf) {                       /* the prefetch's test outside the loops */
-        steps(acc, xt, w, wn, wk, 0, plo, mr, nr, 0);
-        steps(acc, xt, w, wn, wk, plo, phi, mr, nr, pf);
-        steps(acc, xt, w, wn, wk, phi, kv, mr, nr, 0);
+        steps(acc, xt, w, wn, wk, 0, plo, mr, nr, 0, 0, 0);
+        steps(acc, xt, w, wn, wk, plo, phi, mr, nr, pf, 0, 0);
+        steps(acc, xt, w, wn, wk, phi, kv, mr, nr, 0, 0, 0);
     } else {
-        steps(acc, xt, w, wn, wk, 0, kv, mr, nr, 0);
+        steps(acc, xt, w, wn, wk, 0, kv, mr, nr, 0, 0, 0);
     }
     store(acc, mr, nr, y, ldy, bias);
     for (long k = kv; k < K; k++)   /* float weights in place only: K % 32 == 0 otherwise */
         for (int m = 0; m < mr; m++)
             for (int n = 0; n < nr; n++) y[m * ldy + n] += x[m * ldx + k] * w[n * wn + k];
+}
+
+/* One tile over dequant()'s buffer (K a multiple of VW); the `lines` cache lines from pl
+ * (quantized rows ahead) are fetched meanwhile, one a step, spread over the tiles. */
+INLINE void tile_buf(const float *xt, const float *buf, long K, float *y, long ldy,
+                     const float *bias, int mr, int nr, const uint8_t *pl, long lines) {
+    vf acc[MR][NR];
+    for (int m = 0; m < mr; m++)
+        for (int n = 0; n < nr; n++) acc[m][n] = (vf){0};
+    steps(acc, xt, buf, VW, nr, 0, K, mr, nr, 0, pl, lines);
+    store(acc, mr, nr, y, ldy, bias);
 }
 
 /* Share g of a block of weights ahead (step bytes per share) fetched into the cache: short
@@ -108,7 +134,7 @@ INLINE void weights(const uint8_t *q, long k, int bits, float s, float b, vf *w0
 }
 
 /* One tile over quantized rows q (ldq bytes a row), dequantized in registers. xt: its packed
- * activations; for int4 in permute()'s column order (within each chunk of 2 VW columns the
+ * activations; for int4 in pack_x's reordered columns (within each chunk of 2 VW columns the
  * even ones, then the odd ones), so low and high nibbles need no interleaving. */
 INLINE void tile_q(const float *xt, const uint8_t *q, long ldq, const uint16_t *sc,
                    const uint16_t *mn, long K, float *y, long ldy, const float *bias,
@@ -147,22 +173,25 @@ INLINE void tile_q(const float *xt, const uint8_t *q, long ldq, const uint16_t *
 }
 
 /* nr quantized rows q (ldq bytes a row, groups scales and minimums a row) dequantized into
- * buf interleaved: row n's columns k .. k + VW at buf[k * nr + n * VW] (int4: in permute()'s
- * order), for tile_f32 (wn = VW, wk = nr). Rows ahead at pf are fetched meanwhile. */
+ * buf interleaved: row n's columns k .. k + VW at buf[k * nr + n * VW] (int4: in pack_x's
+ * order), for tile_buf. */
 INLINE void dequant(const uint8_t *q, long ldq, const uint16_t *sc, const uint16_t *mn,
-                    long K, int nr, int bits, float *buf, const uint8_t *pf) {
+                    long K, int nr, int bits, float *buf) {
     long groups = K / GROUP;
+    float s[GCHUNK], b[GCHUNK];     /* a row's scales and minimums, read from memory below */
     for (int n = 0; n < nr; n++)
-        for (long g = 0; g < groups; g++) {
-            if (pf && n == 0) ahead(pf, NR * ldq / groups, g);
-            float s = half(sc[n * groups + g]), b = half(mn[n * groups + g]);
-            for (int v = 0; v < GROUP / VW; v += (bits == 4 ? 2 : 1)) {
-                long k = g * GROUP + v * VW;
-                vf w0, w1;
-                weights(q + n * ldq, k, bits, s, b, &w0, &w1);
-                *(vf *)(buf + k * nr + n * VW) = w0;
-                if (bits == 4) *(vf *)(buf + (k + VW) * nr + n * VW) = w1;
-            }
+        for (long g0 = 0; g0 < groups; g0 += GCHUNK) {
+            int gc = groups - g0 < GCHUNK ? (int)(groups - g0) : GCHUNK;
+            halves(sc + n * groups + g0, s, gc);
+            halves(mn + n * groups + g0, b, gc);
+            for (int g = 0; g < gc; g++)
+                for (int v = 0; v < GROUP / VW; v += (bits == 4 ? 2 : 1)) {
+                    long k = (g0 + g) * GROUP + v * VW;
+                    vf w0, w1;
+                    weights(q + n * ldq, k, bits, s[g], b[g], &w0, &w1);
+                    *(vf *)(buf + k * nr + n * VW) = w0;
+                    if (bits == 4) *(vf *)(buf + (k + VW) * nr + n * VW) = w1;
+                }
         }
 }
 #endif

@@ -55,7 +55,7 @@ static void vec_f32(const float *x, const float *w, long ldw, long K, const floa
     }
 }
 
-/* x_g . code_g in lanes for one group (int4: x in permute()'s order, evens then odds). */
+/* x_g . code_g in lanes for one group (int4: x in pack_x's order, evens then odds). */
 INLINE vf group_dot(const float *x, const uint8_t *q, int bits) {
     vf t;                   /* the first product starts the sum (0 + p is not folded) */
     if (bits == 8) {
