@@ -77,23 +77,25 @@ static void rows(const job *j, long n0, int nr, float *buf, long end) {
     const float *bias = j->bias ? j->bias + n0 : 0;
     const void *w = j->kind == F32 ? (const void *)((const float *)j->w + n0 * ldw)
                                    : (const void *)((const uint8_t *)j->w + n0 * ldw);
-    /* the rows two blocks ahead are fetched during the first tile (quantized) or over all
-     * tiles, a share of K each (float: more requests in flight than the hardware
-     * prefetcher makes on its own) */
+    /* the block PFB ahead is fetched into the cache meanwhile (more requests in flight than
+     * the hardware prefetcher makes on its own): float rows over all tiles, a share of K
+     * each; quantized rows during the first tile, or with a buffer one line a step over
+     * the tiles */
     int ahead = n0 + (PFB + 1) * NR <= end;
+    long unit = j->kind == F32 ? 4 : 1;                         /* bytes per ldw */
+    const uint8_t *next = ahead ? (const uint8_t *)w + PFB * NR * ldw * unit : 0;
     if (buf)                        /* dequantized once, then multiplied as floats */
         dequant(w, ldw, sc, mn, j->K, nr, j->kind, buf);
     for (long m0 = 0; m0 < j->M; m0 += MR) {
         const float *x = j->x + m0 * j->ldx, *xt = j->xp + m0 * kv;
         float *y = j->y + m0 * j->ldy + n0;
         int mr = j->M - m0 < MR ? (int)(j->M - m0) : MR;
-        const float *pf = j->kind == F32 && ahead ? (const float *)w + PFB * NR * ldw : 0;
         long tiles = (j->M + MR - 1) / MR, t = m0 / MR;
+        const float *pf = j->kind == F32 ? (const float *)next : 0;
         long plo = kv / VW * t / tiles * VW, phi = kv / VW * (t + 1) / tiles * VW;
-        const uint8_t *pfq = m0 == 0 && ahead ? (const uint8_t *)w + PFB * NR * ldw : 0;
-        /* with a buffer: the quantized block ahead, its lines shared out over the tiles */
-        long all = ahead ? (NR * ldw + 63) / 64 : 0, l0 = all * t / tiles;
-        const uint8_t *pl = (const uint8_t *)w + PFB * NR * ldw + 64 * l0;
+        const uint8_t *pfq = m0 == 0 ? next : 0;
+        long all = next ? (NR * ldw + 63) / 64 : 0, l0 = all * t / tiles;
+        const uint8_t *pl = next ? next + 64 * l0 : 0;
         long lines = all * (t + 1) / tiles - l0;
         if (nr == NR)
             TILES(NR)
