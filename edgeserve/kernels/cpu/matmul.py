@@ -53,9 +53,11 @@ class Library:
         self.q4.argtypes = self.q8.argtypes
         self.q4.restype = _I
         self.vector_width = int(lib.es_vector_width())
-        self.stream_sum = lib.es_stream_sum
-        self.stream_sum.argtypes = [_P, _L, _I]
-        self.stream_sum.restype = ctypes.c_double
+        # the bandwidth probe; None in a build of an older source (bench/kernels.py --against)
+        self.stream_sum = getattr(lib, "es_stream_sum", None)
+        if self.stream_sum is not None:
+            self.stream_sum.argtypes = [_P, _L, _I]
+            self.stream_sum.restype = ctypes.c_double
 
 
 _library: Library | None = None
@@ -91,7 +93,7 @@ def read_bandwidth(nbytes: int, threads: int, reps: int = 5,
     of nbytes (larger than the caches, for memory's speed) over threads threads, timed by
     clock (time.thread_time with one thread leaves out other processes' turns)."""
     lib = library()
-    if lib is None:
+    if lib is None or lib.stream_sum is None:
         raise RuntimeError("the CPU kernels are not available")
     buf = torch.ones(nbytes // 4)
     best = float("inf")
