@@ -18,6 +18,7 @@ from edgeserve.arch.plan import EMBED, HEAD, WeightUnit, attention_plan, base_pl
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.batch import StepBatch
 from edgeserve.kernels.cpu import matmul as cpu
+from edgeserve.kernels.cpu.decode import FusedDecode
 from edgeserve.quant import linear as quant
 from edgeserve.quant.linear import QWeight
 
@@ -110,6 +111,7 @@ class DenseModel:
         self.lm_head = self.embed if spec.tie_embeddings else weights[HEAD]
         self.layers = [self._layer(weights, f"model.layers.{n}.") for n in range(spec.num_layers)]
         self.inv_freq = rope.inv_freq(spec.rope, spec.head_dim).to(self.embed.device)
+        self.fused = FusedDecode(spec, self.layers, self.inv_freq, self.dtype)
 
     @staticmethod
     def _layer(w: dict[str, Weight], p: str) -> Layer:
@@ -145,6 +147,9 @@ class DenseModel:
         x = embedding(batch.tokens, self.embed, self.dtype)              # (B, S, D)
         if batch.delta is not None:
             x = batch.delta.embed(EMBED, batch.tokens, x, spec.vocab_size)
+        elif type(self)._feed_forward is DenseModel._feed_forward and \
+                self.fused.run(batch, kv, x):       # decode on the CPU: one C call
+            return x
         cos, sin = rope.cos_sin(self.inv_freq, batch.positions, x.dtype)
         seen: dict[int | None, Visibility] = {}
         for n, layer in enumerate(self.layers):

@@ -1,4 +1,4 @@
-"""Builds the CPU matmul library (matmul.c) on first use with the system C compiler.
+"""Builds the CPU kernel library (matmul.c, decode.c) on first use with the system C compiler.
 
 The library is compiled for the machine it runs on (-march=native) and cached per user,
 keyed by the source, the compiler, the flags and the CPU's features, so a changed source,
@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("matmul.c")
+SOURCES = (SOURCE, Path(__file__).with_name("decode.c"))     # one library
 HEADERS = tuple(Path(__file__).with_name(h) for h in ("simd.h", "tile.h", "vec.h"))
 # OpenMP from the same runtime as torch: the library's NEEDED libgomp.so.1 resolves to the
 # copy torch has already loaded.
@@ -54,7 +55,7 @@ def compiler_version(cc: list[str]) -> str:
 
 def cache_key(cc: list[str], version: str, flags: tuple[str, ...]) -> str:
     h = hashlib.blake2b(digest_size=12)
-    for part in (SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS),
+    for part in (*(s.read_bytes() for s in SOURCES), *(h.read_bytes() for h in HEADERS),
                  shlex.join(cc).encode(), version.encode(),
                  " ".join(flags).encode(), cpu_features().encode()):
         h.update(len(part).to_bytes(8, "little"))
@@ -77,8 +78,8 @@ def library(cc_command: str, cache: Path, flags: tuple[str, ...] = FLAGS) -> Pat
         raise BuildError(f"cannot write the kernel cache {cache}: {e}") from e
     os.close(fd)
     try:
-        done = subprocess.run([*cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True,
-                              text=True, timeout=TIMEOUT, check=False)
+        done = subprocess.run([*cc, *flags, "-o", tmp, *map(str, SOURCES), "-lm"],
+                              capture_output=True, text=True, timeout=TIMEOUT, check=False)
         if done.returncode != 0:
             raise BuildError(f"{shlex.join(cc)} could not build {SOURCE.name}: "
                              f"{done.stderr.strip()[-500:]}")

@@ -43,6 +43,7 @@ class Library:
 
     def __init__(self, path: str) -> None:
         lib = ctypes.CDLL(path)
+        self.cdll = lib                 # the other kernels' functions (decode.py)
         self.f32 = lib.es_matmul_f32
         self.f32.argtypes = [_P, _L, _P, _L, _P, _P, _L, _L, _L, _L, _I]
         self.f32.restype = None

@@ -1,0 +1,177 @@
+"""A decode step through every layer of a dense model in one call of decode.c.
+
+A decode step on the CPU is some 400 small torch operations (norms, rotary embeddings,
+the KV write and gather, attention, activations) around the matmuls, each costing more
+in dispatch than in arithmetic. `FusedDecode` hands the whole stack of layers to the C
+library instead: the model's weights are described once (pointers into the pool's views,
+valid for as long as the views are: the model is rebuilt when the pool compacts), and
+each step passes the batch's positions, page table, slots and the KV view.
+
+It runs where it computes exactly what arch/dense.py does, up to float rounding: float32
+on the CPU, float32 or int8 / int4 (matmul.c's layouts) weights, dense feed-forward in
+every layer, per-head q/k norms or none, no clipping, one new token per sequence and no
+task blocks; `run` returns False everywhere else and the caller takes the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from edgeserve.arch.spec import ModelSpec
+from edgeserve.batch import StepBatch
+from edgeserve.kernels.cpu import matmul as cpu
+from edgeserve.quant.linear import QWeight
+
+if TYPE_CHECKING:
+    from edgeserve.arch.dense import Layer
+
+_L, _P, _D = ctypes.c_long, ctypes.c_void_p, ctypes.c_double
+KINDS = {"int8": 8, "int4": 4}          # matmul.c's kinds; float32 is 0
+
+
+class Linear(ctypes.Structure):
+    _fields_ = [("kind", _L), ("w", _P), ("ldw", _L), ("scale", _P), ("min", _P), ("bias", _P),
+                ("n", _L), ("k", _L)]
+
+
+class LayerArgs(ctypes.Structure):
+    _fields_ = [("norm_in", _P), ("norm_post", _P), ("q_norm", _P), ("k_norm", _P),
+                ("qkv", Linear), ("o", Linear), ("gate_up", Linear), ("down", Linear),
+                ("window", _L), ("layer", _L)]
+
+
+class Dims(ctypes.Structure):
+    _fields_ = [("hidden", _L), ("heads", _L), ("kv_heads", _L), ("head_dim", _L),
+                ("inter", _L), ("eps", _D), ("inv_freq", _P)]
+
+
+class Step(ctypes.Structure):
+    _fields_ = [("rows", _L), ("positions", _P), ("kv_lens", _P), ("page_table", _P),
+                ("pt_stride", _L), ("slot_page", _P), ("slot_offset", _P), ("kv", _P),
+                ("s_page", _L), ("s_layer", _L), ("s_token", _L), ("s_kv", _L), ("s_head", _L),
+                ("page_tokens", _L), ("threads", _L)]
+
+
+class Unsupported(Exception):
+    """The model has something the kernel does not compute."""
+
+
+def _vector(t: torch.Tensor | None, n: int, optional: bool = False) -> int | None:
+    """The address of a float32 (n,) CPU vector with unit stride."""
+    if t is None:
+        if optional:
+            return None
+        raise Unsupported("a missing vector")
+    if t.dtype != torch.float32 or t.shape != (n,) or t.stride(0) != 1 or not t.is_cpu:
+        raise Unsupported(f"a {t.dtype} {tuple(t.shape)} vector")
+    return t.data_ptr()
+
+
+def _linear(w: torch.Tensor | QWeight, bias: torch.Tensor | None, n: int, k: int) -> Linear:
+    """A linear's description for the kernel: (n, k) float32 rows of unit column stride, or
+    an int8 / int4 weight with contiguous parts."""
+    b = _vector(bias, n, optional=True)
+    if isinstance(w, QWeight):
+        parts = (w.qweight, w.scale, w.min)
+        if (w.scheme not in KINDS or w.shape != (n, k) or not all(p.is_contiguous() for p in parts)
+                or not w.qweight.is_cpu or w.scale.dtype != torch.float16 or k % 32):
+            raise Unsupported(f"a {w.scheme} weight {w.shape}")
+        return Linear(KINDS[w.scheme], w.qweight.data_ptr(), k, w.scale.data_ptr(),
+                      w.min.data_ptr(), b, n, k)
+    if (w.dtype != torch.float32 or tuple(w.shape) != (n, k) or w.stride(1) != 1
+            or not w.is_cpu):
+        raise Unsupported(f"a {w.dtype} weight {tuple(w.shape)}")
+    return Linear(0, w.data_ptr(), w.stride(0), None, None, b, n, k)
+
+
+def _layer(spec: ModelSpec, layer: Layer, n: int) -> LayerArgs:
+    d, hd, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    a, mlp = layer.attn, layer.mlp
+    if mlp is None:
+        raise Unsupported("a sparse feed-forward")
+    if (a.q_norm is None) != (a.k_norm is None):
+        raise Unsupported("a q norm without a k norm")
+    width = spec.q_size + 2 * spec.kv_size
+    return LayerArgs(_vector(layer.norm_in, d), _vector(layer.norm_post, d),
+                     _vector(a.q_norm, hd, True), _vector(a.k_norm, hd, True),
+                     _linear(a.qkv, a.qkv_bias, width, d), _linear(a.o, a.o_bias, d, spec.q_size),
+                     _linear(mlp.gate_up, mlp.gate_up_bias, 2 * inter, d),
+                     _linear(mlp.down, mlp.down_bias, d, inter),
+                     spec.sliding_windows[n] or 0, n)
+
+
+class FusedDecode:
+    """A dense model's layers for decode.c, described on first use (None: unsupported)."""
+
+    def __init__(self, spec: ModelSpec, layers: Sequence[Layer], inv_freq: torch.Tensor,
+                 dtype: torch.dtype) -> None:
+        self.spec, self.layers, self.inv_freq = spec, layers, inv_freq.float().contiguous()
+        self.dtype = dtype
+        self._args: tuple[Dims, ctypes.Array[LayerArgs]] | None = None
+        self._tried = False
+        self.why = ""               # why the model is unsupported, once tried
+
+    def _describe(self) -> tuple[Dims, ctypes.Array[LayerArgs]] | None:
+        spec = self.spec
+        try:
+            if self.dtype != torch.float32 or not self.inv_freq.is_cpu:
+                raise Unsupported(f"compute dtype {self.dtype}")
+            if spec.clip_qkv is not None or not spec.qk_norm_per_head:
+                raise Unsupported("clipped or whole-projection normed q, k, v")
+            if spec.num_heads % spec.num_kv_heads or spec.head_dim % 2:
+                raise Unsupported("heads not in whole groups")
+            layers = (LayerArgs * len(self.layers))(
+                *(_layer(spec, layer, n) for n, layer in enumerate(self.layers)))
+        except Unsupported as e:
+            self.why = str(e)
+            return None
+        dims = Dims(spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                    spec.intermediate_size, spec.rms_norm_eps, self.inv_freq.data_ptr())
+        return dims, layers
+
+    def run(self, batch: StepBatch, kv: torch.Tensor, x: torch.Tensor) -> bool:
+        """x (B, 1, D) through every layer in place, the new keys and values written into
+        kv (pages, L, P, 2, KVH, hd); False (nothing done) where the kernel does not apply."""
+        if batch.width != 1 or batch.delta is not None:
+            return False
+        lib = cpu.library()
+        if lib is None:
+            return False
+        if not self._tried:
+            self._args, self._tried = self._describe(), True
+        if (self._args is None or x.dtype != torch.float32 or not x.is_contiguous()
+                or kv.dtype != torch.float32 or kv.stride(-1) != 1 or not x.is_cpu
+                or not kv.is_cpu):
+            return False
+        dims, layers = self._args
+        ints = (batch.positions, batch.kv_lens, batch.page_table, batch.slot_page,
+                batch.slot_offset)
+        if not all(t.dtype == torch.int64 and t.is_contiguous() for t in ints):
+            return False
+        s = kv.stride()
+        step = Step(batch.size, batch.positions.data_ptr(), batch.kv_lens.data_ptr(),
+                    batch.page_table.data_ptr(), batch.page_table.stride(0),
+                    batch.slot_page.data_ptr(), batch.slot_offset.data_ptr(), kv.data_ptr(),
+                    s[0], s[1], s[2], s[3], s[4], kv.shape[2], torch.get_num_threads())
+        if _function(lib)(ctypes.byref(dims), layers, len(layers), ctypes.byref(step),
+                          x.data_ptr()) != 0:
+            raise MemoryError("fused decode: no memory for the step's buffers")
+        return True
+
+
+_bound: tuple[cpu.Library, Any] | None = None      # the library and its typed function
+
+
+def _function(lib: cpu.Library) -> Any:
+    global _bound
+    if _bound is None or _bound[0] is not lib:
+        fn = lib.cdll.es_decode_layers
+        fn.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(LayerArgs), _L,
+                       ctypes.POINTER(Step), _P]
+        fn.restype = ctypes.c_int
+        _bound = (lib, fn)
+    return _bound[1]

@@ -1,0 +1,174 @@
+"""The fused decode step (decode.c) against the torch path and against transformers.
+
+Several sequences of different lengths decode together, their KV spanning several pages,
+over float32, int8 and int4 weights, for every dense architecture: GQA, qkv bias, Qwen3's
+per-head q/k norms, Mistral's sliding window (crossed), Llama 3's rotary scaling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hf_models import ARCHS, load_resident, make_model, reference
+
+from edgeserve.arch import build_model
+from edgeserve.batch import StepBatch, build_batch
+from edgeserve.kernels.cpu import decode
+from edgeserve.kernels.cpu import matmul as cpu
+from edgeserve.loader import weight_views
+from edgeserve.pool import BlockPool
+from edgeserve.quant.format import quantize
+from edgeserve.quant.linear import QWeight
+
+CPU = torch.device("cpu")
+LENGTHS = (3, 11, 26)          # prompt lengths: rows of different lengths in one batch
+STEPS = 9                      # decode steps: the 26-token row passes Mistral's window of 12
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dense architectures with a feed-forward width quantizable in groups of 32."""
+    root = tmp_path_factory.mktemp("decode")
+    for seed, arch in enumerate(ARCHS):
+        make_model(arch, root / arch, seed=seed + 40, intermediate_size=128)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def kernels() -> Iterator[None]:
+    cpu.reset()
+    if cpu.library() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    yield
+    cpu.reset()
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How many steps went through the C library."""
+    seen = {"fused": 0}
+    real = decode._function
+
+    def counted(lib: cpu.Library) -> Any:
+        seen["fused"] += 1
+        return real(lib)
+
+    monkeypatch.setattr(decode, "_function", counted)
+    return seen
+
+
+def views(model: Any, scheme: str | None) -> dict[str, Any]:
+    """The model's weight views, every linear quantized with `scheme` (None: float32)."""
+    w: dict[str, Any] = weight_views(model.pool, model.units, model.spec, torch.float32)
+    if scheme is not None:
+        for name, t in list(w.items()):
+            if name.endswith("proj.weight"):
+                w[name] = QWeight.of(scheme, quantize(scheme, t))
+    return w
+
+
+def batch_of(seqs: list[list[int]], pages: list[list[Any]], model: Any,
+             new: int | None = None) -> StepBatch:
+    """The next step of every sequence: its last token (or all of them, a prefill)."""
+    chunks = [(ids if new is None else ids[-new:], 0 if new is None else len(ids) - new, p)
+              for ids, p in zip(seqs, pages, strict=True)]
+    return build_batch(chunks, model.kv.layout.page_tokens, CPU)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_fused_step_equals_the_torch_path(arch: str, scheme: str | None, store: Path,
+                                          calls: dict[str, int],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = BlockPool("cpu", 32 << 20, 4096)             # small blocks: pages of few tokens
+    model = load_resident(arch, store / arch, pool)
+    weights = views(model, scheme)
+    fused, plain = build_model(model.spec, weights), build_model(model.spec, weights)
+    monkeypatch.setattr(plain.fused, "run", lambda *a: False)
+    gen = torch.Generator().manual_seed(len(arch))
+    seqs = [torch.randint(0, model.spec.vocab_size, (n,), generator=gen).tolist()
+            for n in LENGTHS]
+    pages: list[list[Any]] = [[] for _ in seqs]
+    for ids, p in zip(seqs, pages, strict=True):
+        model.kv.grow(p, len(ids))
+    logits = plain.forward(batch_of(seqs, pages, model), model.kv.view)     # prefill
+    assert calls["fused"] == 0
+    for step in range(STEPS):
+        for ids, p, row in zip(seqs, pages, logits, strict=True):
+            ids.append(int(row.argmax()))
+            model.kv.grow(p, len(ids))
+        batch = batch_of(seqs, pages, model, new=1)
+        logits = fused.forward(batch, model.kv.view)
+        assert calls["fused"] == step + 1                # the step went through the kernel
+        written = model.kv.view[batch.slot_page].clone()
+        expected = plain.forward(batch, model.kv.view)   # rewrites the same slots
+        assert rel(logits, expected) < 1e-5
+        assert rel(written, model.kv.view[batch.slot_page]) < 1e-5
+    assert max(len(p) for p in pages) > 3                # rows span several pages
+    for p in pages:
+        model.kv.release(p)
+    model.release(retain=False)
+    pool.check_integrity()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])
+def test_rows_decoded_together_match_transformers(arch: str, tiny_store: Path,
+                                                  calls: dict[str, int]) -> None:
+    pool = BlockPool("cpu", 32 << 20, 4096)
+    model = load_resident(arch, tiny_store / arch, pool)
+    ref = reference(tiny_store / arch)
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, model.spec.vocab_size, (n,), generator=gen).tolist()
+            for n in LENGTHS]
+    pages: list[list[Any]] = [[] for _ in seqs]
+    for ids, p in zip(seqs, pages, strict=True):
+        model.kv.grow(p, len(ids))
+    model.forward(batch_of(seqs, pages, model))
+    for _ in range(STEPS):
+        for ids, p in zip(seqs, pages, strict=True):
+            ids.append(int(torch.randint(0, model.spec.vocab_size, (1,), generator=gen)))
+            model.kv.grow(p, len(ids))
+        logits = model.forward(batch_of(seqs, pages, model, new=1))
+        for ids, row in zip(seqs, logits, strict=True):
+            with torch.no_grad():
+                expected = ref(torch.tensor([ids])).logits[0, -1]
+            assert rel(row, expected) < 1e-4
+    assert calls["fused"] == STEPS
+    for p in pages:
+        model.kv.release(p)
+    model.release(retain=False)
+
+
+def test_unsupported_cases_take_the_torch_path(tiny_store: Path, calls: dict[str, int],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = BlockPool("cpu", 32 << 20, 4096)
+    model = load_resident("llama", tiny_store / "llama", pool)
+    pages: list[Any] = []
+    model.kv.grow(pages, 5)
+    prefill = build_batch([([1, 2, 3, 4], 0, pages)], model.kv.layout.page_tokens, CPU)
+    step = build_batch([([5], 4, pages)], model.kv.layout.page_tokens, CPU)
+    runner = model.runner
+    x = torch.zeros(1, 1, model.spec.hidden_size)
+    assert not runner.fused.run(prefill, model.kv.view, x)          # more than one token
+    assert not runner.fused.run(step, model.kv.view.to(torch.bfloat16), x)
+    monkeypatch.setattr(step, "delta", object())
+    assert not runner.fused.run(step, model.kv.view, x)             # task blocks
+    bf16 = build_model(model.spec, {k: v.to(torch.bfloat16) for k, v in
+                                    weight_views(pool, model.units, model.spec,
+                                                 torch.float32).items()})
+    monkeypatch.setattr(step, "delta", None)
+    assert not bf16.fused.run(step, model.kv.view, x) and "bfloat16" in bf16.fused.why
+    monkeypatch.setenv("EDGESERVE_CPU_KERNELS", "off")
+    cpu.reset()
+    assert not runner.fused.run(step, model.kv.view, x)             # kernels off
+    assert calls["fused"] == 0 and bool((x == 0).all())
+    model.kv.release(pages)
+    model.release(retain=False)
