@@ -5,7 +5,8 @@ wrapped around the engine's and the model's functions give milliseconds per deco
 the linears (`matmul`), the rest of attention (rotary embeddings, KV write and gather,
 scaled dot-product attention), the norms, the rest of the forward, building the batch,
 sampling, taking the tokens (stop checks, detokenization, events) and the step loop
-itself; with the CPU time the event loop's thread spends per step (handing tokens to the
+itself; where the CPU's fused decode kernel runs every layer in one call, its time is
+`fused_layers` (and the per-op timers only see the final norm and the lm_head); with the CPU time the event loop's thread spends per step (handing tokens to the
 request coroutines). Only the decode steps are counted (the first step, a prefill, is
 left out). Each timer costs about a microsecond per call (some 250 calls a step).
 
@@ -29,6 +30,7 @@ import torch
 import edgeserve.arch.dense as dense
 import edgeserve.engine as engine
 from edgeserve import EdgeServer
+from edgeserve.kernels.cpu.decode import FusedDecode
 from edgeserve.model import ResidentModel
 from edgeserve.sequence import Sequence
 
@@ -77,6 +79,7 @@ def instrument() -> None:
     dense.gather = timed("kv_gather", dense.gather)
     dense.norm = timed("norm", dense.norm)
     dense.mlp = timed("mlp_rest", dense.mlp)
+    FusedDecode.run = timed("fused_layers", FusedDecode.run)  # type: ignore[method-assign]
 
 
 def breakdown(steps: float) -> dict[str, float]:
