@@ -5,9 +5,10 @@ wrapped around the engine's and the model's functions give milliseconds per deco
 the linears (`matmul`), the rest of attention (rotary embeddings, KV write and gather,
 scaled dot-product attention), the norms, the rest of the forward, building the batch,
 sampling, taking the tokens (stop checks, detokenization, events) and the step loop
-itself; where the CPU's fused decode kernel runs every layer in one call, its time is
-`fused_layers` (and the per-op timers only see the final norm and the lm_head); with the CPU time the event loop's thread spends per step (handing tokens to the
-request coroutines). Only the decode steps are counted (the first step, a prefill, is
+itself; with the CPU time the event loop's thread spends per step (handing tokens to the
+request coroutines). Where the CPU's fused decode step (kernels/cpu/decode.py) runs every
+layer in one call, its time is `fused_layers`, and the per-op timers see only the final
+norm and the lm_head. Only the decode steps are counted (the first step, a prefill, is
 left out). Each timer costs about a microsecond per call (some 250 calls a step).
 
     .venv/bin/python bench/decode_profile.py --model DIR [--streams 1,8,32] [--tokens 32]

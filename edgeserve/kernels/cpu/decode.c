@@ -67,9 +67,9 @@ typedef struct {
     float *kv;
     long s_page, s_layer, s_token, s_kv, s_head, page_tokens;
     long threads;
+    long parallel_from;     /* attention multiply-adds from which threads share it */
 } es_step;
 
-#define ATTN_PARALLEL 65536     /* attention multiply-adds from which threads share it */
 
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
@@ -209,7 +209,7 @@ static int attention(const es_dims *d, const es_layer *l, const es_step *s, cons
         most = n > most ? n : most;
         work += n * d->heads * hd * 2;
     }
-    if (work < ATTN_PARALLEL) threads = 1;
+    if (work < s->parallel_from) threads = 1;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
 #endif

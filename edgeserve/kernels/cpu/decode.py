@@ -31,6 +31,14 @@ if TYPE_CHECKING:
 
 _L, _P, _D = ctypes.c_long, ctypes.c_void_p, ctypes.c_double
 KINDS = {"int8": 8, "int4": 4}          # matmul.c's kinds; float32 is 0
+# Rows (sequences) up to which the step is faster here than through torch (bench/kernels.py
+# and a 135M model's step, one thread): with float32 weights torch's matmuls catch up at
+# some 160 rows; with quantized ones matmul.c stays ahead up to its own QUANT_ROWS.
+FLOAT_ROWS = 128
+# Attention multiply-adds (over all rows and heads) from which threads share a layer's
+# attention: below, a parallel region's start and barrier (a stall when the other thread is
+# switched out, on a shared CPU) cost more than they save.
+PARALLEL_FROM = 1 << 20
 
 
 class Linear(ctypes.Structure):
@@ -53,7 +61,7 @@ class Step(ctypes.Structure):
     _fields_ = [("rows", _L), ("positions", _P), ("kv_lens", _P), ("page_table", _P),
                 ("pt_stride", _L), ("slot_page", _P), ("slot_offset", _P), ("kv", _P),
                 ("s_page", _L), ("s_layer", _L), ("s_token", _L), ("s_kv", _L), ("s_head", _L),
-                ("page_tokens", _L), ("threads", _L)]
+                ("page_tokens", _L), ("threads", _L), ("parallel_from", _L)]
 
 
 class Unsupported(Exception):
@@ -112,6 +120,7 @@ class FusedDecode:
         self.spec, self.layers, self.inv_freq = spec, layers, inv_freq.float().contiguous()
         self.dtype = dtype
         self._args: tuple[Dims, ctypes.Array[LayerArgs]] | None = None
+        self.max_rows = 0
         self._tried = False
         self.why = ""               # why the model is unsupported, once tried
 
@@ -129,6 +138,9 @@ class FusedDecode:
         except Unsupported as e:
             self.why = str(e)
             return None
+        floats = any(getattr(layer, part).kind == 0 for layer in layers
+                     for part in ("qkv", "o", "gate_up", "down"))
+        self.max_rows = FLOAT_ROWS if floats else cpu.QUANT_ROWS
         dims = Dims(spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                     spec.intermediate_size, spec.rms_norm_eps, self.inv_freq.data_ptr())
         return dims, layers
@@ -136,31 +148,32 @@ class FusedDecode:
     def run(self, batch: StepBatch, kv: torch.Tensor, x: torch.Tensor) -> bool:
         """x (B, 1, D) through every layer in place, the new keys and values written into
         kv (pages, L, P, 2, KVH, hd); False (nothing done) where the kernel does not apply."""
-        if batch.width != 1 or batch.delta is not None:
-            return False
-        lib = cpu.library()
+        lib = cpu.library() if batch.width == 1 and batch.delta is None else None
         if lib is None:
             return False
         if not self._tried:
             self._args, self._tried = self._describe(), True
-        if (self._args is None or x.dtype != torch.float32 or not x.is_contiguous()
-                or kv.dtype != torch.float32 or kv.stride(-1) != 1 or not x.is_cpu
-                or not kv.is_cpu):
+        if self._args is None or not self._applies(batch, kv, x):
             return False
         dims, layers = self._args
-        ints = (batch.positions, batch.kv_lens, batch.page_table, batch.slot_page,
-                batch.slot_offset)
-        if not all(t.dtype == torch.int64 and t.is_contiguous() for t in ints):
-            return False
         s = kv.stride()
         step = Step(batch.size, batch.positions.data_ptr(), batch.kv_lens.data_ptr(),
                     batch.page_table.data_ptr(), batch.page_table.stride(0),
                     batch.slot_page.data_ptr(), batch.slot_offset.data_ptr(), kv.data_ptr(),
-                    s[0], s[1], s[2], s[3], s[4], kv.shape[2], torch.get_num_threads())
+                    s[0], s[1], s[2], s[3], s[4], kv.shape[2], torch.get_num_threads(),
+                    PARALLEL_FROM)
         if _function(lib)(ctypes.byref(dims), layers, len(layers), ctypes.byref(step),
                           x.data_ptr()) != 0:
             raise MemoryError("fused decode: no memory for the step's buffers")
         return True
+
+    def _applies(self, batch: StepBatch, kv: torch.Tensor, x: torch.Tensor) -> bool:
+        """This step's tensors are as the kernel reads them."""
+        ints = (batch.positions, batch.kv_lens, batch.page_table, batch.slot_page,
+                batch.slot_offset)
+        return (batch.size <= self.max_rows and x.dtype == kv.dtype == torch.float32
+                and x.is_contiguous() and kv.stride(-1) == 1 and x.is_cpu and kv.is_cpu
+                and all(t.dtype == torch.int64 and t.is_contiguous() for t in ints))
 
 
 _bound: tuple[cpu.Library, Any] | None = None      # the library and its typed function

@@ -83,11 +83,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+@pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("scheme", [None, "int8", "int4"])
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_fused_step_equals_the_torch_path(arch: str, scheme: str | None, store: Path,
-                                          calls: dict[str, int],
+def test_fused_step_equals_the_torch_path(arch: str, scheme: str | None, parallel: bool,
+                                          store: Path, calls: dict[str, int],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    if parallel:                    # attention shared by threads, however small
+        monkeypatch.setattr(decode, "PARALLEL_FROM", 0)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     pool = BlockPool("cpu", 32 << 20, 4096)             # small blocks: pages of few tokens
     model = load_resident(arch, store / arch, pool)
     weights = views(model, scheme)
@@ -166,6 +170,12 @@ def test_unsupported_cases_take_the_torch_path(tiny_store: Path, calls: dict[str
                                                  torch.float32).items()})
     monkeypatch.setattr(step, "delta", None)
     assert not bf16.fused.run(step, model.kv.view, x) and "bfloat16" in bf16.fused.why
+    monkeypatch.setattr(decode, "FLOAT_ROWS", 0)                   # more rows than it takes
+    fresh = build_model(model.spec, weight_views(pool, model.units, model.spec, torch.float32))
+    assert not fresh.fused.run(step, model.kv.view, x)
+    monkeypatch.setenv("CC", "no-such-compiler")
+    cpu.reset()
+    assert not runner.fused.run(step, model.kv.view, x)             # no compiler
     monkeypatch.setenv("EDGESERVE_CPU_KERNELS", "off")
     cpu.reset()
     assert not runner.fused.run(step, model.kv.view, x)             # kernels off

@@ -1,4 +1,5 @@
-"""A whole model decodes the same greedy tokens with the CPU kernels on and off (fp32)."""
+"""A whole model decodes the same greedy tokens with the CPU kernels (the matmuls and the
+fused decode step) on and off (fp32)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from edgeserve import EdgeServer
+from edgeserve.kernels.cpu import decode
 from edgeserve.kernels.cpu import matmul as cpu
 
 MODEL = "demo-llama"
@@ -27,8 +29,8 @@ async def test_greedy_output_is_the_same_with_kernels_on_and_off(demo_store, mon
     cpu.reset()
     if cpu.library() is None:
         pytest.skip("the CPU kernels could not be built here")
-    calls = {"kernel": 0}
-    real = cpu.few_rows_f32
+    calls = {"kernel": 0, "fused": 0}
+    real, fused = cpu.few_rows_f32, decode._function
 
     def counted(x: torch.Tensor, w: torch.Tensor,
                 b: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -36,15 +38,21 @@ async def test_greedy_output_is_the_same_with_kernels_on_and_off(demo_store, mon
         calls["kernel"] += y is not None
         return y
 
+    def fused_counted(lib: cpu.Library) -> object:
+        calls["fused"] += 1
+        return fused(lib)
+
     monkeypatch.setattr(cpu, "few_rows_f32", counted)
+    monkeypatch.setattr(decode, "_function", fused_counted)
     on = await greedy(demo_store)
     assert calls["kernel"] > 0                      # decode steps went through the kernel
+    assert calls["fused"] >= 23                     # every decode step through decode.c
     monkeypatch.setenv("EDGESERVE_CPU_KERNELS", "off")
     cpu.reset()
-    seen = calls["kernel"]
+    seen = dict(calls)
     try:
         off = await greedy(demo_store)
     finally:
         cpu.reset()
-    assert calls["kernel"] == seen                  # and now none did
+    assert calls == seen                            # and now none did
     assert on == off
