@@ -111,7 +111,8 @@ class DenseModel:
         self.lm_head = self.embed if spec.tie_embeddings else weights[HEAD]
         self.layers = [self._layer(weights, f"model.layers.{n}.") for n in range(spec.num_layers)]
         self.inv_freq = rope.inv_freq(spec.rope, spec.head_dim).to(self.embed.device)
-        self.fused = FusedDecode(spec, self.layers, self.inv_freq, self.dtype)
+        self.fused = FusedDecode(spec, self.layers, self.inv_freq, self.dtype, norm,
+                                 self.lm_head)
 
     @staticmethod
     def _layer(w: dict[str, Weight], p: str) -> Layer:
@@ -131,6 +132,9 @@ class DenseModel:
         x = self._layers(batch, kv)
         if not all_logits:      # each row's last new token
             x = x[:, 0] if batch.width == 1 else x[torch.arange(batch.size), batch.last]
+            logits = self.fused.logits(batch, x)    # decode on the CPU: one C call
+            if logits is not None:
+                return logits
         x = norm(x, self.norm, self.spec.rms_norm_eps, batch, "model.norm.weight")
         head = EMBED if self.spec.tie_embeddings else HEAD
         return linear(x, self.lm_head, None, batch, head).float()

@@ -285,3 +285,15 @@ int es_decode_layers(const es_dims *d, const es_layer *layers, long count, const
     free(all);
     return rc;
 }
+
+/* Logits y (rows, head n) of x (rows, hidden): the final RMS norm, then the head. */
+int es_decode_head(const es_dims *d, const float *norm, const es_linear *head, const float *x,
+                   long rows, float *y, long threads) {
+    long D = d->hidden;
+    float *h = malloc(sizeof(float) * rows * D);
+    if (!h) return -1;
+    for (long b = 0; b < rows; b++) rms_norm(x + b * D, norm, h + b * D, D, d->eps);
+    int rc = linear(head, h, rows, y, (int)threads);
+    free(h);
+    return rc;
+}

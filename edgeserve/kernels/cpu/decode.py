@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -112,19 +112,26 @@ def _layer(spec: ModelSpec, layer: Layer, n: int) -> LayerArgs:
                      spec.sliding_windows[n] or 0, n)
 
 
+class Described(NamedTuple):
+    dims: Dims
+    layers: ctypes.Array[LayerArgs]
+    norm: int                       # the final norm's address
+    head: Linear
+
+
 class FusedDecode:
-    """A dense model's layers for decode.c, described on first use (None: unsupported)."""
+    """A dense model's layers, final norm and head for decode.c, described on first use."""
 
     def __init__(self, spec: ModelSpec, layers: Sequence[Layer], inv_freq: torch.Tensor,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, norm: torch.Tensor, head: torch.Tensor | QWeight) -> None:
         self.spec, self.layers, self.inv_freq = spec, layers, inv_freq.float().contiguous()
-        self.dtype = dtype
-        self._args: tuple[Dims, ctypes.Array[LayerArgs]] | None = None
+        self.dtype, self.norm, self.head = dtype, norm, head
+        self._args: Described | None = None
         self.max_rows = 0
         self._tried = False
         self.why = ""               # why the model is unsupported, once tried
 
-    def _describe(self) -> tuple[Dims, ctypes.Array[LayerArgs]] | None:
+    def _describe(self) -> Described | None:
         spec = self.spec
         try:
             if self.dtype != torch.float32 or not self.inv_freq.is_cpu:
@@ -135,56 +142,84 @@ class FusedDecode:
                 raise Unsupported("heads not in whole groups")
             layers = (LayerArgs * len(self.layers))(
                 *(_layer(spec, layer, n) for n, layer in enumerate(self.layers)))
+            norm = _vector(self.norm, spec.hidden_size)
+            head = _linear(self.head, None, spec.vocab_size, spec.hidden_size)
         except Unsupported as e:
             self.why = str(e)
             return None
-        floats = any(getattr(layer, part).kind == 0 for layer in layers
-                     for part in ("qkv", "o", "gate_up", "down"))
-        self.max_rows = FLOAT_ROWS if floats else cpu.QUANT_ROWS
+        linears = [getattr(layer, part) for layer in layers
+                   for part in ("qkv", "o", "gate_up", "down")]
+        self.max_rows = FLOAT_ROWS if any(w.kind == 0 for w in linears) else cpu.QUANT_ROWS
         dims = Dims(spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                     spec.intermediate_size, spec.rms_norm_eps, self.inv_freq.data_ptr())
-        return dims, layers
+        assert norm is not None
+        return Described(dims, layers, norm, head)
+
+    def _ready(self, batch: StepBatch) -> tuple[cpu.Library, Described] | None:
+        """The library and the model's description where a step of batch may use them."""
+        lib = cpu.library() if batch.width == 1 and batch.delta is None else None
+        if lib is None:
+            return None
+        if not self._tried:
+            self._args, self._tried = self._describe(), True
+        if self._args is None or batch.size > self.max_rows:
+            return None
+        return lib, self._args
 
     def run(self, batch: StepBatch, kv: torch.Tensor, x: torch.Tensor) -> bool:
         """x (B, 1, D) through every layer in place, the new keys and values written into
         kv (pages, L, P, 2, KVH, hd); False (nothing done) where the kernel does not apply."""
-        lib = cpu.library() if batch.width == 1 and batch.delta is None else None
-        if lib is None:
+        ready = self._ready(batch)
+        if ready is None or not _applies(batch, kv, x):
             return False
-        if not self._tried:
-            self._args, self._tried = self._describe(), True
-        if self._args is None or not self._applies(batch, kv, x):
-            return False
-        dims, layers = self._args
+        lib, args = ready
         s = kv.stride()
         step = Step(batch.size, batch.positions.data_ptr(), batch.kv_lens.data_ptr(),
                     batch.page_table.data_ptr(), batch.page_table.stride(0),
                     batch.slot_page.data_ptr(), batch.slot_offset.data_ptr(), kv.data_ptr(),
                     s[0], s[1], s[2], s[3], s[4], kv.shape[2], torch.get_num_threads(),
                     PARALLEL_FROM)
-        if _function(lib)(ctypes.byref(dims), layers, len(layers), ctypes.byref(step),
-                          x.data_ptr()) != 0:
+        if _function(lib, "es_decode_layers")(ctypes.byref(args.dims), args.layers,
+                                              len(args.layers), ctypes.byref(step),
+                                              x.data_ptr()) != 0:
             raise MemoryError("fused decode: no memory for the step's buffers")
         return True
 
-    def _applies(self, batch: StepBatch, kv: torch.Tensor, x: torch.Tensor) -> bool:
-        """This step's tensors are as the kernel reads them."""
-        ints = (batch.positions, batch.kv_lens, batch.page_table, batch.slot_page,
-                batch.slot_offset)
-        return (batch.size <= self.max_rows and x.dtype == kv.dtype == torch.float32
-                and x.is_contiguous() and kv.stride(-1) == 1 and x.is_cpu and kv.is_cpu
-                and all(t.dtype == torch.int64 and t.is_contiguous() for t in ints))
+    def logits(self, batch: StepBatch, x: torch.Tensor) -> torch.Tensor | None:
+        """The logits (B, V) of x (B, D), the last layer's output: the final norm and the
+        head in one call; None where the kernel does not apply."""
+        ready = self._ready(batch)
+        if ready is None or x.dtype != torch.float32 or not x.is_contiguous() or not x.is_cpu:
+            return None
+        lib, args = ready
+        y = torch.empty(batch.size, self.spec.vocab_size, dtype=torch.float32)
+        if _function(lib, "es_decode_head")(ctypes.byref(args.dims), args.norm,
+                                            ctypes.byref(args.head), x.data_ptr(), batch.size,
+                                            y.data_ptr(), torch.get_num_threads()) != 0:
+            raise MemoryError("fused decode: no memory for the normed rows")
+        return y
 
 
-_bound: tuple[cpu.Library, Any] | None = None      # the library and its typed function
+def _applies(batch: StepBatch, kv: torch.Tensor, x: torch.Tensor) -> bool:
+    """This step's tensors are as the kernel reads them."""
+    ints = (batch.positions, batch.kv_lens, batch.page_table, batch.slot_page,
+            batch.slot_offset)
+    return (x.dtype == kv.dtype == torch.float32 and x.is_contiguous() and kv.stride(-1) == 1
+            and x.is_cpu and kv.is_cpu
+            and all(t.dtype == torch.int64 and t.is_contiguous() for t in ints))
 
 
-def _function(lib: cpu.Library) -> Any:
-    global _bound
-    if _bound is None or _bound[0] is not lib:
-        fn = lib.cdll.es_decode_layers
-        fn.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(LayerArgs), _L,
-                       ctypes.POINTER(Step), _P]
+_ARGTYPES = {"es_decode_layers": [ctypes.POINTER(Dims), ctypes.POINTER(LayerArgs), _L,
+                                  ctypes.POINTER(Step), _P],
+             "es_decode_head": [ctypes.POINTER(Dims), _P, ctypes.POINTER(Linear), _P, _L, _P,
+                                _L]}
+_bound: dict[str, tuple[cpu.Library, Any]] = {}     # name: the library, its typed function
+
+
+def _function(lib: cpu.Library, name: str) -> Any:
+    if name not in _bound or _bound[name][0] is not lib:
+        fn = getattr(lib.cdll, name)
+        fn.argtypes = _ARGTYPES[name]
         fn.restype = ctypes.c_int
-        _bound = (lib, fn)
-    return _bound[1]
+        _bound[name] = (lib, fn)
+    return _bound[name][1]

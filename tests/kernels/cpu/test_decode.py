@@ -16,6 +16,7 @@ import torch
 from hf_models import ARCHS, load_resident, make_model, reference
 
 from edgeserve.arch import build_model
+from edgeserve.arch.plan import EMBED, HEAD
 from edgeserve.batch import StepBatch, build_batch
 from edgeserve.kernels.cpu import decode
 from edgeserve.kernels.cpu import matmul as cpu
@@ -49,24 +50,25 @@ def kernels() -> Iterator[None]:
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """How many steps went through the C library."""
-    seen = {"fused": 0}
+    """How many steps went through the C library: its layers, its final norm and head."""
+    seen = {"fused": 0, "head": 0}
     real = decode._function
 
-    def counted(lib: cpu.Library) -> Any:
-        seen["fused"] += 1
-        return real(lib)
+    def counted(lib: cpu.Library, name: str) -> Any:
+        seen["fused" if name == "es_decode_layers" else "head"] += 1
+        return real(lib, name)
 
     monkeypatch.setattr(decode, "_function", counted)
     return seen
 
 
 def views(model: Any, scheme: str | None) -> dict[str, Any]:
-    """The model's weight views, every linear quantized with `scheme` (None: float32)."""
+    """The model's weight views, every linear, the embedding and the head quantized with
+    `scheme` (None: float32)."""
     w: dict[str, Any] = weight_views(model.pool, model.units, model.spec, torch.float32)
     if scheme is not None:
         for name, t in list(w.items()):
-            if name.endswith("proj.weight"):
+            if name.endswith("proj.weight") or name in (EMBED, HEAD):
                 w[name] = QWeight.of(scheme, quantize(scheme, t))
     return w
 
@@ -97,6 +99,7 @@ def test_fused_step_equals_the_torch_path(arch: str, scheme: str | None, paralle
     weights = views(model, scheme)
     fused, plain = build_model(model.spec, weights), build_model(model.spec, weights)
     monkeypatch.setattr(plain.fused, "run", lambda *a: False)
+    monkeypatch.setattr(plain.fused, "logits", lambda *a: None)
     gen = torch.Generator().manual_seed(len(arch))
     seqs = [torch.randint(0, model.spec.vocab_size, (n,), generator=gen).tolist()
             for n in LENGTHS]
@@ -111,7 +114,7 @@ def test_fused_step_equals_the_torch_path(arch: str, scheme: str | None, paralle
             model.kv.grow(p, len(ids))
         batch = batch_of(seqs, pages, model, new=1)
         logits = fused.forward(batch, model.kv.view)
-        assert calls["fused"] == step + 1                # the step went through the kernel
+        assert calls["fused"] == calls["head"] == step + 1    # the step went through C
         written = model.kv.view[batch.slot_page].clone()
         expected = plain.forward(batch, model.kv.view)   # rewrites the same slots
         assert rel(logits, expected) < 1e-5
@@ -162,9 +165,11 @@ def test_unsupported_cases_take_the_torch_path(tiny_store: Path, calls: dict[str
     runner = model.runner
     x = torch.zeros(1, 1, model.spec.hidden_size)
     assert not runner.fused.run(prefill, model.kv.view, x)          # more than one token
+    assert runner.fused.logits(prefill, x[:, 0]) is None
     assert not runner.fused.run(step, model.kv.view.to(torch.bfloat16), x)
     monkeypatch.setattr(step, "delta", object())
     assert not runner.fused.run(step, model.kv.view, x)             # task blocks
+    assert runner.fused.logits(step, x[:, 0]) is None
     bf16 = build_model(model.spec, {k: v.to(torch.bfloat16) for k, v in
                                     weight_views(pool, model.units, model.spec,
                                                  torch.float32).items()})
@@ -179,6 +184,7 @@ def test_unsupported_cases_take_the_torch_path(tiny_store: Path, calls: dict[str
     monkeypatch.setenv("EDGESERVE_CPU_KERNELS", "off")
     cpu.reset()
     assert not runner.fused.run(step, model.kv.view, x)             # kernels off
-    assert calls["fused"] == 0 and bool((x == 0).all())
+    assert runner.fused.logits(step, x[:, 0]) is None
+    assert calls == {"fused": 0, "head": 0} and bool((x == 0).all())
     model.kv.release(pages)
     model.release(retain=False)
