@@ -21,7 +21,7 @@ from edgeserve.batch import StepBatch, build_batch
 from edgeserve.kernels.cpu import decode
 from edgeserve.kernels.cpu import matmul as cpu
 from edgeserve.loader import weight_views
-from edgeserve.pool import BlockPool
+from edgeserve.pool import BlockPool, UnitKind
 from edgeserve.quant.format import quantize
 from edgeserve.quant.linear import QWeight
 
@@ -188,3 +188,32 @@ def test_unsupported_cases_take_the_torch_path(tiny_store: Path, calls: dict[str
     assert calls == {"fused": 0, "head": 0} and bool((x == 0).all())
     model.kv.release(pages)
     model.release(retain=False)
+
+
+def test_weights_are_read_where_compaction_moved_them(tiny_store: Path, calls: dict[str, int],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = BlockPool("cpu", 32 << 20, 4096)
+    spacer = pool.allocate(UnitKind.WEIGHT, 1 << 20, owner="spacer")
+    model = load_resident("qwen2", tiny_store / "qwen2", pool)
+    seq, pages = [3, 1, 4, 1, 5, 9, 2], []                  # type: list[int], list[Any]
+    model.kv.grow(pages, len(seq))
+    model.forward(batch_of([seq], [pages], model))
+    before = model.runner
+    pool.release(spacer)
+    assert pool.compact() > 0                               # every unit slid down
+    seq.append(6)
+    model.kv.grow(pages, len(seq))
+    batch = batch_of([seq], [pages], model, new=1)
+    filler = pool.allocate(UnitKind.WEIGHT, 8 << 20, owner="filler")   # where units were
+    pool.raw(filler).fill_(255)                             # float32 NaNs
+    assert model.runner is not before                       # views (and pointers) anew
+    logits = model.forward(batch)
+    assert calls["fused"] == 1
+    plain = build_model(model.spec, weight_views(pool, model.units, model.spec, torch.float32))
+    monkeypatch.setattr(plain.fused, "run", lambda *a: False)
+    monkeypatch.setattr(plain.fused, "logits", lambda *a: None)
+    assert rel(logits, plain.forward(batch, model.kv.view)) < 1e-5
+    model.kv.release(pages)
+    model.release(retain=False)
+    pool.release(filler)
+    pool.check_integrity()
