@@ -7,8 +7,8 @@ scaled dot-product attention), the norms, the rest of the forward, building the 
 sampling, taking the tokens (stop checks, detokenization, events) and the step loop
 itself; with the CPU time the event loop's thread spends per step (handing tokens to the
 request coroutines). Where the CPU's fused decode step (kernels/cpu/decode.py) runs every
-layer in one call, its time is `fused_layers`, and the per-op timers see only the final
-norm and the lm_head. Only the decode steps are counted (the first step, a prefill, is
+layer in one call, its time is `fused_layers`, and the final norm with the head is
+`fused_head`. Only the decode steps are counted (the first step, a prefill, is
 left out). Each timer costs about a microsecond per call (some 250 calls a step).
 
     .venv/bin/python bench/decode_profile.py --model DIR [--streams 1,8,32] [--tokens 32]
@@ -81,6 +81,7 @@ def instrument() -> None:
     dense.norm = timed("norm", dense.norm)
     dense.mlp = timed("mlp_rest", dense.mlp)
     FusedDecode.run = timed("fused_layers", FusedDecode.run)  # type: ignore[method-assign]
+    FusedDecode.logits = timed("fused_head", FusedDecode.logits)  # type: ignore[method-assign]
 
 
 def breakdown(steps: float) -> dict[str, float]:
