@@ -157,13 +157,14 @@ class DenseModel:
         cos, sin = rope.cos_sin(self.inv_freq, batch.positions, x.dtype)
         seen: dict[int | None, Visibility] = {}
         for n, layer in enumerate(self.layers):
-            window = spec.sliding_windows[n]
-            if window not in seen:
-                seen[window] = visibility(batch, window)
-            eps, p = spec.rms_norm_eps, layer.prefix
-            h = norm(x, layer.norm_in, eps, batch, p + "input_layernorm.weight")
-            x = x + attention(spec, h, layer.attn, batch, kv[:, n], cos, sin, seen[window])
-            h = norm(x, layer.norm_post, eps, batch, p + "post_attention_layernorm.weight")
+            h = self.fused.attend(n, batch, kv, x)  # MoE decode on the CPU: x in place
+            if h is None:
+                window, eps, p = spec.sliding_windows[n], spec.rms_norm_eps, layer.prefix
+                if window not in seen:
+                    seen[window] = visibility(batch, window)
+                h = norm(x, layer.norm_in, eps, batch, p + "input_layernorm.weight")
+                x = x + attention(spec, h, layer.attn, batch, kv[:, n], cos, sin, seen[window])
+                h = norm(x, layer.norm_post, eps, batch, p + "post_attention_layernorm.weight")
             x = x + self._feed_forward(n, h, batch)
         return x
 

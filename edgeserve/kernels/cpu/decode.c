@@ -242,18 +242,27 @@ static void silu_mul(const float *gu, float *act, long inter) {
  * gate|up, the activation; rotary cos|sin per row. */
 typedef struct { float *h, *qkv, *att, *y, *gu, *act, *cs; } buffers;
 
-static int layer(const es_dims *d, const es_layer *l, const es_step *s, float *x,
-                 const buffers *w) {
-    long D = d->hidden, M = s->rows, hd = d->head_dim, I = d->inter;
-    long width = (d->heads + 2 * d->kv_heads) * hd;
+/* x += attention(norm_in(x)); h = norm_post(x). */
+static int attend_half(const es_dims *d, const es_layer *l, const es_step *s, float *x,
+                       const buffers *w) {
+    long D = d->hidden, M = s->rows, width = (d->heads + 2 * d->kv_heads) * d->head_dim;
     int threads = (int)s->threads;
     for (long b = 0; b < M; b++) rms_norm(x + b * D, l->norm_in, w->h + b * D, D, d->eps);
     if (linear(&l->qkv, w->h, M, w->qkv, threads)) return -1;
-    for (long b = 0; b < M; b++) place(d, l, s, w->qkv + b * width, b, w->cs + b * hd);
+    for (long b = 0; b < M; b++)
+        place(d, l, s, w->qkv + b * width, b, w->cs + b * d->head_dim);
     if (attention(d, l, s, w->qkv, w->att)) return -1;
     if (linear(&l->o, w->att, M, w->y, threads)) return -1;
     for (long i = 0; i < M * D; i++) x[i] += w->y[i];
     for (long b = 0; b < M; b++) rms_norm(x + b * D, l->norm_post, w->h + b * D, D, d->eps);
+    return 0;
+}
+
+/* x += down(silu(gate) * up) of h. */
+static int mlp_half(const es_dims *d, const es_layer *l, const es_step *s, float *x,
+                    const buffers *w) {
+    long D = d->hidden, M = s->rows, I = d->inter;
+    int threads = (int)s->threads;
     if (linear(&l->gate_up, w->h, M, w->gu, threads)) return -1;
     for (long b = 0; b < M; b++) silu_mul(w->gu + b * 2 * I, w->act + b * I, I);
     if (linear(&l->down, w->act, M, w->y, threads)) return -1;
@@ -261,27 +270,49 @@ static int layer(const es_dims *d, const es_layer *l, const es_step *s, float *x
     return 0;
 }
 
+/* A call's scratch (one allocation, returned to free) and each row's rotary cos | sin, with
+ * the angles as rope.cos_sin computes them; NULL when memory ran out. */
+static float *start(const es_dims *d, const es_step *s, buffers *w) {
+    long M = s->rows, D = d->hidden, hd = d->head_dim, half = hd / 2, I = d->inter;
+    long sizes[7] = {M * D, M * (d->heads + 2 * d->kv_heads) * hd, M * d->heads * hd, M * D,
+                     M * 2 * I, M * I, M * hd};
+    long total = 0;
+    for (int i = 0; i < 7; i++) total += sizes[i];
+    float *all = malloc(sizeof(float) * total), *at[7];
+    if (!all) return 0;
+    for (long i = 0, o = 0; i < 7; o += sizes[i], i++) at[i] = all + o;
+    *w = (buffers){at[0], at[1], at[2], at[3], at[4], at[5], at[6]};
+    for (long b = 0; b < M; b++)
+        for (long i = 0; i < half; i++) {
+            float a = (float)s->positions[b] * d->inv_freq[i];
+            w->cs[b * hd + i] = cosf(a);
+            w->cs[b * hd + half + i] = sinf(a);
+        }
+    return all;
+}
+
 /* x (rows, hidden) through `count` layers in place. 0, or -1 when memory ran out. */
 int es_decode_layers(const es_dims *d, const es_layer *layers, long count, const es_step *s,
                      float *x) {
-    long M = s->rows, D = d->hidden, hd = d->head_dim, half = hd / 2;
-    long width = (d->heads + 2 * d->kv_heads) * hd, I = d->inter;
-    long sizes[7] = {M * D, M * width, M * d->heads * hd, M * D, M * 2 * I, M * I, M * hd};
-    long total = 0;
-    for (int i = 0; i < 7; i++) total += sizes[i];
-    float *all = malloc(sizeof(float) * total);
+    buffers w;
+    float *all = start(d, s, &w);
     if (!all) return -1;
-    float *at[7];
-    for (long i = 0, o = 0; i < 7; o += sizes[i], i++) at[i] = all + o;
-    buffers w = {at[0], at[1], at[2], at[3], at[4], at[5], at[6]};
-    for (long b = 0; b < M; b++)         /* angles as rope.cos_sin computes them */
-        for (long i = 0; i < half; i++) {
-            float a = (float)s->positions[b] * d->inv_freq[i];
-            w.cs[b * hd + i] = cosf(a);
-            w.cs[b * hd + half + i] = sinf(a);
-        }
     int rc = 0;
-    for (long n = 0; n < count && rc == 0; n++) rc = layer(d, layers + n, s, x, &w);
+    for (long n = 0; n < count && rc == 0; n++)
+        rc = attend_half(d, layers + n, s, x, &w) || mlp_half(d, layers + n, s, x, &w) ? -1 : 0;
+    free(all);
+    return rc;
+}
+
+/* One layer's attention half (its feed-forward computed by the caller): x in place, and
+ * h (rows, hidden) = the post-attention norm of x. */
+int es_decode_attention(const es_dims *d, const es_layer *l, const es_step *s, float *x,
+                        float *h) {
+    buffers w;
+    float *all = start(d, s, &w);
+    if (!all) return -1;
+    w.h = h;
+    int rc = attend_half(d, l, s, x, &w);
     free(all);
     return rc;
 }

@@ -8,9 +8,11 @@ valid for as long as the views are: the model is rebuilt when the pool compacts)
 each step passes the batch's positions, page table, slots and the KV view.
 
 It runs where it computes exactly what arch/dense.py does, up to float rounding: float32
-on the CPU, float32 or int8 / int4 (matmul.c's layouts) weights, dense feed-forward in
-every layer, per-head q/k norms or none, no clipping, one new token per sequence and no
-task blocks; `run` returns False everywhere else and the caller takes the torch path.
+on the CPU, float32 or int8 / int4 (matmul.c's layouts) weights, per-head q/k norms or
+none, no clipping, one new token per sequence and no task blocks. `run` takes every layer
+where each has a dense feed-forward; `attend` takes one layer's attention half for models
+with feed-forwards of their own (MoE). Everywhere else they return False / None and the
+caller takes the torch path.
 """
 
 from __future__ import annotations
@@ -96,20 +98,23 @@ def _linear(w: torch.Tensor | QWeight, bias: torch.Tensor | None, n: int, k: int
     return Linear(0, w.data_ptr(), w.stride(0), None, None, b, n, k)
 
 
-def _layer(spec: ModelSpec, layer: Layer, n: int) -> LayerArgs:
+def _layer(spec: ModelSpec, layer: Layer, n: int) -> tuple[LayerArgs, bool]:
+    """The layer for the kernel, and whether its feed-forward is there too (a dense MLP of
+    the kernel's kinds; without it, as in MoE layers, only its attention half runs here)."""
     d, hd, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
     a, mlp = layer.attn, layer.mlp
-    if mlp is None:
-        raise Unsupported("a sparse feed-forward")
     if (a.q_norm is None) != (a.k_norm is None):
         raise Unsupported("a q norm without a k norm")
+    try:
+        ff = (_linear(mlp.gate_up, mlp.gate_up_bias, 2 * inter, d),
+              _linear(mlp.down, mlp.down_bias, d, inter)) if mlp is not None else None
+    except Unsupported:
+        ff = None
     width = spec.q_size + 2 * spec.kv_size
     return LayerArgs(_vector(layer.norm_in, d), _vector(layer.norm_post, d),
                      _vector(a.q_norm, hd, True), _vector(a.k_norm, hd, True),
                      _linear(a.qkv, a.qkv_bias, width, d), _linear(a.o, a.o_bias, d, spec.q_size),
-                     _linear(mlp.gate_up, mlp.gate_up_bias, 2 * inter, d),
-                     _linear(mlp.down, mlp.down_bias, d, inter),
-                     spec.sliding_windows[n] or 0, n)
+                     *(ff or (Linear(), Linear())), spec.sliding_windows[n] or 0, n), ff is not None
 
 
 class Described(NamedTuple):
@@ -117,6 +122,7 @@ class Described(NamedTuple):
     layers: ctypes.Array[LayerArgs]
     norm: int                       # the final norm's address
     head: Linear
+    whole: bool                     # every layer's feed-forward is the kernel's too
 
 
 class FusedDecode:
@@ -140,20 +146,22 @@ class FusedDecode:
                 raise Unsupported("clipped or whole-projection normed q, k, v")
             if spec.num_heads % spec.num_kv_heads or spec.head_dim % 2:
                 raise Unsupported("heads not in whole groups")
-            layers = (LayerArgs * len(self.layers))(
-                *(_layer(spec, layer, n) for n, layer in enumerate(self.layers)))
+            described = [_layer(spec, layer, n) for n, layer in enumerate(self.layers)]
+            layers = (LayerArgs * len(described))(*(args for args, _ in described))
             norm = _vector(self.norm, spec.hidden_size)
             head = _linear(self.head, None, spec.vocab_size, spec.hidden_size)
         except Unsupported as e:
             self.why = str(e)
             return None
         linears = [getattr(layer, part) for layer in layers
-                   for part in ("qkv", "o", "gate_up", "down")]
+                   for part in ("qkv", "o", "gate_up", "down") if getattr(layer, part).w]
         self.max_rows = FLOAT_ROWS if any(w.kind == 0 for w in linears) else cpu.QUANT_ROWS
         dims = Dims(spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                     spec.intermediate_size, spec.rms_norm_eps, self.inv_freq.data_ptr())
         assert norm is not None
-        return Described(dims, layers, norm, head)
+        whole = all(ff for _, ff in described)
+        self.why = "" if whole else "a feed-forward of its own (the attention halves run here)"
+        return Described(dims, layers, norm, head, whole)
 
     def _ready(self, batch: StepBatch) -> tuple[cpu.Library, Described] | None:
         """The library and the model's description where a step of batch may use them."""
@@ -170,20 +178,31 @@ class FusedDecode:
         """x (B, 1, D) through every layer in place, the new keys and values written into
         kv (pages, L, P, 2, KVH, hd); False (nothing done) where the kernel does not apply."""
         ready = self._ready(batch)
-        if ready is None or not _applies(batch, kv, x):
+        if ready is None or not ready[1].whole or not _applies(batch, kv, x):
             return False
         lib, args = ready
-        s = kv.stride()
-        step = Step(batch.size, batch.positions.data_ptr(), batch.kv_lens.data_ptr(),
-                    batch.page_table.data_ptr(), batch.page_table.stride(0),
-                    batch.slot_page.data_ptr(), batch.slot_offset.data_ptr(), kv.data_ptr(),
-                    s[0], s[1], s[2], s[3], s[4], kv.shape[2], torch.get_num_threads(),
-                    PARALLEL_FROM)
         if _function(lib, "es_decode_layers")(ctypes.byref(args.dims), args.layers,
-                                              len(args.layers), ctypes.byref(step),
+                                              len(args.layers), ctypes.byref(_step(batch, kv)),
                                               x.data_ptr()) != 0:
             raise MemoryError("fused decode: no memory for the step's buffers")
         return True
+
+    def attend(self, n: int, batch: StepBatch, kv: torch.Tensor,
+               x: torch.Tensor) -> torch.Tensor | None:
+        """Layer n's attention half for a model with feed-forwards of its own (MoE): x
+        (B, 1, D) in place, and the post-attention norm of x returned; None (nothing done)
+        where the kernel does not apply."""
+        ready = self._ready(batch)
+        if ready is None or not _applies(batch, kv, x):
+            return None
+        lib, args = ready
+        h = torch.empty_like(x)
+        if _function(lib, "es_decode_attention")(ctypes.byref(args.dims),
+                                                 ctypes.byref(args.layers[n]),
+                                                 ctypes.byref(_step(batch, kv)), x.data_ptr(),
+                                                 h.data_ptr()) != 0:
+            raise MemoryError("fused decode: no memory for the step's buffers")
+        return h
 
     def logits(self, batch: StepBatch, x: torch.Tensor) -> torch.Tensor | None:
         """The logits (B, V) of x (B, D), the last layer's output: the final norm and the
@@ -200,6 +219,15 @@ class FusedDecode:
         return y
 
 
+def _step(batch: StepBatch, kv: torch.Tensor) -> Step:
+    s = kv.stride()
+    return Step(batch.size, batch.positions.data_ptr(), batch.kv_lens.data_ptr(),
+                batch.page_table.data_ptr(), batch.page_table.stride(0),
+                batch.slot_page.data_ptr(), batch.slot_offset.data_ptr(), kv.data_ptr(),
+                s[0], s[1], s[2], s[3], s[4], kv.shape[2], torch.get_num_threads(),
+                PARALLEL_FROM)
+
+
 def _applies(batch: StepBatch, kv: torch.Tensor, x: torch.Tensor) -> bool:
     """This step's tensors are as the kernel reads them."""
     ints = (batch.positions, batch.kv_lens, batch.page_table, batch.slot_page,
@@ -211,6 +239,8 @@ def _applies(batch: StepBatch, kv: torch.Tensor, x: torch.Tensor) -> bool:
 
 _ARGTYPES = {"es_decode_layers": [ctypes.POINTER(Dims), ctypes.POINTER(LayerArgs), _L,
                                   ctypes.POINTER(Step), _P],
+             "es_decode_attention": [ctypes.POINTER(Dims), ctypes.POINTER(LayerArgs),
+                                     ctypes.POINTER(Step), _P, _P],
              "es_decode_head": [ctypes.POINTER(Dims), _P, ctypes.POINTER(Linear), _P, _L, _P,
                                 _L]}
 _bound: dict[str, tuple[cpu.Library, Any]] = {}     # name: the library, its typed function

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from hf_models import ARCHS, load_resident, make_model, reference
+from hf_models import ARCHS, MOE_ARCHS, load_resident, make_model, reference
 
 from edgeserve.arch import build_model
 from edgeserve.arch.plan import EMBED, HEAD
@@ -36,6 +36,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("decode")
     for seed, arch in enumerate(ARCHS):
         make_model(arch, root / arch, seed=seed + 40, intermediate_size=128)
+    for seed, arch in enumerate(MOE_ARCHS):
+        make_model(arch, root / arch, seed=seed + 60)
     return root
 
 
@@ -50,12 +52,14 @@ def kernels() -> Iterator[None]:
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """How many steps went through the C library: its layers, its final norm and head."""
-    seen = {"fused": 0, "head": 0}
+    """Calls of the C library: whole stacks of layers, attention halves, final norm and head."""
+    seen = {"fused": 0, "attention": 0, "head": 0}
     real = decode._function
+    names = {"es_decode_layers": "fused", "es_decode_attention": "attention",
+             "es_decode_head": "head"}
 
     def counted(lib: cpu.Library, name: str) -> Any:
-        seen["fused" if name == "es_decode_layers" else "head"] += 1
+        seen[names[name]] += 1
         return real(lib, name)
 
     monkeypatch.setattr(decode, "_function", counted)
@@ -81,6 +85,13 @@ def batch_of(seqs: list[list[int]], pages: list[list[Any]], model: Any,
     return build_batch(chunks, model.kv.layout.page_tokens, CPU)
 
 
+def torch_only(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's forward without decode.c."""
+    monkeypatch.setattr(model.fused, "run", lambda *a: False)
+    monkeypatch.setattr(model.fused, "attend", lambda *a: None)
+    monkeypatch.setattr(model.fused, "logits", lambda *a: None)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
@@ -98,8 +109,7 @@ def test_fused_step_equals_the_torch_path(arch: str, scheme: str | None, paralle
     model = load_resident(arch, store / arch, pool)
     weights = views(model, scheme)
     fused, plain = build_model(model.spec, weights), build_model(model.spec, weights)
-    monkeypatch.setattr(plain.fused, "run", lambda *a: False)
-    monkeypatch.setattr(plain.fused, "logits", lambda *a: None)
+    torch_only(plain, monkeypatch)
     gen = torch.Generator().manual_seed(len(arch))
     seqs = [torch.randint(0, model.spec.vocab_size, (n,), generator=gen).tolist()
             for n in LENGTHS]
@@ -154,6 +164,35 @@ def test_rows_decoded_together_match_transformers(arch: str, tiny_store: Path,
     model.release(retain=False)
 
 
+@pytest.mark.parametrize("arch", list(MOE_ARCHS))
+def test_moe_attention_halves_equal_the_torch_path(arch: str, store: Path, calls: dict[str, int],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """MoE layers keep their feed-forward in torch; their attention halves run in C (not
+    OLMoE's: clipped q, k, v and whole-projection norms)."""
+    pool = BlockPool("cpu", 32 << 20, 4096)
+    model = load_resident(arch, store / arch, pool)
+    weights = views(model, None)
+    fused, plain = build_model(model.spec, weights), build_model(model.spec, weights)
+    torch_only(plain, monkeypatch)
+    seqs = [[7, 3, 9, 4, 1][:n] * 6 for n in (1, 3, 5)]      # 6, 18, 30 tokens
+    pages: list[list[Any]] = [[] for _ in seqs]
+    for ids, p in zip(seqs, pages, strict=True):
+        model.kv.grow(p, len(ids))
+    logits = plain.forward(batch_of(seqs, pages, model), model.kv.view)
+    for step in range(4):
+        for ids, p, row in zip(seqs, pages, logits, strict=True):
+            ids.append(int(row.argmax()))
+            model.kv.grow(p, len(ids))
+        batch = batch_of(seqs, pages, model, new=1)
+        logits = fused.forward(batch, model.kv.view)
+        assert rel(logits, plain.forward(batch, model.kv.view)) < 1e-5
+        layers = model.spec.num_layers if arch != "olmoe" else 0
+        assert calls["attention"] == layers * (step + 1) and calls["fused"] == 0
+    for p in pages:
+        model.kv.release(p)
+    model.release(retain=False)
+
+
 def test_unsupported_cases_take_the_torch_path(tiny_store: Path, calls: dict[str, int],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     pool = BlockPool("cpu", 32 << 20, 4096)
@@ -185,7 +224,7 @@ def test_unsupported_cases_take_the_torch_path(tiny_store: Path, calls: dict[str
     cpu.reset()
     assert not runner.fused.run(step, model.kv.view, x)             # kernels off
     assert runner.fused.logits(step, x[:, 0]) is None
-    assert calls == {"fused": 0, "head": 0} and bool((x == 0).all())
+    assert calls == {"fused": 0, "attention": 0, "head": 0} and bool((x == 0).all())
     model.kv.release(pages)
     model.release(retain=False)
 
@@ -210,8 +249,7 @@ def test_weights_are_read_where_compaction_moved_them(tiny_store: Path, calls: d
     logits = model.forward(batch)
     assert calls["fused"] == 1
     plain = build_model(model.spec, weight_views(pool, model.units, model.spec, torch.float32))
-    monkeypatch.setattr(plain.fused, "run", lambda *a: False)
-    monkeypatch.setattr(plain.fused, "logits", lambda *a: None)
+    torch_only(plain, monkeypatch)
     assert rel(logits, plain.forward(batch, model.kv.view)) < 1e-5
     model.kv.release(pages)
     model.release(retain=False)
