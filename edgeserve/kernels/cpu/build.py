@@ -1,4 +1,5 @@
-"""Builds the CPU kernel library (matmul.c, decode.c) on first use with the system C compiler.
+"""Builds the CPU kernel library (matmul.c, decode.c, attention.c) on first use with the
+system C compiler.
 
 The library is compiled for the machine it runs on (-march=native) and cached per user,
 keyed by the source, the compiler, the flags and the CPU's features, so a changed source,
@@ -17,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("matmul.c")
-SOURCES = (SOURCE, Path(__file__).with_name("decode.c"))     # one library
-HEADERS = tuple(Path(__file__).with_name(h) for h in ("simd.h", "tile.h", "vec.h"))
+SOURCES = (SOURCE, *(Path(__file__).with_name(n) for n in ("decode.c", "attention.c")))
+HEADERS = tuple(Path(__file__).with_name(h) for h in ("simd.h", "tile.h", "vec.h", "decode.h"))
 # OpenMP from the same runtime as torch: the library's NEEDED libgomp.so.1 resolves to the
 # copy torch has already loaded.
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-std=gnu11")
