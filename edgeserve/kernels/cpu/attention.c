@@ -49,6 +49,26 @@ INLINE long span(const es_layer *l, const es_step *s, long b, long *first) {
 
 /* Row b's query heads of key/value head g over the row's cached keys -> out (group, hd).
  * p: room for group * (keys) scores. */
+/* Tokens are a page's rows (all layers' keys and values of a token between two of a layer),
+ * further apart than the hardware prefetcher follows: keys are fetched AHEAD tokens ahead,
+ * and each token's value with its key, for the pass over the values. */
+#define AHEAD 8
+
+INLINE void fetch(const float *p, long n) {
+    for (long i = 0; i < n; i += 16) __builtin_prefetch(p + i);
+}
+
+/* out[i] = q . key[i] for 4 keys, n a multiple of VW: one horizontal sum for the four. */
+static void dots4(const float *q, const float *const key[4], long n, float out[4]) {
+    vf a0 = (vf){0}, a1 = (vf){0}, a2 = (vf){0}, a3 = (vf){0};
+    for (long i = 0; i < n; i += VW) {
+        vf x = loadf(q + i);
+        a0 += x * loadf(key[0] + i), a1 += x * loadf(key[1] + i);
+        a2 += x * loadf(key[2] + i), a3 += x * loadf(key[3] + i);
+    }
+    hsum4(a0, a1, a2, a3, out);
+}
+
 static void attend(const es_dims *d, const es_layer *l, const es_step *s, const float *q,
                    long b, long g, float *out, float *p) {
     long hd = d->head_dim, group = d->heads / d->kv_heads, first;
@@ -56,9 +76,24 @@ static void attend(const es_dims *d, const es_layer *l, const es_step *s, const 
     const int64_t *pages = s->page_table + b * s->pt_stride;
     const float *base = s->kv + l->layer * s->s_layer + g * s->s_head;
     float scale = 1.f / sqrtf((float)hd);
-    for (long t = first; t < first + n; t++) {
-        const float *key = base + pages[t / P] * s->s_page + (t % P) * s->s_token;
-        for (long h = 0; h < group; h++) p[h * n + t - first] = dot(q + h * hd, key, hd) * scale;
+    for (long t = first; t < first + n; t += 4) {       /* scores of 4 keys at a time */
+        const float *key[4];
+        int c = 0;
+        for (; c < 4 && t + c < first + n; c++) {
+            long at = t + c, ahead = at + AHEAD < first + n ? at + AHEAD : at;
+            key[c] = base + pages[at / P] * s->s_page + (at % P) * s->s_token;
+            fetch(base + pages[ahead / P] * s->s_page + (ahead % P) * s->s_token, hd);
+            fetch(key[c] + s->s_kv, hd);            /* its value, for the second pass */
+        }
+        for (long h = 0; h < group; h++) {
+            float *ph = p + h * n + t - first;
+            if (c == 4 && hd % VW == 0) {
+                dots4(q + h * hd, key, hd, ph);
+                for (int i = 0; i < 4; i++) ph[i] *= scale;
+            } else {
+                for (int i = 0; i < c; i++) ph[i] = dot(q + h * hd, key[i], hd) * scale;
+            }
+        }
     }
     memset(out, 0, sizeof(float) * group * hd);
     for (long h = 0; h < group; h++) {
