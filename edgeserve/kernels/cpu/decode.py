@@ -33,9 +33,9 @@ if TYPE_CHECKING:
 
 _L, _P, _D = ctypes.c_long, ctypes.c_void_p, ctypes.c_double
 KINDS = {"int8": 8, "int4": 4}          # matmul.c's kinds; float32 is 0
-# Rows (sequences) up to which the step is faster here than through torch (bench/kernels.py
-# and a 135M model's step, one thread): with float32 weights torch's matmuls catch up at
-# some 160 rows; with quantized ones matmul.c stays ahead up to its own QUANT_ROWS.
+# Rows (sequences) up to which the step is faster here than through torch (a 135M model's
+# step on one thread, bench/decode_step.py): with float32 weights torch's matmuls catch up
+# at some 160 rows; with quantized ones matmul.c stays ahead up to its own QUANT_ROWS.
 FLOAT_ROWS = 128
 # Attention multiply-adds (over all rows and heads) from which threads share a layer's
 # attention: below, a parallel region's start and barrier (a stall when the other thread is
