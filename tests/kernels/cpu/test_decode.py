@@ -7,6 +7,7 @@ per-head q/k norms, Mistral's sliding window (crossed), Llama 3's rotary scaling
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from hf_models import ARCHS, MOE_ARCHS, load_resident, make_model, reference
 from edgeserve.arch import build_model
 from edgeserve.arch.plan import EMBED, HEAD
 from edgeserve.batch import StepBatch, build_batch
-from edgeserve.kernels.cpu import decode
+from edgeserve.kernels.cpu import build, decode
 from edgeserve.kernels.cpu import matmul as cpu
 from edgeserve.loader import weight_views
 from edgeserve.pool import BlockPool, UnitKind
@@ -26,6 +27,7 @@ from edgeserve.quant.format import quantize
 from edgeserve.quant.linear import QWeight
 
 CPU = torch.device("cpu")
+CC = shutil.which("cc") or shutil.which("gcc")
 LENGTHS = (3, 11, 26)          # prompt lengths: rows of different lengths in one batch
 STEPS = 9                      # decode steps: the 26-token row passes Mistral's window of 12
 
@@ -105,6 +107,32 @@ def test_fused_step_equals_the_torch_path(arch: str, scheme: str | None, paralle
     if parallel:                    # attention shared by threads, however small
         monkeypatch.setattr(decode, "PARALLEL_FROM", 0)
         monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    against_torch(arch, scheme, store, calls, monkeypatch)
+
+
+AVX2 = (*build.PORTABLE, "-mavx2", "-mfma", "-mf16c")
+
+
+@pytest.mark.skipif(CC is None, reason="needs a C compiler")
+@pytest.mark.parametrize("flags", [build.PORTABLE, AVX2], ids=["portable", "avx2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_other_targets_decode_alike(arch: str, flags: tuple[str, ...], tmp_path: Path,
+                                    store: Path, calls: dict[str, int],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built for the compiler's default target (4-lane generic vectors) or for AVX2 (8
+    lanes), not this CPU: the fused step still equals the torch path."""
+    assert CC is not None
+    if flags == AVX2 and "avx2" not in build.cpu_features().split():
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setattr(cpu, "_library", cpu.Library(str(build.library(CC, tmp_path, flags))))
+    monkeypatch.setattr(cpu, "_tried", True)
+    against_torch(arch, "int4", store, calls, monkeypatch)
+
+
+def against_torch(arch: str, scheme: str | None, store: Path, calls: dict[str, int],
+                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of LENGTHS prompts decode STEPS steps: each step's logits and KV writes through
+    the fused step equal the torch path's."""
     pool = BlockPool("cpu", 32 << 20, 4096)             # small blocks: pages of few tokens
     model = load_resident(arch, store / arch, pool)
     weights = views(model, scheme)
