@@ -163,9 +163,11 @@ class FusedDecode:
         self.why = "" if whole else "a feed-forward of its own (the attention halves run here)"
         return Described(dims, layers, norm, head, whole)
 
-    def _ready(self, batch: StepBatch) -> tuple[cpu.Library, Described] | None:
-        """The library and the model's description where a step of batch may use them."""
-        lib = cpu.library() if batch.width == 1 and batch.delta is None else None
+    def _ready(self, batch: StepBatch, x: torch.Tensor) -> tuple[cpu.Library, Described] | None:
+        """The library and the model's description where a step of batch over x may use
+        them (the library is not even built for other devices' steps)."""
+        cheap = batch.width == 1 and batch.delta is None and x.is_cpu
+        lib = cpu.library() if cheap else None
         if lib is None:
             return None
         if not self._tried:
@@ -177,7 +179,7 @@ class FusedDecode:
     def run(self, batch: StepBatch, kv: torch.Tensor, x: torch.Tensor) -> bool:
         """x (B, 1, D) through every layer in place, the new keys and values written into
         kv (pages, L, P, 2, KVH, hd); False (nothing done) where the kernel does not apply."""
-        ready = self._ready(batch)
+        ready = self._ready(batch, x)
         if ready is None or not ready[1].whole or not _applies(batch, kv, x):
             return False
         lib, args = ready
@@ -192,7 +194,7 @@ class FusedDecode:
         """Layer n's attention half for a model with feed-forwards of its own (MoE): x
         (B, 1, D) in place, and the post-attention norm of x returned; None (nothing done)
         where the kernel does not apply."""
-        ready = self._ready(batch)
+        ready = self._ready(batch, x)
         if ready is None or not _applies(batch, kv, x):
             return None
         lib, args = ready
@@ -207,7 +209,7 @@ class FusedDecode:
     def logits(self, batch: StepBatch, x: torch.Tensor) -> torch.Tensor | None:
         """The logits (B, V) of x (B, D), the last layer's output: the final norm and the
         head in one call; None where the kernel does not apply."""
-        ready = self._ready(batch)
+        ready = self._ready(batch, x)
         if ready is None or x.dtype != torch.float32 or not x.is_contiguous() or not x.is_cpu:
             return None
         lib, args = ready

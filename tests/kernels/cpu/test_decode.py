@@ -242,6 +242,10 @@ def test_unsupported_cases_take_the_torch_path(tiny_store: Path, calls: dict[str
                                                  torch.float32).items()})
     monkeypatch.setattr(step, "delta", None)
     assert not bf16.fused.run(step, model.kv.view, x) and "bfloat16" in bf16.fused.why
+    with monkeypatch.context() as m:                                # a step off the CPU
+        m.setattr(cpu, "library", lambda: pytest.fail("the library was asked for"))
+        assert not runner.fused.run(step, model.kv.view, x.to("meta"))
+        assert runner.fused.logits(step, x[:, 0].to("meta")) is None
     monkeypatch.setattr(decode, "FLOAT_ROWS", 0)                   # more rows than it takes
     fresh = build_model(model.spec, weight_views(pool, model.units, model.spec, torch.float32))
     assert not fresh.fused.run(step, model.kv.view, x)
