@@ -138,15 +138,11 @@ class ExpertOffload:
         cached = cached_similarity(model.path.parent, digest)
         if cached is not None and cached.shape[0] == spec.num_layers:
             return cached
-        per_layer = []
-        for n in range(spec.num_layers):
-            at = n if n in layers else layers[0]
-            per_layer.append([self._floats(at, e) for e in range(spec.num_experts)])
+        # One layer's experts in float at a time: quantized ones are dequantized for this.
+        per_layer = ([self._floats(n, e) for e in range(spec.num_experts)] if n in layers
+                     else None for n in range(spec.num_layers))   # None: a dense layer
         sim = cached_similarity(model.path.parent, digest, per_layer)
         assert sim is not None
-        for n in range(spec.num_layers):
-            if n not in layers:
-                sim[n] = float("-inf")          # dense layers have no experts
         return sim
 
     def _floats(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -107,3 +107,19 @@ def test_a_guess_never_displaces_a_more_important_expert():
     lru = ExpertCache(2, 4, capacity=2, policy="lru", expert_bytes=10)
     lru.route(1, *picks((0, 1)))
     assert lru.prefetch(1, [2], [0.0] * 4) != []      # LRU (the baseline) always takes guesses
+
+
+def test_similarity_layers_come_one_at_a_time_and_dense_layers_are_never_similar(tmp_path):
+    g, d = torch.randn(8, 4), torch.randn(4, 4)
+    layer = [(g, d), (2 * g, 2 * d), (-g, -d)]
+    made: list[int] = []
+
+    def layers():          # each layer's weights made only when the previous one is done
+        for n in range(3):
+            made.append(n)
+            yield None if n == 1 else layer
+
+    sim = cached_similarity(tmp_path, "gen", layers())
+    assert made == [0, 1, 2] and sim is not None and sim.shape == (3, 3, 3)
+    assert torch.equal(sim[0], layer_similarity(layer)) and torch.equal(sim[2], sim[0])
+    assert torch.isinf(sim[1]).all() and (sim[1] < 0).all()

@@ -166,7 +166,8 @@ class FusedDecode:
     def _ready(self, batch: StepBatch, x: torch.Tensor) -> tuple[cpu.Library, Described] | None:
         """The library and the model's description where a step of batch over x may use
         them (the library is not even built for other devices' steps)."""
-        cheap = batch.width == 1 and batch.delta is None and x.is_cpu
+        cheap = batch.width == 1 and not batch.padded and batch.delta is None and x.is_cpu \
+            and batch.slot_page.numel() == batch.size      # one new token in every row
         lib = cpu.library() if cheap else None
         if lib is None:
             return None
