@@ -137,6 +137,7 @@ class EngineConfig:
     max_queue: int = 1024          # waiting sequences before new requests are refused
     prefill_chunk: int = 2048      # prompt tokens prefilled in one forward
     batch_tasks: bool = True       # tasks of one base share forwards (else they take turns)
+    batch_families: bool = True    # models sharing most weights share forwards (engine/families)
     prefix_cache: bool = True      # full KV pages kept under their prefix keys and reused
 
 

@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 import torch
 
 from edgeserve.batch import build_batch
-from edgeserve.blocks.delta import task_delta
 from edgeserve.config import EngineConfig
 from edgeserve.constrain import advance, mask_logits
+from edgeserve.engine.families import forward_delta, step_groups
 from edgeserve.engine.rows import prefill_groups, queued_steps, row_logprobs
 from edgeserve.mailbox import resolve
 from edgeserve.model import ResidentModel
@@ -143,17 +143,12 @@ class Engine:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
         self._drop_cancelled()
-        groups: dict[str, set[int]] = {}
-        for seq in [*self._running, *self._waiting]:
-            groups.setdefault(self._group(seq.model), set()).add(id(seq.model))
-        for members in groups.values():
+        # A base and its tasks share forwards (each row adds its own task's blocks), and so
+        # do models sharing most of their weights, unless configured to take turns.
+        for members in step_groups([s.model for s in [*self._running, *self._waiting]],
+                                   self.config.batch_tasks, self.config.batch_families):
             self._step_group(members)
         self.steps += 1
-
-    def _group(self, model: ResidentModel) -> str:
-        # A base and its tasks share forwards (each row adds its own task's blocks), unless
-        # configured to take turns.
-        return model.batch_group if self.config.batch_tasks else str(id(model))
 
     def _step_group(self, members: set[int]) -> None:
         def mine(seqs: list[Sequence]) -> list[Sequence]:
@@ -231,7 +226,7 @@ class Engine:
         try:
             batch = build_batch(chunks, model.kv.layout.page_tokens,
                                 torch.device(model.pool.device))
-            batch.delta = task_delta([seq.model.task for seq in seqs])
+            batch.delta = forward_delta(seqs)
             logits = model.forward(batch)
         except Exception as e:
             log.exception("forward of %s failed", model.id)
