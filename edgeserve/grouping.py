@@ -12,6 +12,10 @@ on every change (A B A C: four loads). Instead:
   admitted together in one residency window; a fine-tune whose base is resident costs
   little, so it goes before a swap that would evict that base. Without an estimate a load
   counts its waiting requests alone;
+- a load whose units are all known, none of them still coming with another load, and whose
+  missing bytes fit in the free memory left by the loads copying there, copies beside the
+  load holding its device's turn instead of after it (`beside`): a burst of fine-tunes of
+  a resident base then pays one load's fixed cost, not one each;
 - no request is passed over for longer than `bound` seconds: once the oldest request
   waiting for a load has waited that long, that load goes next, and new requests for
   other models on its device (any device, for a turn taken without one) are held back
@@ -43,6 +47,8 @@ class _Load:
     real: bool = True             # False: a prewarm, which never holds requests back
     device: str | None = None     # once placed
     cost: Callable[[], float] | None = None   # estimated seconds to move its missing bytes
+    # whether it may copy beside the loads holding its device's turn (their models) now
+    beside: Callable[[list[str]], bool] | None = None
 
     def rank(self, waiting: int) -> float:
         cost = self.cost() if self.cost is not None else 0.0
@@ -56,6 +62,7 @@ class Grouping:
         self.queue: list[_Load] = []
         self.holders: dict[str, _Load] = {}   # device -> the load copying into it
         self.holder: _Load | None = None      # a turn taken without a device: holds all
+        self.sharing: dict[str, list[_Load]] = {}   # device -> loads copying beside its holder
         self.chosen: dict[str | None, _Load | None] = {}   # per device: its next turn,
         #                                                  decided once its last one ends
         self.changes = 0     # turns ended and unloads: the pools may differ from a placement
@@ -77,6 +84,7 @@ class Grouping:
         has been passed over for longer than the bound."""
         now = time.monotonic()
         pending = self.queue + list(self.holders.values()) + \
+            [q for lane in self.sharing.values() for q in lane] + \
             ([self.holder] if self.holder is not None else [])
         for q in pending:
             first = self.oldest(q.model, q.since)
@@ -90,7 +98,7 @@ class Grouping:
 
     # ---- loads -------------------------------------------------------------------------
     def locked(self) -> bool:
-        return self.holder is not None or bool(self.holders)
+        return self.holder is not None or bool(self.holders) or any(self.sharing.values())
 
     def unloaded(self) -> None:
         self.changes += 1
@@ -109,7 +117,18 @@ class Grouping:
     def _free(self, device: str | None) -> bool:
         if self.holder is not None:
             return False
-        return not self.holders if device is None else device not in self.holders
+        if device is None:
+            return not self.holders and not any(self.sharing.values())
+        return device not in self.holders and not self.sharing.get(device)
+
+    def _goes_beside(self, entry: _Load) -> bool:
+        """Whether entry may copy beside the load holding its device's turn, now."""
+        device = entry.device
+        if device is None or entry.beside is None or self.holder is not None or \
+                device not in self.holders:
+            return False
+        holding = [self.holders[device], *self.sharing.get(device, [])]
+        return entry.beside([q.model for q in holding])
 
     def _up(self, entry: _Load) -> bool:
         """Whether entry's turn on its device has come; the choice is made once per free
@@ -124,27 +143,39 @@ class Grouping:
     @contextlib.asynccontextmanager
     async def turn(self, model: str, real: bool = True,
                    cost: Callable[[], float] | None = None,
-                   device: str | None = None) -> AsyncIterator[None]:
+                   device: str | None = None,
+                   beside: Callable[[list[str]], bool] | None = None
+                   ) -> AsyncIterator[None]:
         """One load at a time on `device` (nothing moves in its pool while a load copies),
         in grouping order; loads on other devices go side by side. Without a device the
         turn holds every device. cost: the load's estimated seconds of moving bytes (None:
-        unknown)."""
-        entry = _Load(model, time.monotonic(), real, device, cost)
+        unknown); beside: whether it may copy beside the load holding the turn (None:
+        never)."""
+        entry = _Load(model, time.monotonic(), real, device, cost, beside)
         self.queue.append(entry)
+        shared = False
         try:
             while not self._up(entry):
+                if self._goes_beside(entry):
+                    shared = True
+                    break
                 await asyncio.sleep(POLL)
         finally:
             self.queue.remove(entry)
-        if device is None:
-            self.holder = entry
+        if shared and device is not None:
+            self.sharing.setdefault(device, []).append(entry)
         else:
-            self.holders[device] = entry
-        self.chosen.pop(device, None)
+            if device is None:
+                self.holder = entry
+            else:
+                self.holders[device] = entry
+            self.chosen.pop(device, None)
         try:
             yield
         finally:
-            if device is None:
+            if shared and device is not None:
+                self.sharing[device].remove(entry)
+            elif device is None:
                 self.holder = None
             else:
                 del self.holders[device]

@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeserve.placement")
 Needs = dict[str, list[tuple[str | None, int]]]       # device -> (content key, bytes) per unit
 MEASURE_MIN = 8 << 20  # bytes a load must move from a tier to measure its bandwidth
+# The most of its bytes a load beside another may lack: one that finds most of its units
+# resident (a fine-tune of a resident base) costs its fixed steps, which run side by side;
+# one that moves most of its bytes would only split the bandwidth with the load it joins.
+BESIDE_SHARE = 0.5
 
 
 class Placer:
@@ -48,6 +52,8 @@ class Placer:
         self.queued: dict[str, Needs] = {}     # loads waiting their turn: what they need
         # loads in their turn: model -> (device, the content keys they bring there)
         self.incoming: dict[str, tuple[str, frozenset[str]]] = {}
+        # and every key they need there, and the units they lacked (unknown keys as None)
+        self.bringing: dict[str, tuple[str, frozenset[str], list[tuple[str | None, int]]]] = {}
 
     def learn(self, report: LoadReport, seconds: dict[str, float]) -> None:
         """Each tier's bandwidth from real loads (moving averages): per device for
@@ -128,9 +134,50 @@ class Placer:
         goes where the base is going."""
         keys = frozenset(key for key, _ in needs[device] if key is not None)
         self.incoming[model_id] = (device, keys)
+        pool = self.s.pools[device]
+        lacking = [(k, n) for k, n in needs[device] if k is None or not _held(pool, k)]
+        self.bringing[model_id] = (device, keys, lacking)
 
     def arrived(self, model_id: str) -> None:
         self.incoming.pop(model_id, None)
+        self.bringing.pop(model_id, None)
+
+    def beside(self, model_id: str, device: str, holding: list[str]) -> bool:
+        """(event loop) Whether a queued load may copy into device beside the loads holding
+        turns there (`holding`), and if so, its units are announced as theirs are. Only when
+        it lacks at most BESIDE_SHARE of its bytes and nothing it pins can be half-filled:
+        every key is known; the units it finds are pinned (so none is evicted and read
+        again meanwhile) and none of those loads is filling them; those it lacks are needed
+        by none of those loads; and they fit in the free memory less what those loads have
+        yet to allocate. It then evicts nothing and takes no one's memory."""
+        units = self.queued.get(model_id, {}).get(device)
+        if units is None or any(key is None for key, _ in units) or \
+                any(m not in self.bringing for m in holding):
+            return False
+        pool = self.s.pools[device]
+        others = [v for m, v in list(self.bringing.items()) if v[0] == device and m != model_id]
+        needed = {k for _, keys, _ in others for k in keys}
+        filling = {k for _, _, lack in others for k, _ in lack}
+        lacking: list[tuple[str | None, int]] = []
+        for key, nbytes in units:
+            unit = pool.lookup(key) if key is not None else None
+            if unit is None and key in needed:
+                return False
+            if unit is not None and (unit.pins == 0 or key in filling):
+                return False
+            if unit is None:
+                lacking.append((key, nbytes))
+        if sum(n for _, n in lacking) > BESIDE_SHARE * sum(n for _, n in units):
+            return False        # mostly bytes to move: it would only split the bandwidth
+        pending = [n for _, _, lack in others for k, n in lack if k is None or not _held(pool, k)]
+        blocks = sum(pool.blocks_for(n) for _, n in lacking) + \
+            sum(pool.blocks_for(n) for n in pending)
+        if blocks > pool.free_bytes // pool.block_size:
+            return False
+        keys = frozenset(key for key, _ in units if key is not None)
+        self.incoming[model_id] = (device, keys)
+        self.bringing[model_id] = (device, keys, lacking)
+        return True
 
     def _coming(self, device: str, model_id: str) -> set[str]:
         return {k for m, (d, keys) in list(self.incoming.items())

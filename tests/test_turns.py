@@ -164,3 +164,49 @@ async def test_a_load_is_placed_again_when_its_turn_comes_on_changed_pools(store
         assert report.device == "cpu:1" and not report.placement["override"]
         for pool in es.pools.values():
             pool.check_integrity()
+
+
+async def test_a_fine_tune_of_a_resident_base_loads_beside_a_held_load(store):
+    """It lacks a tenth of its bytes and pins its base's units: it copies beside the load
+    holding cpu:0's turn instead of waiting for it, and computes as its own weights say."""
+    from hf_models import hf_greedy
+
+    async with server(store) as es:          # the store's hashes, cached
+        await es.load("llama-ft")
+    async with server(store) as es:
+        await es.load("llama", device="cpu:0")
+        with HeldReads(es) as reads:
+            other = asyncio.create_task(es.load("qwen2", device="cpu:0"))
+            await reads.held()
+            report = await asyncio.wait_for(es.load("llama-ft", device="cpu:0"), 10)
+            assert not other.done() and report.device == "cpu:0"
+            assert report.bytes_from_device > 0.8 * report.bytes_total
+            out = await asyncio.wait_for(es.complete("llama-ft", [1, 2, 3], max_tokens=6,
+                                                     temperature=0, ignore_eos=True), 10)
+            reads.release.set()
+            await other
+        assert out.token_ids == hf_greedy(store / "llama-ft", [1, 2, 3], 6)
+        assert not es.scheduler.placer.bringing and not es.scheduler.grouping.sharing["cpu:0"]
+        for pool in es.pools.values():
+            pool.check_integrity()
+
+
+async def test_a_fine_tune_waits_when_its_base_is_only_retained(store):
+    """Its base's units are resident but pinned by no model (they could be evicted and read
+    again by the load holding the turn): it waits its turn."""
+    async with server(store) as es:
+        await es.load("llama-ft")
+    async with server(store) as es:
+        await es.load("llama", device="cpu:0")
+        await es.unload("llama")
+        with HeldReads(es) as reads:
+            other = asyncio.create_task(es.load("qwen2", device="cpu:0"))
+            await reads.held()
+            ft = asyncio.create_task(es.load("llama-ft", device="cpu:0"))
+            await asyncio.sleep(0.3)
+            assert not ft.done() and not other.done()
+            reads.release.set()
+            await other
+            assert (await ft).turn_seconds >= 0.25
+        for pool in es.pools.values():
+            pool.check_integrity()

@@ -1,5 +1,7 @@
 """A load's turn on its device: placed before it waits, so that loads onto different
-devices go side by side while loads onto one device take turns (grouping.py).
+devices go side by side while loads onto one device take turns (grouping.py), unless a
+load fits beside the ones copying there (its units known, none still coming, its bytes in
+free memory: `Placer.beside`).
 
 When the turn comes, the load is placed again if the pools changed while it waited
 (another load ended or a model was unloaded). If the device chosen then is another one,
@@ -74,8 +76,10 @@ async def _turn(s: Scheduler, load: Load, device: str | None, real: bool,
     while True:
         stack = contextlib.AsyncExitStack()
         cost = functools.partial(s.placer.estimate, load.model_id, chosen.device)
+        beside = (functools.partial(s.placer.beside, load.model_id, chosen.device)
+                  if real and load.task is None and not load.host_only else None)
         await stack.enter_async_context(
-            s.grouping.turn(load.model_id, real, cost, chosen.device))
+            s.grouping.turn(load.model_id, real, cost, chosen.device, beside))
         try:
             if s.grouping.changes != seen:          # placed on pools since changed
                 seen = s.grouping.changes
@@ -85,6 +89,7 @@ async def _turn(s: Scheduler, load: Load, device: str | None, real: bool,
                     moves += 1
                     chosen = again
                     await stack.aclose()           # to the other device's queue
+                    s.placer.arrived(load.model_id)    # (announced there if it went beside)
                     seen = s.grouping.changes      # (leaving the turn counts as a change)
                     continue
                 chosen = score_on(scores, chosen.device)
