@@ -146,10 +146,10 @@ class Placer:
         """(event loop) Whether a queued load may copy into device beside the loads holding
         turns there (`holding`), and if so, its units are announced as theirs are. Only when
         it lacks at most BESIDE_SHARE of its bytes and nothing it pins can be half-filled:
-        every key is known; the units it finds are pinned (so none is evicted and read
-        again meanwhile) and none of those loads is filling them; those it lacks are needed
-        by none of those loads; and they fit in the free memory less what those loads have
-        yet to allocate. It then evicts nothing and takes no one's memory."""
+        every key is known; none of those loads is filling the units it finds, nor needs
+        the unpinned ones (it could evict one and read it again meanwhile); those it lacks
+        are needed by none of those loads; and they fit in the free memory less what those
+        loads have yet to allocate. It then evicts nothing and takes no one's memory."""
         units = self.queued.get(model_id, {}).get(device)
         if units is None or any(key is None for key, _ in units) or \
                 any(m not in self.bringing for m in holding):
@@ -163,8 +163,8 @@ class Placer:
             unit = pool.lookup(key) if key is not None else None
             if unit is None and key in needed:
                 return False
-            if unit is not None and (unit.pins == 0 or key in filling):
-                return False
+            if unit is not None and (key in filling or (unit.pins == 0 and key in needed)):
+                return False        # half-filled, or may be evicted and read again by them
             if unit is None:
                 lacking.append((key, nbytes))
         if sum(n for _, n in lacking) > BESIDE_SHARE * sum(n for _, n in units):
