@@ -144,13 +144,18 @@ class Engine:
             self._inbox.clear()
         self._drop_cancelled()
         # A base and its tasks share forwards (each row adds its own task's blocks), and so
-        # do models sharing most of their weights, unless configured to take turns.
-        for members in step_groups([s.model for s in [*self._running, *self._waiting]],
-                                   self.config.batch_tasks, self.config.batch_families):
-            self._step_group(members)
+        # do models sharing most of their weights, unless configured to take turns. First
+        # tokens first: every group's prefills, then the decodes (their pages reserved).
+        decodes = [self._step_group(members) for members in step_groups(
+            [s.model for s in [*self._running, *self._waiting]], self.config.batch_tasks,
+            self.config.batch_families)]
+        for decode in decodes:
+            if decode := [s for s in decode if s.status is Status.RUNNING]:
+                self._forward(decode, 1)
         self.steps += 1
 
-    def _step_group(self, members: set[int]) -> None:
+    def _step_group(self, members: set[int]) -> list[Sequence]:
+        """Reserve, admit and prefill; returns the sequences to decode this step."""
         def mine(seqs: list[Sequence]) -> list[Sequence]:
             return [s for s in seqs if id(s.model) in members]
 
@@ -159,10 +164,9 @@ class Engine:
         admitted = self._admit(mine(list(self._waiting)), len(running))
         decode = [s for s in running if s.length - s.cached == 1]
         prefill = [s for s in running if s.length - s.cached > 1] + admitted
-        if decode:
-            self._forward(decode, 1)
         for group in prefill_groups(prefill, self.config.prefill_chunk):
             self._forward(group, self.config.prefill_chunk)
+        return decode
 
     def _reserve(self, running: list[Sequence]) -> None:
         """Pages for every running sequence's next tokens, preempting the newest if needed."""

@@ -12,7 +12,8 @@ from test_reuse import fine_tune
 
 from edgeserve import EdgeServer
 from edgeserve.config import Config, EngineConfig, PoolConfig, TierConfig
-from edgeserve.engine import Engine, families
+from edgeserve.engine import families
+from engine.spy import record_forwards
 
 LLAMA_FT = ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.o_proj.weight")
 # Every kind of hook: the embedding, a norm, a fused projection with its bias (q), the head.
@@ -39,19 +40,6 @@ def store(tmp_path, tiny_store):
     return root
 
 
-def record_forwards(monkeypatch) -> list[set[str]]:
-    """The model ids of each forward the engine runs."""
-    seen: list[set[str]] = []
-    forward = Engine._forward
-
-    def spy(self, seqs, limit):
-        seen.append({s.model.id for s in seqs})
-        return forward(self, seqs, limit)
-
-    monkeypatch.setattr(Engine, "_forward", spy)
-    return seen
-
-
 async def run_together(es: EdgeServer, prompts: dict[str, list[int]], n: int
                        ) -> dict[str, list[int]]:
     for model in prompts:
@@ -64,10 +52,11 @@ async def run_together(es: EdgeServer, prompts: dict[str, list[int]], n: int
 async def test_fine_tunes_share_forwards_and_keep_their_own_outputs(store, monkeypatch):
     prompts = {"llama": [5, 8, 120, 33, 2], "llama-ft1": [3, 17, 40, 9],
                "llama-ft2": [3, 17, 40, 9], "qwen2": [7, 7, 7]}
-    seen = record_forwards(monkeypatch)
+    raw = record_forwards(monkeypatch)
     async with server(store) as es:
         got = await run_together(es, prompts, 8)
         es.pools["cpu"].check_integrity()
+    seen = [ids for _, ids, _ in raw]
     for model, prompt in prompts.items():
         assert got[model] == hf_greedy(store / model, prompt, 8), model
     for ft in ("llama-ft1", "llama-ft2"):    # the base's weights would give other tokens
@@ -83,12 +72,13 @@ async def test_every_hook_replaces_a_members_rows(store, monkeypatch):
     family needs by default, so the share is lowered here)."""
     monkeypatch.setattr(families, "SHARE", 0.0)
     prompts = {"llama-bias": [3, 17, 40, 9], "llama-bias-ft": [3, 17, 40, 9]}
-    seen = record_forwards(monkeypatch)
+    raw = record_forwards(monkeypatch)
     async with server(store) as es:
         got = await run_together(es, prompts, 8)
         leader = es.models["llama-bias"]
         share, names = families.differing(leader, es.models["llama-bias-ft"])
         es.pools["cpu"].check_integrity()
+    seen = [ids for _, ids, _ in raw]
     assert 0 < share < 1 and "model.embed_tokens.weight" in names
     assert got["llama-bias-ft"] != got["llama-bias"]
     assert any(len(ids) == 2 for ids in seen)
@@ -99,9 +89,10 @@ async def test_every_hook_replaces_a_members_rows(store, monkeypatch):
 @pytest.mark.parametrize(("families_on", "policy"), [(False, "edgeserve"), (True, "ollama")])
 async def test_no_shared_forward_when_off_or_nothing_shared(store, monkeypatch, families_on,
                                                             policy):
-    seen = record_forwards(monkeypatch)
+    raw = record_forwards(monkeypatch)
     async with server(store, families_on, policy) as es:
         await run_together(es, {"llama": [3, 17, 40], "llama-ft1": [5, 8, 9]}, 4)
+    seen = [ids for _, ids, _ in raw]
     assert seen and all(len(ids) == 1 for ids in seen)
 
 
