@@ -23,7 +23,7 @@ from edgeserve.batch import build_batch
 from edgeserve.config import EngineConfig
 from edgeserve.constrain import advance, mask_logits
 from edgeserve.engine.families import forward_delta, step_groups
-from edgeserve.engine.rows import prefill_groups, queued_steps, row_logprobs
+from edgeserve.engine.rows import counts_by_model, prefill_groups, queued_steps, row_logprobs
 from edgeserve.mailbox import resolve
 from edgeserve.model import ResidentModel
 from edgeserve.pool import PoolFull
@@ -98,14 +98,7 @@ class Engine:
 
     def counts_by_model(self) -> dict[str, tuple[int, int]]:
         """model id -> (running, waiting)."""
-        out: dict[str, tuple[int, int]] = {}
-        for seq in list(self._running):
-            r, w = out.get(seq.model.id, (0, 0))
-            out[seq.model.id] = (r + 1, w)
-        for seq in [*self._waiting, *self._inbox]:
-            r, w = out.get(seq.model.id, (0, 0))
-            out[seq.model.id] = (r, w + 1)
-        return out
+        return counts_by_model(list(self._running), [*self._waiting, *self._inbox])
 
     def queued_steps(self) -> dict[str, int]:
         """Device -> forwards its queued sequences still need (per model, the longest)."""
@@ -123,11 +116,8 @@ class Engine:
                 while not (self._calls or self._inbox or self._waiting or self._running
                            or self._stopping):
                     self._cond.wait()
-                calls = list(self._calls)
-                self._calls.clear()
                 stopping = self._stopping
-            for call, future in calls:
-                resolve(future, call)
+            self._serve_calls()
             if stopping:
                 self._abort_all()
                 return
@@ -144,15 +134,26 @@ class Engine:
             self._inbox.clear()
         self._drop_cancelled()
         # A base and its tasks share forwards (each row adds its own task's blocks), and so
-        # do models sharing most of their weights, unless configured to take turns. First
-        # tokens first: every group's prefills, then the decodes (their pages reserved).
-        decodes = [self._step_group(members) for members in step_groups(
-            [s.model for s in [*self._running, *self._waiting]], self.config.batch_tasks,
-            self.config.batch_families)]
+        # do models sharing most weights, unless configured to take turns. First tokens
+        # first: every group's prefills, then the decodes (their pages reserved). Calls (a
+        # load's placement, its allocation) are served between forwards, not only steps.
+        decodes = []
+        for members in step_groups([s.model for s in [*self._running, *self._waiting]],
+                                   self.config.batch_tasks, self.config.batch_families):
+            decodes.append(self._step_group(members))
+            self._serve_calls()
         for decode in decodes:
             if decode := [s for s in decode if s.status is Status.RUNNING]:
                 self._forward(decode, 1)
+                self._serve_calls()
         self.steps += 1
+
+    def _serve_calls(self) -> None:
+        with self._cond:
+            calls = list(self._calls)
+            self._calls.clear()
+        for call, future in calls:
+            resolve(future, call)
 
     def _step_group(self, members: set[int]) -> list[Sequence]:
         """Reserve, admit and prefill; returns the sequences to decode this step."""

@@ -1,6 +1,6 @@
 """How sequences become forwards and sampled rows: prefill batches of similar length within
 the token budget, log-probabilities for the rows that ask for them, and the forwards a
-queue still needs."""
+queue still needs (and its sequences per model)."""
 
 from __future__ import annotations
 
@@ -52,4 +52,17 @@ def queued_steps(seqs: list[Sequence], chunk: int) -> dict[str, int]:
     out: dict[str, int] = {}
     for device, steps in longest.values():
         out[device] = out.get(device, 0) + steps
+    return out
+
+
+def counts_by_model(running: list[Sequence], waiting: list[Sequence]
+                    ) -> dict[str, tuple[int, int]]:
+    """model id -> (running, waiting)."""
+    out: dict[str, tuple[int, int]] = {}
+    for seq in running:
+        r, w = out.get(seq.model.id, (0, 0))
+        out[seq.model.id] = (r + 1, w)
+    for seq in waiting:
+        r, w = out.get(seq.model.id, (0, 0))
+        out[seq.model.id] = (r, w + 1)
     return out
