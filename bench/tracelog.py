@@ -104,6 +104,7 @@ class Trace:
             "turn_s_sum": round(sum(e.get("turn_seconds", 0.0) for e in loads), 2),
             "room_s_sum": round(sum(e.get("room_seconds", 0.0) for e in loads), 2),
             "loads_side_by_side": side_by_side(loads),
+            "loads_beside": sum(bool(e.get("beside")) for e in loads),
         }
 
 

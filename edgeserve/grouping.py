@@ -145,12 +145,12 @@ class Grouping:
                    cost: Callable[[], float] | None = None,
                    device: str | None = None,
                    beside: Callable[[list[str]], bool] | None = None
-                   ) -> AsyncIterator[None]:
+                   ) -> AsyncIterator[bool]:
         """One load at a time on `device` (nothing moves in its pool while a load copies),
         in grouping order; loads on other devices go side by side. Without a device the
         turn holds every device. cost: the load's estimated seconds of moving bytes (None:
         unknown); beside: whether it may copy beside the load holding the turn (None:
-        never)."""
+        never). Yields whether it went beside."""
         entry = _Load(model, time.monotonic(), real, device, cost, beside)
         self.queue.append(entry)
         shared = False
@@ -171,7 +171,7 @@ class Grouping:
                 self.holders[device] = entry
             self.chosen.pop(device, None)
         try:
-            yield
+            yield shared
         finally:
             if shared and device is not None:
                 self.sharing[device].remove(entry)

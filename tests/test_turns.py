@@ -179,7 +179,7 @@ async def test_a_fine_tune_of_a_resident_base_loads_beside_a_held_load(store):
             other = asyncio.create_task(es.load("qwen2", device="cpu:0"))
             await reads.held()
             report = await asyncio.wait_for(es.load("llama-ft", device="cpu:0"), 10)
-            assert not other.done() and report.device == "cpu:0"
+            assert not other.done() and report.device == "cpu:0" and report.beside
             assert report.bytes_from_device > 0.8 * report.bytes_total
             out = await asyncio.wait_for(es.complete("llama-ft", [1, 2, 3], max_tokens=6,
                                                      temperature=0, ignore_eos=True), 10)
@@ -204,7 +204,8 @@ async def test_a_fine_tune_of_a_retained_base_loads_beside_a_load_not_needing_it
             await reads.held()
             report = await asyncio.wait_for(es.load("llama-ft", device="cpu:0"), 10)
             assert not other.done() and report.bytes_from_device > 0.8 * report.bytes_total
+            assert report.beside
             reads.release.set()
-            await other
+            assert not (await other).beside
         for pool in es.pools.values():
             pool.check_integrity()

@@ -66,6 +66,7 @@ class LoadReport:
     quantize_seconds: float = 0.0     # spent quantizing the checkpoint (first load only)
     turn_seconds: float = 0.0         # spent waiting for other loads (one load at a time)
     room_seconds: float = 0.0         # spent waiting for busy models to make room
+    beside: bool = False              # copied beside the load holding its device's turn
     source: str = ""                  # the folder the weights were read from
     converted: str = ""               # a GGUF file's tensor types and what they became
 

@@ -158,9 +158,9 @@ class Scheduler(Residencies, RoomMaking):
             ReadOptions(stop=stop).check()
             pool = turn.pool
             ctx = self.context(pool)
-            report = LoadReport(model_id, pool.device, placement=turn.placement,
-                                quantize_seconds=quantizing, source=str(checkpoint),
-                                converted=gguf_summary(path), turn_seconds=turn.waited)
+            report = LoadReport(model_id, pool.device, quantize_seconds=quantizing,
+                                source=str(checkpoint), converted=gguf_summary(path),
+                                **turn.fields())
             model, host = await self._read(model_id, checkpoint, spec, ctx, report, host_only,
                                            stop)
             report.scheme = load_scheme(model.schemes)

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.blocks.task import TaskSource
@@ -47,6 +47,12 @@ class Turn:
     pool: BlockPool
     placement: dict[str, object]
     waited: float       # seconds from queueing to the turn
+    beside: bool = False  # it copied beside the load holding the device's turn
+
+    def fields(self) -> dict[str, Any]:
+        """What the load report says of its turn."""
+        return {"placement": self.placement, "turn_seconds": self.waited,
+                "beside": self.beside}
 
 
 @contextlib.asynccontextmanager
@@ -78,7 +84,7 @@ async def _turn(s: Scheduler, load: Load, device: str | None, real: bool,
         cost = functools.partial(s.placer.estimate, load.model_id, chosen.device)
         beside = (functools.partial(s.placer.beside, load.model_id, chosen.device)
                   if real and load.task is None and not load.host_only else None)
-        await stack.enter_async_context(
+        shared = await stack.enter_async_context(
             s.grouping.turn(load.model_id, real, cost, chosen.device, beside))
         try:
             if s.grouping.changes != seen:          # placed on pools since changed
@@ -101,7 +107,7 @@ async def _turn(s: Scheduler, load: Load, device: str | None, real: bool,
         s.placer.queued.pop(load.model_id, None)
         s.placer.arriving(load.model_id, chosen.device, needs)
         pool, placement = s.placer.commit(load.model_id, chosen, scores, device is not None)
-        yield Turn(pool, placement, time.perf_counter() - start)
+        yield Turn(pool, placement, time.perf_counter() - start, shared)
 
 
 async def _needs(s: Scheduler, load: Load) -> Needs:

@@ -17,8 +17,8 @@ from edgeserve.server import SERVER, create_app
 MODEL = "demo-llama"
 REPORT_KEYS = {"model", "device", "seconds", "bytes_total", "bytes_from_device",
                "bytes_from_host", "bytes_from_disk", "bytes_released", "placement",
-               "scheme", "quantize_seconds", "turn_seconds", "room_seconds", "source",
-               "converted"}
+               "scheme", "quantize_seconds", "turn_seconds", "room_seconds", "beside",
+               "source", "converted"}
 
 
 async def cpu_pool(client: Any) -> dict[str, Any]:
