@@ -87,7 +87,8 @@ async def _turn(s: Scheduler, load: Load, device: str | None, real: bool,
         shared = await stack.enter_async_context(
             s.grouping.turn(load.model_id, real, cost, chosen.device, beside))
         try:
-            if s.grouping.changes != seen:          # placed on pools since changed
+            # Placed on pools since changed (a load beside the holder was just found to fit)
+            if s.grouping.changes != seen and not shared:
                 seen = s.grouping.changes
                 needs = s.placer.queued[load.model_id] = await _needs(s, load)
                 again, scores = await s.placer.choose(load.model_id, needs, device)
