@@ -12,10 +12,10 @@ on every change (A B A C: four loads). Instead:
   admitted together in one residency window; a fine-tune whose base is resident costs
   little, so it goes before a swap that would evict that base. Without an estimate a load
   counts its waiting requests alone;
-- a load whose units are all known, none of them still coming with another load, and whose
-  missing bytes fit in the free memory left by the loads copying there, copies beside the
-  load holding its device's turn instead of after it (`beside`): a burst of fine-tunes of
-  a resident base then pays one load's fixed cost, not one each;
+- a load that finds most of its units resident, pins none another load is still reading,
+  and fits in the free memory the loads copying there leave (the rules: `Placer.beside`)
+  copies beside the load holding its device's turn instead of after it: a burst of
+  fine-tunes of a resident base pays its loads' fixed costs side by side, not in turn;
 - no request is passed over for longer than `bound` seconds: once the oldest request
   waiting for a load has waited that long, that load goes next, and new requests for
   other models on its device (any device, for a turn taken without one) are held back
