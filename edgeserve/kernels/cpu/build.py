@@ -24,6 +24,10 @@ HEADERS = tuple(Path(__file__).with_name(h) for h in ("simd.h", "tile.h", "vec.h
 # copy torch has already loaded.
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-std=gnu11")
 PORTABLE = tuple(f for f in FLAGS if f != "-march=native")     # the plain vector paths
+SERIAL = tuple(f for f in PORTABLE if f != "-fopenmp")          # without OpenMP: one thread
+# Tried in turn: a compiler that rejects -march=native (some take -mcpu) still builds the
+# portable vector paths, and one without OpenMP (Apple's clang) the serial ones.
+LADDER = (FLAGS, PORTABLE, SERIAL)
 TIMEOUT = 120.0                 # seconds a build may take (a few are usual)
 
 
@@ -91,3 +95,18 @@ def library(cc_command: str, cache: Path, flags: tuple[str, ...] = FLAGS) -> Pat
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def first_library(cc_command: str, cache: Path,
+                  ladder: tuple[tuple[str, ...], ...] = LADDER) -> tuple[Path, tuple[str, ...]]:
+    """The first of the ladder's builds that succeeds, and its flags; BuildError naming the
+    first failure when none does (no compiler at all fails at once)."""
+    errors: list[BuildError] = []
+    for flags in ladder:
+        try:
+            return library(cc_command, cache, flags), flags
+        except BuildError as e:
+            if not shlex.split(cc_command) or str(e).startswith("no C compiler"):
+                raise
+            errors.append(e)
+    raise errors[0]

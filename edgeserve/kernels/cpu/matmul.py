@@ -74,7 +74,11 @@ def library() -> Library | None:
             cfg = kernel_config()
             if cfg.enabled:
                 try:
-                    _library = Library(str(build.library(cfg.cc, cfg.cache)))
+                    path, flags = build.first_library(cfg.cc, cfg.cache)
+                    _library = Library(str(path))
+                    if flags != build.FLAGS:
+                        log.warning("CPU kernels built with %s only (the native build "
+                                    "failed): slower than they could be", " ".join(flags))
                 except (build.BuildError, OSError) as e:
                     log.warning("CPU matmul kernels unavailable, using torch's matmuls: %s", e)
             _tried = True

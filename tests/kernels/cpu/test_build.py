@@ -97,6 +97,31 @@ def test_a_failing_compiler_falls_back(tmp_path, monkeypatch, caplog):
     assert list((tmp_path / "kernels").iterdir()) == []             # temporary file removed
 
 
+@pytest.mark.skipif(CC is None, reason="needs a C compiler")
+@pytest.mark.parametrize(("refused", "expected"), [
+    ("-march=native", build.PORTABLE),               # a compiler wanting -mcpu instead
+    ("-fopenmp", build.SERIAL),                      # a compiler without OpenMP
+])
+def test_a_compiler_refusing_a_flag_builds_the_next_rung(tmp_path, monkeypatch, caplog,
+                                                         refused, expected):
+    on = results()
+    cpu.reset()
+    fake = tmp_path / "picky-cc"
+    fake.write_text(f"#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = {refused} ] && "
+                    f"echo 'unknown option {refused}' >&2 && exit 1; done\nexec {CC} \"$@\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("EDGESERVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(fake))
+    assert build.first_library(str(fake), tmp_path / "direct")[1] == expected
+    with caplog.at_level(logging.WARNING, logger="edgeserve.kernels"):
+        off = results()
+    assert cpu.library() is not None
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert " ".join(expected) in caplog.records[0].getMessage()
+    for a, b in zip(on, off, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_switched_off(monkeypatch, caplog):
     on = results()
     cpu.reset()
