@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from edgeserve.arch import Model, build_model
+from edgeserve.arch.dense import Weight
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.batch import StepBatch
 from edgeserve.blocks.task import TaskBlocks
@@ -35,6 +36,7 @@ class ResidentModel:
     weights_key: str = ""           # of every weight unit it was loaded with (KV identity)
     schemes: dict[str, str] = field(default_factory=dict)   # quantized unit -> int8 / int4
     _runner: Model | None = field(default=None, repr=False)
+    _views: dict[str, Weight] = field(default_factory=dict, repr=False)
     _epoch: int = -1
 
     @classmethod
@@ -86,11 +88,18 @@ class ResidentModel:
         # Views go stale when the pool compacts; rebuild them then (cheap: no copies).
         if self._runner is None or self._epoch != self.pool.epoch:
             self._epoch = self.pool.epoch
-            self._runner = build_model(self.spec, weight_views(self.pool, self.units, self.spec,
-                                                              self.dtype, self.schemes))
+            self._views = weight_views(self.pool, self.units, self.spec, self.dtype,
+                                       self.schemes)
+            self._runner = build_model(self.spec, self._views)
             if self.offload is not None:
                 self.offload.attach(self._runner)
         return self._runner
+
+    @property
+    def views(self) -> dict[str, Weight]:
+        """Views of the weight units the runner computes with (current after compaction)."""
+        _ = self.runner
+        return self._views
 
     @cached_property
     def batch_group(self) -> str:

@@ -25,7 +25,6 @@ import torch
 from edgeserve.arch import dense
 from edgeserve.arch.dense import rms_norm
 from edgeserve.blocks.delta import task_delta
-from edgeserve.loader import weight_views
 
 if TYPE_CHECKING:
     from edgeserve.batch import Delta
@@ -117,9 +116,9 @@ def forward_delta(seqs: Sequence[Seq]) -> Delta | None:
     for model, rows in members.values():
         _, names = differing(leader, model)
         if names:
-            views = weight_views(model.pool, {n: model.units[n] for n in names}, model.spec,
-                                 model.dtype, model.schemes)
-            parts.append((torch.tensor(rows, dtype=torch.int64, device=device), views))
+            views = model.views
+            parts.append((torch.tensor(rows, dtype=torch.int64, device=device),
+                          {n: views[n] for n in names}))
     return FamilyDelta(parts) if parts else None
 
 
