@@ -15,6 +15,15 @@ from edgeserve.checkpoint import HashCache, hash_file
 from edgeserve.config import Config, PoolConfig, SchedulerConfig
 
 
+@pytest.fixture
+def twins(tmp_path, tiny_store):
+    """A store of `llama` and `llama-copy`, equal bytes never hashed."""
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store / "llama", store / "llama")
+    shutil.copytree(tiny_store / "llama", store / "llama-copy")
+    return store
+
+
 def server(store, device: str = "cpu", **kw) -> EdgeServer:
     config = Config(models=store, device=device,
                     pool=PoolConfig(pool_size=kw.pop("pool_size", 16 << 20),
@@ -63,10 +72,8 @@ async def test_legacy_blake2b_entries_are_kept_apart(tmp_path):
     assert cache.cached(file, "blake2b") == legacy != cache.cached(file)
 
 
-async def test_units_found_resident_after_the_read_are_released(tmp_path, tiny_store):
-    store = tmp_path / "store"
-    shutil.copytree(tiny_store / "llama", store / "llama")
-    shutil.copytree(tiny_store / "llama", store / "llama-copy")
+async def test_units_found_resident_after_the_read_are_released(twins):
+    store = twins
     async with server(store) as es:
         await es.load("llama")
         pool = es.pools["cpu"]
@@ -128,10 +135,8 @@ def test_streamed_hashes_equal_a_hashing_pass_in_any_chunking(tmp_path, dtype):
             assert torch.equal(job.dest, tensors[job.tensor.name].float())
 
 
-async def test_a_file_that_may_share_is_hashed_before_the_load_s_turn(tmp_path, tiny_store):
-    store = tmp_path / "store"
-    shutil.copytree(tiny_store / "llama", store / "llama")
-    shutil.copytree(tiny_store / "llama", store / "llama-copy")
+async def test_a_file_that_may_share_is_hashed_before_the_load_s_turn(twins):
+    store = twins
     async with server(store) as es:
         await es.load("llama")
         hashes, grouping = es.scheduler.hashes, es.scheduler.grouping

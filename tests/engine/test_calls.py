@@ -4,17 +4,13 @@ forwards of a step, not only between steps."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 
 from edgeserve import EdgeServer
-from edgeserve.config import Config, PoolConfig
 from edgeserve.engine import Engine
 
 
-async def test_a_call_runs_between_two_forwards_of_one_step(tmp_path, tiny_store, monkeypatch):
-    for arch in ("llama", "qwen2"):
-        shutil.copytree(tiny_store / arch, tmp_path / arch)
+async def test_a_call_runs_between_two_forwards_of_one_step(two_models, monkeypatch):
     log: list[tuple[str, int]] = []
     forward = Engine._forward
 
@@ -24,9 +20,7 @@ async def test_a_call_runs_between_two_forwards_of_one_step(tmp_path, tiny_store
         return forward(self, seqs, limit)
 
     monkeypatch.setattr(Engine, "_forward", slow)
-    cfg = Config(models=tmp_path, device="cpu", pool=PoolConfig(pool_size=32 << 20,
-                                                                block_size=4096))
-    async with EdgeServer(config=cfg) as es:
+    async with EdgeServer(config=two_models) as es:
         for model in ("llama", "qwen2"):
             await es.load(model)
         work = [asyncio.create_task(es.complete(m, [3, 4, 5], max_tokens=30, ignore_eos=True))

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 
 from edgeserve import EdgeServer
-from edgeserve.config import Config, PoolConfig
 from engine.spy import record_forwards
 
 
-async def test_prefills_run_before_decodes_in_a_step(tmp_path, tiny_store, monkeypatch):
-    for arch in ("llama", "qwen2"):
-        shutil.copytree(tiny_store / arch, tmp_path / arch)
+async def test_prefills_run_before_decodes_in_a_step(two_models, monkeypatch):
     seen = record_forwards(monkeypatch)
-    cfg = Config(models=tmp_path, device="cpu", pool=PoolConfig(pool_size=32 << 20,
-                                                                block_size=4096))
-    async with EdgeServer(config=cfg) as es:
+    async with EdgeServer(config=two_models) as es:
         for model in ("llama", "qwen2"):
             await es.load(model)
         long = [asyncio.create_task(es.complete(m, [3, 4, 5], max_tokens=40, ignore_eos=True))
