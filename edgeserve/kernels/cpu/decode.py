@@ -86,10 +86,12 @@ def _linear(w: torch.Tensor | QWeight, bias: torch.Tensor | None, n: int, k: int
     an int8 / int4 weight with contiguous parts."""
     b = _vector(bias, n, optional=True)
     if isinstance(w, QWeight):
-        parts = (w.qweight, w.scale, w.min)
-        if (w.scheme not in KINDS or w.shape != (n, k) or not all(p.is_contiguous() for p in parts)
-                or not w.qweight.is_cpu or w.scale.dtype != torch.float16 or k % 32):
+        if w.scheme not in KINDS or w.shape != (n, k) or not w.qweight.is_cpu:
             raise Unsupported(f"a {w.scheme} weight {w.shape}")
+        try:
+            cpu.check_groups(w.qweight, w.scale, w.min, k)
+        except ValueError as e:
+            raise Unsupported(f"a {w.scheme} weight: {e}") from e
         return Linear(KINDS[w.scheme], w.qweight.data_ptr(), k, w.scale.data_ptr(),
                       w.min.data_ptr(), b, n, k)
     if (w.dtype != torch.float32 or tuple(w.shape) != (n, k) or w.stride(1) != 1

@@ -169,8 +169,9 @@ def linear_f32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) 
     return y if rest is None else y + rest
 
 
-def _check_groups(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-                  k: int) -> None:
+def check_groups(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                 k: int) -> None:
+    """ValueError unless the parts are as matmul.c reads them (see the layouts above)."""
     n = codes.shape[0]
     if k % GROUP:
         raise ValueError(f"quantized weights need K a multiple of {GROUP}, got {k}")
@@ -243,7 +244,7 @@ def _quantized(x: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor, torch.T
     k = codes.shape[1] * (2 if bits == 4 else 1)
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} columns, the weight {k}")
-    _check_groups(codes, scale, minimum, k)
+    check_groups(codes, scale, minimum, k)
     n, x2 = codes.shape[0], _rows(x)
     lib = library()
     if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu"
