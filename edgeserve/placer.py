@@ -50,9 +50,8 @@ class Placer:
         self.rule = rule            # "affinity"; baselines: "most-free", "round-robin"
         self._turn = itertools.count()
         self.queued: dict[str, Needs] = {}     # loads waiting their turn: what they need
-        # loads in their turn: model -> (device, the content keys they bring there)
-        self.incoming: dict[str, tuple[str, frozenset[str]]] = {}
-        # and every key they need there, and the units they lacked (unknown keys as None)
+        # loads in their turn: model -> (device, every content key they need there, the
+        # units they lacked: unknown keys as None)
         self.bringing: dict[str, tuple[str, frozenset[str], list[tuple[str | None, int]]]] = {}
 
     def learn(self, report: LoadReport, seconds: dict[str, float]) -> None:
@@ -133,13 +132,11 @@ class Placer:
         when other loads are placed, so that a fine-tune asked for while its base loads
         goes where the base is going."""
         keys = frozenset(key for key, _ in needs[device] if key is not None)
-        self.incoming[model_id] = (device, keys)
         pool = self.s.pools[device]
         lacking = [(k, n) for k, n in needs[device] if k is None or not _held(pool, k)]
         self.bringing[model_id] = (device, keys, lacking)
 
     def arrived(self, model_id: str) -> None:
-        self.incoming.pop(model_id, None)
         self.bringing.pop(model_id, None)
 
     def beside(self, model_id: str, device: str, holding: list[str]) -> bool:
@@ -175,12 +172,16 @@ class Placer:
         if blocks > pool.free_bytes // pool.block_size:
             return False
         keys = frozenset(key for key, _ in units if key is not None)
-        self.incoming[model_id] = (device, keys)
         self.bringing[model_id] = (device, keys, lacking)
         return True
 
+    @property
+    def incoming(self) -> dict[str, tuple[str, frozenset[str]]]:
+        """Loads in their turn: model -> (device, the content keys they bring there)."""
+        return {m: (d, keys) for m, (d, keys, _) in list(self.bringing.items())}
+
     def _coming(self, device: str, model_id: str) -> set[str]:
-        return {k for m, (d, keys) in list(self.incoming.items())
+        return {k for m, (d, keys, _) in list(self.bringing.items())
                 if d == device and m != model_id for k in keys}
 
     def estimate(self, model_id: str, on: str | None = None) -> float:
