@@ -245,8 +245,19 @@ def test_the_setting_from_flag_and_environment(monkeypatch, tmp_path):
         from_env()
 
 
-def preempt_first(engine) -> None:
-    engine._preempt(engine._running[0])
+def preempt_after(engine, sampled: int) -> list[int]:
+    """Preempt the running sequence once, right after the step that samples its Nth token,
+    on the step thread, as memory pressure would (not from the loop, which may lag behind)."""
+    step, done = engine.step, []
+
+    def stepping() -> None:
+        step()
+        running = [s for s in engine._running if s.sampled >= sampled]
+        if running and not done:
+            done.append(running[0].sampled)
+            engine._preempt(running[0])
+    engine.step = stepping
+    return done
 
 
 async def test_a_preempted_sequence_finds_its_own_pages(store):
@@ -260,11 +271,11 @@ async def test_a_preempted_sequence_finds_its_own_pages(store):
             before = engine.tokens_computed
             stream = es.stream_complete("llama", prompt, max_tokens=60, temperature=0,
                                         ignore_eos=True)
+            preempted = preempt_after(engine, 12)
             got: list[int] = []
             async for delta in stream:
                 got.extend(delta.token_ids)
-                if len(got) == 12:          # preempt it mid-reply, as memory pressure would
-                    await engine.run(preempt_first, engine)
+            assert preempted == [12]
             outs[reuse] = got
             # Tokens computed beyond the prompt and the 59 replies fed back.
             extra[reuse] = engine.tokens_computed - before - (60 + 59)
