@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -59,12 +60,29 @@ async def test_negative_keep_alive_and_pins_keep_the_model(tiny_store):
         await wait_for(lambda: "qwen2" not in es.models)
 
 
+def hold_after_first_token(engine, release: threading.Event) -> None:
+    """Hold the step thread once a sequence has its first token, until `release` is set,
+    so that the request is surely still running when the test acts."""
+    step = engine.step
+
+    def stepping() -> None:
+        step()
+        if any(s.sampled for s in engine._running):
+            release.wait(10)
+    engine.step = stepping
+
+
 async def test_shutdown_lets_running_requests_finish(tiny_store):
     es = await server(tiny_store).start()
+    release = threading.Event()
+    hold_after_first_token(es.engine, release)
     running = asyncio.create_task(es.complete("llama", [1, 2, 3], max_tokens=30,
                                               ignore_eos=True))
     await wait_for(lambda: es.engine is not None and es.engine.num_running == 1)
-    await es.shutdown(deadline=30)
+    shutting = asyncio.create_task(es.shutdown(deadline=30))
+    await wait_for(lambda: es._closing)
+    release.set()
+    await shutting
     assert (await running).usage.completion_tokens == 30
     with pytest.raises((ServerClosing, RuntimeError)):
         await es.complete("llama", [1], max_tokens=1)
