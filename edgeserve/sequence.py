@@ -14,7 +14,8 @@ from edgeserve.kv import PrefixState
 from edgeserve.model import ResidentModel
 from edgeserve.pool import Unit
 from edgeserve.results import TokenLogprob
-from edgeserve.sampling import SamplingParams, StopMatcher, make_generator
+from edgeserve.sampling import SamplingParams, make_generator
+from edgeserve.stops import StopMatcher
 from edgeserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 

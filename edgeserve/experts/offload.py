@@ -18,8 +18,8 @@ import torch
 
 from edgeserve.arch import weight_plan
 from edgeserve.arch.moe import ExpertWeights, MoeModel, route
-from edgeserve.arch.spec import ModelSpec
 from edgeserve.config import ExpertConfig
+from edgeserve.experts.budget import capacity, expert_names, kept_experts, sparse_layers
 from edgeserve.experts.cache import Expert, ExpertCache
 from edgeserve.experts.copies import CopyQueue
 from edgeserve.experts.forms import ExpertForm
@@ -28,37 +28,6 @@ from edgeserve.loader import HostUnits
 from edgeserve.model import ResidentModel
 from edgeserve.pool import PoolFull, Unit, UnitKind
 from edgeserve.tiers import HostSlab
-
-
-def _names(layer: int, e: int) -> tuple[str, str]:
-    p = f"model.layers.{layer}.mlp.experts.{e}."
-    return p + "gate_up_proj.weight", p + "down_proj.weight"
-
-
-def sparse_layers(spec: ModelSpec) -> list[int]:
-    return [n for n in range(spec.num_layers) if spec.sparse_layers[n]]
-
-
-def capacity(spec: ModelSpec, budget: float) -> int:
-    """Experts the budget holds on the device: at least one token's worth."""
-    experts = len(sparse_layers(spec)) * spec.num_experts
-    return max(spec.experts_per_token, int(budget * experts))
-
-
-def kept_experts(spec: ModelSpec, budget: float) -> list[Expert]:
-    """The experts on the device when a model is loaded, spread over the layers."""
-    experts = [(layer, e) for layer in sparse_layers(spec) for e in range(spec.num_experts)]
-    return sorted(experts, key=lambda k: (k[1], k[0]))[:capacity(spec, budget)]
-
-
-def host_only_units(spec: ModelSpec, budget: float) -> frozenset[str]:
-    """The expert units a load with this budget puts in host memory, not in the pool (none
-    where the experts cannot be offloaded: ExpertOffload says why)."""
-    if spec.family != "moe" or spec.expert_layout != "per_expert" or budget >= 1:
-        return frozenset()
-    kept = set(kept_experts(spec, budget))
-    return frozenset(n for layer in sparse_layers(spec) for e in range(spec.num_experts)
-                     if (layer, e) not in kept for n in _names(layer, e))
 
 
 class ExpertOffload:
@@ -82,7 +51,7 @@ class ExpertOffload:
         sizes = next(iter(self.host.values()), ())
         expert_bytes = sum(t.numel() * t.element_size() for t in sizes)
         keep = [k for k in kept_experts(spec, budget)
-                if all(n in model.units for n in _names(*k))]
+                if all(n in model.units for n in expert_names(*k))]
         # Similarity is costly for large experts and only substitution uses it.
         similarity = self._similarity(layers, keys) if policy.endswith("substitution") \
             else None
@@ -90,7 +59,7 @@ class ExpertOffload:
                                  policy, expert_bytes, similarity, threshold)
         self.units: dict[Expert, tuple[Unit, Unit]] = {}
         for key in self.host:
-            g, d = (model.units.pop(n, None) for n in _names(*key))
+            g, d = (model.units.pop(n, None) for n in expert_names(*key))
             if key in keep and g is not None and d is not None:
                 self.units[key] = (g, d)
             else:
@@ -106,14 +75,14 @@ class ExpertOffload:
         as the load gave them. Returns each expert unit's content key."""
         model, forms = self.model, self.forms
         names = [n for layer in self.layers for e in range(model.spec.num_experts)
-                 for n in _names(layer, e)]
+                 for n in expert_names(layer, e)]
         slab = HostSlab([forms[n].nbytes for n in names if n in model.units])
         self.slabs.append(slab)
         keys: dict[str, str] = {}
         for layer in self.layers:
             for e in range(model.spec.num_experts):
                 pair = []
-                for name in _names(layer, e):
+                for name in expert_names(layer, e):
                     if name in model.units:
                         keys[name] = model.units[name].key or ""
                         pair.append(slab.take(*forms[name].held))
@@ -146,7 +115,7 @@ class ExpertOffload:
         return sim
 
     def _floats(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        names, data = _names(layer, e), self.host[(layer, e)]
+        names, data = expert_names(layer, e), self.host[(layer, e)]
         return self.forms[names[0]].floats(data[0]), self.forms[names[1]].floats(data[1])
 
     # ---- on the step thread --------------------------------------------------------------
@@ -238,7 +207,7 @@ class ExpertOffload:
         self.units[key] = (pair[0], pair[1])
 
     def weights(self, layer: int, e: int) -> ExpertWeights:
-        g_form, d_form = (self.forms[n] for n in _names(layer, e))
+        g_form, d_form = (self.forms[n] for n in expert_names(layer, e))
         if (layer, e) not in self.units:
             g_host, d_host = self.host[(layer, e)]
             device = self.pool.device

@@ -31,7 +31,8 @@ from edgeserve.demand import DemandHistory
 from edgeserve.engine import Engine
 from edgeserve.events import publish
 from edgeserve.eviction import PolicyContext, create_policy
-from edgeserve.experts.offload import ExpertOffload, host_only_units
+from edgeserve.experts.budget import host_only_units
+from edgeserve.experts.offload import ExpertOffload
 from edgeserve.first_sight import FirstSight, settle
 from edgeserve.gguf.convert import summary as gguf_summary
 from edgeserve.grouping import Grouping

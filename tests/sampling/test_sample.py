@@ -133,9 +133,6 @@ def test_sample_on_cuda() -> None:
         sample(logits, params, [None, make_generator(params[1]), None])
 
 
-# --- StopMatcher --------------------------------------------------------------
-
-
 def test_extreme_values_do_not_break_sampling():
     logits = torch.randn(3, 50)
     params = [SamplingParams(temperature=1e-300), SamplingParams(top_p=1e-300, temperature=1.0),

@@ -1,11 +1,11 @@
-"""edgeserve.sampling: StopMatcher against a reference, delta by delta."""
+"""edgeserve.stops: StopMatcher against a reference, delta by delta."""
 
 import itertools
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeserve.sampling import StopMatcher
+from edgeserve.stops import StopMatcher
 
 
 def _reference(text: str, stops: list[str]) -> tuple[str, bool]:
