@@ -32,7 +32,8 @@ async def once(fresh: bool) -> dict[str, float]:
     if fresh:
         shutil.rmtree(OUT / ".edgeserve", ignore_errors=True)
     cfg = Config(models=OUT, device="cpu", dtype="float32", pool=PoolConfig(pool_size=400 << 20),
-                 tiers=TierConfig(host_size=0), scheduler=SchedulerConfig(prewarm=False))
+                 tiers=TierConfig(host_size=0),
+                 scheduler=SchedulerConfig(prewarm=False, idle_hashing=False))
     out = {}
     async with EdgeServer(config=cfg) as es:
         for model in MODELS:

@@ -135,7 +135,7 @@ async def first_sight(path: Path, device: str, repeats: int) -> dict[str, list[f
         cfg = Config(models=store, device=device, dtype="float32",
                      pool=PoolConfig(pool_size=int(nbytes * 1.3)),
                      tiers=TierConfig(host_size=int(nbytes * 1.3)),
-                     scheduler=SchedulerConfig(first_sight=True))
+                     scheduler=SchedulerConfig(first_sight=True, idle_hashing=False))
         for kind in ("first", "cached"):
             async with EdgeServer(config=cfg) as es:
                 drop_cache(store / MODEL)

@@ -9,7 +9,14 @@ least recently used whole model, retain nothing) and no-sharing. Prints one JSON
 policy run: TTFT p50/p95, bytes loaded from disk, loads; and the p95 ratio against
 Ollama-like (target: at most 0.5).
 
-    .venv/bin/python bench/multimodel.py [--requests 150] [--seed 0]
+The trace starts as soon as the server has started. With `--fresh`, idle hashing (the
+store's never-hashed files hashed while the server is idle, on by default; Ollama-like has
+no use for hashes and hashes nothing) gets only the trace's own gaps. Each line reports the
+files it hashed, the files still hashed whole on a load's path before the load
+(`hash_passes_for_loads`) and those hashed by a load's reader threads (`hashed_as_read`).
+
+    .venv/bin/python bench/multimodel.py [--requests 150] [--seed 0] [--fresh]
+        [--idle-hashing on|off]
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 from tracelog import Trace, send
 
 from edgeserve import EdgeServer
-from edgeserve.config import Config, PoolConfig, TierConfig
+from edgeserve.config import Config, PoolConfig, SchedulerConfig, TierConfig
 
 # "-lora": fine-tunes that leave embedding, head and norms alone (see fine_tune); the
 # figures in RESULTS.md from before 2026-12-02 used fine-tunes that changed any tensor.
@@ -86,14 +93,19 @@ def trace(n: int, seed: int, mean_gap: float) -> list[tuple[float, str]]:
 
 
 async def replay(policy: str, requests: list[tuple[float, str]], pool_size: int,
-                 host_size: int, log: Path | None = None) -> dict[str, object]:
+                 host_size: int, log: Path | None = None, idle_hashing: bool = True
+                 ) -> dict[str, object]:
     cfg = Config(models=OUT, device="cpu", dtype="float32",
                  pool=PoolConfig(pool_size=pool_size),
-                 tiers=TierConfig(host_size=host_size, policy=policy))
+                 tiers=TierConfig(host_size=host_size, policy=policy),
+                 scheduler=SchedulerConfig(idle_hashing=idle_hashing))
     async with EdgeServer(config=cfg) as es:
         trace = Trace(es)
         ttft = await send(es, trace, requests, 8)
         loads = es.stats()["loads"]
+        hashing = es.stats()["idle_hashing"]
+        cache = es.scheduler.hashes
+        passes, streamed = cache.computed - cache.streamed, cache.streamed
         if log is not None:
             trace.dump(log)
         summary = trace.summary()
@@ -103,7 +115,9 @@ async def replay(policy: str, requests: list[tuple[float, str]], pool_size: int,
     return {"policy": policy, "requests": len(ttft), "ttft_p50_ms": round(1000 * q[49], 1),
             "ttft_p95_ms": round(1000 * q[94], 1), "loads": int(loads["loads"]),
             "gb_from_disk": round(loads["bytes_from_disk"] / 1e9, 3),
-            "gb_from_host": round(loads["bytes_from_host"] / 1e9, 3), "trace": summary}
+            "gb_from_host": round(loads["bytes_from_host"] / 1e9, 3),
+            "idle_hashed_files": hashing["files"], "idle_hashing_yielded": hashing["yielded"],
+            "hash_passes_for_loads": passes, "hashed_as_read": streamed, "trace": summary}
 
 
 def main() -> None:
@@ -115,6 +129,8 @@ def main() -> None:
                         help="remove the store's hash cache before every replay: each model "
                              "file is seen for the first time, for every policy")
     parser.add_argument("--policies", default="edgeserve,ollama,no-sharing")
+    parser.add_argument("--idle-hashing", choices=("on", "off"), default="on",
+                        help="hash never-hashed files while the server is idle (default: on)")
     parser.add_argument("--log", type=Path, help="folder for each replay's trace (JSON lines)")
     args = parser.parse_args()
     total = make_store()
@@ -128,7 +144,8 @@ def main() -> None:
             shutil.rmtree(OUT / ".edgeserve", ignore_errors=True)
         log = args.log / f"{n}-{policy}.jsonl" if args.log is not None else None
         results.setdefault(policy, []).append(
-            asyncio.run(replay(policy, requests, pool_size, pool_size, log)))
+            asyncio.run(replay(policy, requests, pool_size, pool_size, log,
+                               args.idle_hashing == "on")))
         print(json.dumps({"bench": "multimodel", "weights_gb": round(total / 1e9, 3),
                           "pool_gb": round(pool_size / 1e9, 3), **results[policy][-1]}))
     # One ratio per repetition (policies listed twice alternate within the run): before,

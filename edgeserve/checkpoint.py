@@ -209,7 +209,7 @@ class HashCache:
 
     def __init__(self, root: Path) -> None:
         self.root = root / ".edgeserve" / "hashes"
-        self.computed = 0            # files hashed by this process (tests read it)
+        self.computed = 0            # files hashed for loads (tests read it; not idle hashing)
         self.streamed = 0            # of which hashed while a load read them, in one pass
 
     def _entry(self, path: Path, algorithm: str) -> Path:

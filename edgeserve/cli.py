@@ -111,6 +111,10 @@ def _engine_args(p: argparse.ArgumentParser, cfg: Config) -> None:
                    default="on" if cfg.scheduler.prewarm else "off",
                    help="load models predicted to be asked for next, in idle time "
                         "(default: %(default)s)")
+    p.add_argument("--idle-hashing", choices=("on", "off"),
+                   default="on" if cfg.scheduler.idle_hashing else "off",
+                   help="hash the store's never-hashed checkpoint files in idle time, so "
+                        "that their first load need not (default: %(default)s)")
     p.add_argument("--quantize", choices=("int8", "int4"), default=cfg.quantize,
                    help="quantize models named without a tag (default: their own dtype)")
 
@@ -177,7 +181,8 @@ def edge_server(args: argparse.Namespace) -> EdgeServer:
                       dtype=args.dtype, host_size=args.host_size, policy=args.policy,
                       expert_budget=args.expert_budget, expert_policy=args.expert_policy,
                       prefix_cache=args.prefix_cache == "on",
-                      prewarm=args.prewarm == "on", quantize=args.quantize)
+                      prewarm=args.prewarm == "on", quantize=args.quantize,
+                      idle_hashing=args.idle_hashing == "on")
 
 
 def _serve(args: argparse.Namespace) -> int:

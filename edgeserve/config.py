@@ -89,6 +89,7 @@ class SchedulerConfig:
     group_wait: float = 5.0        # seconds a request may be passed over by grouping, at most
     step_seconds: float = 0.02     # estimated decode step time (the queued-work term)
     first_sight: bool = True       # hash a never-seen file while loading it (no second pass)
+    idle_hashing: bool = True      # hash the store's never-hashed files in idle time
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -199,8 +200,10 @@ def from_env(**overrides: object) -> Config:
         host_size=parse_size(env["EDGESERVE_HOST_SIZE"]) if "EDGESERVE_HOST_SIZE" in env else None,
         policy=env.get("EDGESERVE_POLICY", "edgeserve"))
     cfg = Config(
-        scheduler=SchedulerConfig(prewarm=parse_switch(env.get("EDGESERVE_PREWARM", "on"),
-                                                       "EDGESERVE_PREWARM")),
+        scheduler=SchedulerConfig(
+            prewarm=parse_switch(env.get("EDGESERVE_PREWARM", "on"), "EDGESERVE_PREWARM"),
+            idle_hashing=parse_switch(env.get("EDGESERVE_IDLE_HASHING", "on"),
+                                      "EDGESERVE_IDLE_HASHING")),
         tiers=tiers,
         models=Path(env.get("EDGESERVE_MODELS", "models")),
         device=env.get("EDGESERVE_DEVICE", "auto"),

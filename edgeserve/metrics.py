@@ -86,6 +86,10 @@ _PREWARM = (("prewarms", "prewarms", "Models prewarmed (loaded ahead of predicte
             ("prewarm_hits", "hits", "Requests that found their model prewarmed."),
             ("prewarm_wasted", "wasted", "Prewarms whose predicted burst never came."),
             ("prewarm_cancelled", "cancelled", "Prewarms that yielded to a real request."))
+_IDLE_HASHING = (("idle_hashed_files", "files", "Checkpoint files hashed in idle time."),
+                 ("idle_hashed_bytes", "bytes", "Tensor bytes hashed in idle time."),
+                 ("idle_hashing_yielded", "yielded",
+                  "Times idle hashing stopped mid-file for a request or a load."))
 
 
 def live_gauges(stats: dict[str, Any], queues: dict[str, tuple[int, int]]) -> list[Metric]:
@@ -108,9 +112,12 @@ def live_gauges(stats: dict[str, Any], queues: dict[str, tuple[int, int]]) -> li
     experts = [(m, e) for p in pools.values() for m, info in p.get("models", {}).items()
                if (e := info.get("experts"))]
     prewarm = stats.get("prewarm") or {}
+    hashing = stats.get("idle_hashing") or {}
     return [
         *(gauge(f"edgeserve:{name}", doc, [], [([], prewarm[key])] if key in prewarm else [])
           for name, key, doc in _PREWARM),
+        *(gauge(f"edgeserve:{name}", doc, [], [([], hashing[key])] if key in hashing else [])
+          for name, key, doc in _IDLE_HASHING),
         gauge("edgeserve:expert_hit_rate", "MoE expert cache hits / lookups.", ["model_name"],
               [([m], e["hit_rate"]) for m, e in experts]),
         gauge("edgeserve:expert_substitutions", "Misses served by a similar expert.",

@@ -101,7 +101,9 @@ class Prewarmer:
             self.counts["hits"] += 1
 
     # ---- deciding ----------------------------------------------------------------------
-    def _idle(self) -> bool:
+    def idle(self) -> bool:
+        """Idle time: no running or waiting sequence, no load, no load turn held (also
+        store_hashing.py's)."""
         engine = self.s.engine
         return (engine.num_running + engine.num_waiting == 0 and not self.s._loading
                 and not self.s.grouping.locked())
@@ -127,7 +129,7 @@ class Prewarmer:
             if end < now:
                 del self.pending[model]
                 self.counts["wasted"] += 1
-        if not self.enabled or self.current is not None or not self._idle():
+        if not self.enabled or self.current is not None or not self.idle():
             return
         for model in self.due(now):
             await self.prewarm(model, now)

@@ -11,10 +11,13 @@ from edgeserve.device import DeviceInfo
 def with_arguments(cfg: Config, *, pool_size: str | int | tuple[int, ...] | None,
                    block_size: str | int | None, host_size: str | int | None,
                    policy: str | None, expert_budget: float | None, expert_policy: str | None,
-                   prefix_cache: bool | None, prewarm: bool | None) -> Config:
+                   prefix_cache: bool | None, prewarm: bool | None,
+                   idle_hashing: bool | None = None) -> Config:
     """cfg with the arguments that are not None applied."""
     if prewarm is not None:
         cfg = replace(cfg, scheduler=replace(cfg.scheduler, prewarm=prewarm))
+    if idle_hashing is not None:
+        cfg = replace(cfg, scheduler=replace(cfg.scheduler, idle_hashing=idle_hashing))
     if host_size is not None or policy is not None:
         cfg = replace(cfg, tiers=replace(
             cfg.tiers,

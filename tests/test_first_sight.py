@@ -28,7 +28,8 @@ def server(store, device: str = "cpu", **kw) -> EdgeServer:
     config = Config(models=store, device=device,
                     pool=PoolConfig(pool_size=kw.pop("pool_size", 16 << 20),
                                     block_size=kw.pop("block_size", 4096)),
-                    scheduler=SchedulerConfig(prewarm=False, first_sight=True), **kw)
+                    scheduler=SchedulerConfig(prewarm=False, first_sight=True,
+                                              idle_hashing=False), **kw)
     return EdgeServer(config=config)
 
 

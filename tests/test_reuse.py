@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from edgeserve import EdgeServer
 from edgeserve.arch import weight_plan
-from edgeserve.config import Config, PoolConfig, TierConfig
+from edgeserve.config import Config, PoolConfig, SchedulerConfig, TierConfig
 from edgeserve.loader import read_spec, weight_views
 from edgeserve.pool import PoolFull
 
@@ -36,7 +36,8 @@ def config(store, pool="64MiB", host="64MiB", policy="edgeserve") -> Config:
                   pool=PoolConfig(pool_size=int(pool.removesuffix("MiB")) << 20
                                   if pool.endswith("MiB") else int(pool), block_size=4096),
                   tiers=TierConfig(host_size=int(host.removesuffix("MiB")) << 20,
-                                   policy=policy))
+                                   policy=policy),
+                  scheduler=SchedulerConfig(idle_hashing=False))   # hashes counted by loads
 
 
 @pytest.fixture

@@ -51,14 +51,14 @@ class EdgeServer:
                  dtype: str | None = None, host_size: str | int | None = None,
                  policy: str | None = None, expert_budget: float | None = None,
                  expert_policy: str | None = None, prefix_cache: bool | None = None,
-                 prewarm: bool | None = None,
+                 prewarm: bool | None = None, idle_hashing: bool | None = None,
                  quantize: str | None = None, config: Config | None = None) -> None:
         cfg = with_arguments(config or from_env(models=models, device=device, dtype=dtype,
                                                 quantize=quantize),
                              pool_size=pool_size, block_size=block_size, host_size=host_size,
                              policy=policy, expert_budget=expert_budget,
                              expert_policy=expert_policy, prefix_cache=prefix_cache,
-                             prewarm=prewarm)
+                             prewarm=prewarm, idle_hashing=idle_hashing)
         self.config = cfg
         self.store = ModelStore(cfg.models)
         self.pools: dict[str, BlockPool] = {}
@@ -252,5 +252,6 @@ class EdgeServer:
                                              else None),
                 "loads": dict(self._scheduler.totals) if self._scheduler else {},
                 "prewarm": self._scheduler.prewarm.stats() if self._scheduler else {},
+                "idle_hashing": self._scheduler.idle_hashing.stats() if self._scheduler else {},
                 "requests": {"running": engine.num_running if engine else 0,
                              "waiting": engine.num_waiting if engine else 0}}

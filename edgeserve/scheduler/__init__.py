@@ -5,9 +5,10 @@ between steps). Loads of one model are single-flight: concurrent callers share o
 loads onto one device take turns (grouping.py), loads onto different devices go side by
 side. A load goes to the device placement scores best (placer.py), chosen before it waits
 its turn and checked again when the turn comes (turns.py); files never seen are hashed
-as they are read (first_sight.py); idle time prewarms models predicted to be asked for
-(prewarm.py). How long a model stays is residency.py's: until unloaded, until its
-keep-alive runs out, or until pool pressure unloads it; a pinned model never leaves.
+as they are read (first_sight.py), or before, in idle time (store_hashing.py); idle time
+prewarms models predicted to be asked for (prewarm.py). How long a model stays is
+residency.py's: until unloaded, until its keep-alive runs out, or until pool pressure
+unloads it; a pinned model never leaves.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from edgeserve.scheduler.loading import load_scheme, prepare_frozen, progress
 from edgeserve.scheduler.room import BUSY_WAIT, RoomMaking
 from edgeserve.scheduler.turns import Load, placed_turn
 from edgeserve.store import ModelStore, split_tag
+from edgeserve.store_hashing import StoreHashing
 from edgeserve.tiers import DiskLoader, HostTier, LoadCancelled, ReadOptions
 from edgeserve.tokenizer import Tokenizer
 from edgeserve.tokenizer_cache import TokenizerCache
@@ -103,6 +105,8 @@ class Scheduler(Residencies, RoomMaking):
         self.placer = Placer(self, self.config.step_seconds, self.config.placement)
         self.prewarm = Prewarmer(self, enabled=self.config.prewarm)
         self.prewarm.start()
+        self.idle_hashing = StoreHashing(self, enabled=self.config.idle_hashing)
+        self.idle_hashing.start()
 
     # ---- loading -----------------------------------------------------------------------
     async def load(self, model_id: str, device: str | None = None,
@@ -110,6 +114,7 @@ class Scheduler(Residencies, RoomMaking):
         """Make model_id resident, on `device` or where placement scores best; concurrent
         calls for one model share one load. `stop` set: the load gives up (a prewarm)."""
         self.placer.check_device(device)
+        self.idle_hashing.demand()
         if stop is None:
             self.prewarm.real_load(model_id)
         if model_id in self.models:
@@ -268,6 +273,7 @@ class Scheduler(Residencies, RoomMaking):
 
     def request_started(self, model_id: str) -> None:
         self.ctx.demand.record(model_id)
+        self.idle_hashing.demand()
         self.prewarm.request_started(model_id)
 
     def _record(self, report: LoadReport) -> None:
@@ -299,6 +305,7 @@ class Scheduler(Residencies, RoomMaking):
     def release_all(self) -> None:
         """Free every model; only once the engine has stopped."""
         self.prewarm.stop()
+        self.idle_hashing.stop()
         for task in self._loading.values():
             task.cancel()
         for state in self.residency.values():
