@@ -211,7 +211,8 @@ class StoreHashing:
                 continue
             file = self.current
             try:
-                file.step()
+                if not file.done:
+                    file.step()
                 if file.done:
                     self._finish(file)
             except (OSError, ModelFormatError):
