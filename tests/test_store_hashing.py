@@ -136,7 +136,7 @@ def test_the_switch_from_the_environment_and_the_command_line(monkeypatch):
     assert args.idle_hashing == "off"
     args = build_parser(cfg).parse_args(["serve", "--idle-hashing", "on"])
     assert edge_server(args).config.scheduler.idle_hashing is True
-    assert EdgeServer(idle_hashing=False).config.scheduler.idle_hashing is False
+    assert EdgeServer(idle_hashing=True).config.scheduler.idle_hashing is True   # over the env
 
 
 def change(path) -> None:
