@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from edgeserve import __version__
 from edgeserve.api import EdgeServer
 from edgeserve.blocks.command import add_parser as add_tasks_parser
-from edgeserve.config import Config, from_env, parse_size, parse_sizes
+from edgeserve.config import Config, from_env, parse_size, parse_sizes, parse_threads
 from edgeserve.eviction import POLICIES
 from edgeserve.experts.cache import POLICIES as EXPERT_POLICIES
 from edgeserve.loader import parse_dtype
@@ -47,6 +47,7 @@ def _parsed_by(parse: Callable[[str], object]) -> Callable[[str], str]:
 _size = _parsed_by(parse_size)
 _sizes = _parsed_by(parse_sizes)
 _dtype = _parsed_by(parse_dtype)
+_threads = _parsed_by(parse_threads)
 
 
 def _device(value: str) -> str:
@@ -117,6 +118,10 @@ def _engine_args(p: argparse.ArgumentParser, cfg: Config) -> None:
                         "that their first load need not (default: %(default)s)")
     p.add_argument("--quantize", choices=("int8", "int4"), default=cfg.quantize,
                    help="quantize models named without a tag (default: their own dtype)")
+    p.add_argument("--cpu-threads", type=_threads, metavar="auto|N",
+                   default=str(cfg.engine.cpu_threads or "auto"),
+                   help="compute threads of CPU forwards: N, or auto (torch's count, fewer "
+                        "while other processes hold cores) (default: %(default)s)")
 
 
 def _log_arg(p: argparse.ArgumentParser, default: str) -> None:
@@ -182,7 +187,8 @@ def edge_server(args: argparse.Namespace) -> EdgeServer:
                       expert_budget=args.expert_budget, expert_policy=args.expert_policy,
                       prefix_cache=args.prefix_cache == "on",
                       prewarm=args.prewarm == "on", quantize=args.quantize,
-                      idle_hashing=args.idle_hashing == "on")
+                      idle_hashing=args.idle_hashing == "on",
+                      cpu_threads=args.cpu_threads)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -36,6 +36,19 @@ def parse_switch(value: str, name: str) -> bool:
     raise ValueError(f"{name} must be on or off, got {value!r}")
 
 
+def parse_threads(value: str | int | None) -> int | None:
+    """'auto' (or None) -> None: adapt; 'N' -> a fixed count of compute threads."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"cpu threads must be auto or a count, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"cpu threads must be auto or at least 1, got {value!r}")
+    return n
+
+
 def parse_sizes(value: str | int | tuple[int, ...]) -> int | tuple[int, ...]:
     """One size for every device ('2GiB') or one per device ('8GiB,4GiB')."""
     if isinstance(value, tuple):
@@ -140,6 +153,7 @@ class EngineConfig:
     batch_tasks: bool = True       # tasks of one base share forwards (else they take turns)
     batch_families: bool = True    # models sharing most weights share forwards (engine/families)
     prefix_cache: bool = True      # full KV pages kept under their prefix keys and reused
+    cpu_threads: int | None = None  # the step thread's compute threads; None: auto (adapted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +229,9 @@ def from_env(**overrides: object) -> Config:
     if "EDGESERVE_PREFIX_CACHE" in env:
         cfg = replace(cfg, engine=replace(cfg.engine, prefix_cache=parse_switch(
             env["EDGESERVE_PREFIX_CACHE"], "EDGESERVE_PREFIX_CACHE")))
+    if "EDGESERVE_CPU_THREADS" in env:
+        cfg = replace(cfg, engine=replace(cfg.engine, cpu_threads=parse_threads(
+            env["EDGESERVE_CPU_THREADS"])))
     changes = {k: v for k, v in overrides.items() if v is not None}
     if "models" in changes:
         changes["models"] = Path(str(changes["models"]))

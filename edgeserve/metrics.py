@@ -90,6 +90,8 @@ _IDLE_HASHING = (("idle_hashed_files", "files", "Checkpoint files hashed in idle
                  ("idle_hashed_bytes", "bytes", "Tensor bytes hashed in idle time."),
                  ("idle_hashing_yielded", "yielded",
                   "Times idle hashing stopped mid-file for a request or a load."))
+_THREADS = (("cpu_threads", "threads", "Compute threads of CPU forwards now."),
+            ("cpu_thread_changes", "changes", "Times the compute threads changed (auto)."))
 
 
 def live_gauges(stats: dict[str, Any], queues: dict[str, tuple[int, int]]) -> list[Metric]:
@@ -113,7 +115,10 @@ def live_gauges(stats: dict[str, Any], queues: dict[str, tuple[int, int]]) -> li
                if (e := info.get("experts"))]
     prewarm = stats.get("prewarm") or {}
     hashing = stats.get("idle_hashing") or {}
+    threads = stats.get("cpu_threads") or {}
     return [
+        *(gauge(f"edgeserve:{name}", doc, [], [([], threads[key])] if threads.get(key) is not None
+                else []) for name, key, doc in _THREADS),
         *(gauge(f"edgeserve:{name}", doc, [], [([], prewarm[key])] if key in prewarm else [])
           for name, key, doc in _PREWARM),
         *(gauge(f"edgeserve:{name}", doc, [], [([], hashing[key])] if key in hashing else [])

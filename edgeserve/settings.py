@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from edgeserve.config import Config, PoolConfig, parse_size, parse_sizes
+from edgeserve.config import Config, PoolConfig, parse_size, parse_sizes, parse_threads
 from edgeserve.device import DeviceInfo
 
 
@@ -12,7 +12,8 @@ def with_arguments(cfg: Config, *, pool_size: str | int | tuple[int, ...] | None
                    block_size: str | int | None, host_size: str | int | None,
                    policy: str | None, expert_budget: float | None, expert_policy: str | None,
                    prefix_cache: bool | None, prewarm: bool | None,
-                   idle_hashing: bool | None = None) -> Config:
+                   idle_hashing: bool | None = None,
+                   cpu_threads: str | int | None = None) -> Config:
     """cfg with the arguments that are not None applied."""
     if prewarm is not None:
         cfg = replace(cfg, scheduler=replace(cfg.scheduler, prewarm=prewarm))
@@ -35,6 +36,8 @@ def with_arguments(cfg: Config, *, pool_size: str | int | tuple[int, ...] | None
             else cfg.experts.budget, policy=expert_policy or cfg.experts.policy))
     if prefix_cache is not None:
         cfg = replace(cfg, engine=replace(cfg.engine, prefix_cache=prefix_cache))
+    if cpu_threads is not None:
+        cfg = replace(cfg, engine=replace(cfg.engine, cpu_threads=parse_threads(cpu_threads)))
     return cfg
 
 

@@ -52,13 +52,15 @@ class EdgeServer:
                  policy: str | None = None, expert_budget: float | None = None,
                  expert_policy: str | None = None, prefix_cache: bool | None = None,
                  prewarm: bool | None = None, idle_hashing: bool | None = None,
+                 cpu_threads: str | int | None = None,
                  quantize: str | None = None, config: Config | None = None) -> None:
         cfg = with_arguments(config or from_env(models=models, device=device, dtype=dtype,
                                                 quantize=quantize),
                              pool_size=pool_size, block_size=block_size, host_size=host_size,
                              policy=policy, expert_budget=expert_budget,
                              expert_policy=expert_policy, prefix_cache=prefix_cache,
-                             prewarm=prewarm, idle_hashing=idle_hashing)
+                             prewarm=prewarm, idle_hashing=idle_hashing,
+                             cpu_threads=cpu_threads)
         self.config = cfg
         self.store = ModelStore(cfg.models)
         self.pools: dict[str, BlockPool] = {}
@@ -83,7 +85,7 @@ class EdgeServer:
             pool.on_evict.append(self._count_eviction)
             log.info("pool on %s (%s): %d blocks of %d bytes", device.name, device.description,
                      size // block, block)
-        self.engine = Engine(self.config.engine)
+        self.engine = Engine(self.config.engine, cuda=any(d.is_cuda for d in devices))
         self.engine.start()
         tiers = self.config.tiers
         host_size = tiers.host_size if tiers.host_size is not None else \
@@ -253,5 +255,6 @@ class EdgeServer:
                 "loads": dict(self._scheduler.totals) if self._scheduler else {},
                 "prewarm": self._scheduler.prewarm.stats() if self._scheduler else {},
                 "idle_hashing": self._scheduler.idle_hashing.stats() if self._scheduler else {},
+                "cpu_threads": engine.threads.stats() if engine else None,
                 "requests": {"running": engine.num_running if engine else 0,
                              "waiting": engine.num_waiting if engine else 0}}

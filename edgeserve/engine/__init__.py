@@ -24,6 +24,7 @@ from edgeserve.config import EngineConfig
 from edgeserve.constrain import advance, mask_logits
 from edgeserve.engine.families import forward_delta, step_groups
 from edgeserve.engine.rows import counts_by_model, prefill_groups, queued_steps, row_logprobs
+from edgeserve.engine.threads import ComputeThreads
 from edgeserve.mailbox import resolve
 from edgeserve.model import ResidentModel
 from edgeserve.pool import PoolFull
@@ -39,8 +40,10 @@ class QueueFull(RuntimeError):
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, cuda: bool = False) -> None:
         self.config = config
+        # CPU forwards' threads: fixed, or fewer while other work holds cores (not on CUDA).
+        self.threads = ComputeThreads(config.cpu_threads, adaptive=not cuda)
         # One thread runs every forward and every pool change, so views never move under
         # a running forward and no lock is held across compute. It steps continuously while
         # there is work; the event loop only hands it requests and calls.
@@ -111,6 +114,7 @@ class Engine:
 
     # ---- the step thread -----------------------------------------------------------------
     def _loop(self) -> None:
+        self.threads.begin()
         while True:
             with self._cond:
                 while not (self._calls or self._inbox or self._waiting or self._running
@@ -120,13 +124,16 @@ class Engine:
             self._serve_calls()
             if stopping:
                 self._abort_all()
+                self.threads.end()
                 return
             if self._inbox or self._waiting or self._running:
+                began = time.monotonic()
                 try:
                     self.step()
                 except Exception:       # a step must never take the engine down
                     log.exception("engine step failed")
                     self._abort_all()
+                self.threads.stepped(began)
 
     def step(self) -> None:
         with self._cond:

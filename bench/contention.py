@@ -1,0 +1,131 @@
+"""Compute threads under contention: `--cpu-threads auto` against a fixed full count.
+
+One fixed request mix (waves of streamed completions with prompts of 16-128 tokens, on
+bench/decode.py's small Llama), run on a quiet machine and beside a CPU hog (one busy
+process holding a core), with the step thread's threads adapted (auto) and fixed at torch's
+count. Rounds alternate the four conditions, each on a fresh server (so auto starts at the
+full count and pays for noticing the hog). Prints one JSON line: p50/p95 TTFT and tok/s per
+condition (medians over rounds), auto/fixed ratios with and without the hog, the count auto
+ended at and how often it changed, and the load average before and after.
+
+    .venv/bin/python bench/contention.py [--waves 3] [--rounds 2] [--tokens 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+from decode import SIZES, make_model, prompt_ids
+
+from edgeserve import EdgeServer
+
+PROMPTS = (16, 48, 96, 16, 128, 32)          # one wave: prompt lengths, in arrival order
+GAP = 0.03                                   # seconds between arrivals in a wave
+
+
+async def one(es: EdgeServer, prompt: list[int], tokens: int, delay: float
+              ) -> tuple[float, int]:
+    """(TTFT seconds, completion tokens) of one streamed request after `delay`."""
+    await asyncio.sleep(delay)
+    start, first, count = time.perf_counter(), None, 0
+    async for delta in es.stream_complete("model", prompt, max_tokens=tokens, temperature=0,
+                                          ignore_eos=True):
+        if first is None and delta.token_ids:
+            first = time.perf_counter() - start
+        count += len(delta.token_ids)
+    assert first is not None and count == tokens
+    return first, count
+
+
+async def condition(store: Any, threads: str, tokens: int, waves: int, vocab: int
+                    ) -> dict[str, Any]:
+    ttfts: list[float] = []
+    produced, busy = 0, 0.0
+    async with EdgeServer(models=store, device="cpu", pool_size="1GiB",
+                          cpu_threads=threads, prewarm=False) as es:
+        await es.load("model")
+        await es.complete("model", [1, 2, 3], max_tokens=2)      # warm-up
+        for w in range(waves):
+            start = time.perf_counter()
+            done = await asyncio.gather(*[
+                one(es, prompt_ids(n, vocab, 100 * w + i), tokens, i * GAP)
+                for i, n in enumerate(PROMPTS)])
+            busy += time.perf_counter() - start
+            ttfts += [t for t, _ in done]
+            produced += sum(c for _, c in done)
+        stats = es.stats()["cpu_threads"]
+    ttfts.sort()
+    return {"p50": statistics.median(ttfts), "p95": ttfts[int(0.95 * (len(ttfts) - 1))],
+            "tok_s": produced / busy, "threads": stats["threads"],
+            "changes": stats["changes"]}
+
+
+def hog() -> subprocess.Popen[bytes]:
+    """One process that keeps a core busy."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    path = make_model("small")
+    store = path.parent
+    if not (store / "model").exists():
+        (store / "model").symlink_to(path.name)
+    vocab = int(SIZES["small"]["vocab_size"])
+    full = str(torch.get_num_threads())
+    load_before = os.getloadavg()[0]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(args.rounds):
+        for hogged in (False, True):
+            for threads in ("auto", full):
+                busy = hog() if hogged else None
+                try:
+                    if busy:
+                        time.sleep(0.3)
+                    result = await condition(store, threads, args.tokens, args.waves, vocab)
+                finally:
+                    if busy:
+                        busy.kill()
+                        busy.wait()
+                key = f"{'hog' if hogged else 'quiet'}_{'auto' if threads == 'auto' else 'fixed'}"
+                runs.setdefault(key, []).append(result)
+    out: dict[str, Any] = {"bench": "contention", "threads_full": int(full),
+                           "waves": args.waves, "rounds": args.rounds, "tokens": args.tokens,
+                           "load_before": round(load_before, 2)}
+    for key, results in runs.items():
+        for figure in ("p50", "p95", "tok_s"):
+            value = statistics.median(r[figure] for r in results)
+            out[f"{key}_{figure}{'_ms' if figure != 'tok_s' else ''}"] = round(
+                value * 1000 if figure != "tok_s" else value, 1)
+        if key.endswith("auto"):
+            out[f"{key}_threads_at_end"] = [r["threads"] for r in results]
+            out[f"{key}_changes"] = [r["changes"] for r in results]
+    for where in ("quiet", "hog"):
+        out[f"{where}_p95_auto_vs_fixed"] = round(
+            out[f"{where}_auto_p95_ms"] / out[f"{where}_fixed_p95_ms"], 3)
+        out[f"{where}_tok_s_auto_vs_fixed"] = round(
+            out[f"{where}_auto_tok_s"] / out[f"{where}_fixed_tok_s"], 3)
+    out["load_after"] = round(os.getloadavg()[0], 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--waves", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=24)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args))))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
