@@ -10,8 +10,10 @@ run queue for a share of the window above `wait_high` for `down_after` windows i
 free. While lower, the full count is tried again (a probe) once the other processes' use
 leaves room, at most every `interval` seconds; a probe that meets contention again
 doubles the interval (up to `probe_max`), one that holds a quiet window keeps the full
-count. A wait share between `wait_low` and `wait_high` changes nothing: together with the
-strikes and the probe interval this keeps the count from flapping.
+count. A wait share between `wait_low` and `wait_high` changes nothing, nor does a wait
+while other processes use less than `others_min` cores (the process's own threads, such as
+the event loop, make it): together with the strikes and the probe interval this keeps the
+count from flapping.
 
 torch.set_num_threads called on the step thread sets that thread's OpenMP count (and
 torch's default for threads that have not run torch ops yet): other threads that already
@@ -37,10 +39,14 @@ log = logging.getLogger("edgeserve.engine.threads")
 
 @dataclass(frozen=True, slots=True)
 class Tuning:
-    wait_high: float = 0.10     # wait share of a window (per compute thread): contended
-    wait_low: float = 0.04      # below it: quiet
-    down_after: int = 2         # contended windows in a row before the count drops
+    # Measured on the project's 2-core VM (bench/RESULTS.md, compute threads): two threads'
+    # wait share is 0.02-0.05 (rarely 0.15) while other processes use under 0.25 cores,
+    # 0.23-0.33 at 0.25-0.6 cores, 0.5-0.7 when they hold a core.
+    wait_high: float = 0.15     # wait share of a window (per compute thread): contended
+    wait_low: float = 0.06      # below it: quiet
     wait_severe: float = 0.3    # a window this contended drops the count at once
+    others_min: float = 0.2     # cores other processes must use for a wait to be theirs
+    down_after: int = 2         # contended windows in a row before the count drops
     probe_first: float = 2.0    # seconds before the first probe of the full count
     probe_max: float = 60.0     # the longest interval between probes
     slack: float = 0.25         # cores: other processes' use may leave this much short of one
@@ -62,7 +68,10 @@ class ThreadController:
     def observe(self, sample: Sample, now: float) -> int:
         """The count for the next window, after this one (now: when it ended, seconds)."""
         share, t = sample.wait_share(self.threads), self.tuning
-        if share > t.wait_high:
+        # The process's own threads (the event loop, loaders) make waits too: they count
+        # only when other processes use the CPU as well.
+        theirs = sample.others is None or sample.others >= t.others_min
+        if share > t.wait_high and theirs:
             self._strikes += 1
             if self.threads > 1 and (self._probing or self._strikes >= t.down_after
                                      or share > t.wait_severe):

@@ -12,7 +12,8 @@ QUIET = Sample(wall=0.25, wait=0.0, others=0.0)
 HELD = Sample(wall=0.25, wait=0.1, others=1.0)          # two threads waited a fifth of it
 SEVERE = Sample(wall=0.25, wait=0.25, others=1.0)       # ... half of it
 ALONE = Sample(wall=0.25, wait=0.005, others=1.0)       # one thread, a core held by another
-NOISE = Sample(wall=0.25, wait=0.035, others=0.1)       # between wait_low and wait_high
+NOISE = Sample(wall=0.25, wait=0.05, others=0.3)        # between wait_low and wait_high
+OWN = Sample(wall=0.25, wait=0.25, others=0.05)         # the process's own threads waited
 
 
 def feed(ctl: ThreadController, samples: list[Sample], start: float = 0.0,
@@ -31,6 +32,11 @@ def test_contended_windows_drop_to_the_free_cores() -> None:
 def test_a_severe_window_drops_the_count_at_once() -> None:
     ctl = ThreadController(full=2, cpus=2)
     assert feed(ctl, [SEVERE, ALONE]) == [1, 1]
+
+
+def test_waits_of_the_process_s_own_threads_change_nothing() -> None:
+    ctl = ThreadController(full=2, cpus=2)
+    assert feed(ctl, [OWN] * 10) == [2] * 10
 
 
 def test_one_contended_window_changes_nothing() -> None:
