@@ -6,7 +6,9 @@ process holding a core), with the step thread's threads adapted (auto) and fixed
 count. Rounds alternate the four conditions, each on a fresh server (so auto starts at the
 full count and pays for noticing the hog). Prints one JSON line: p50/p95 TTFT and tok/s per
 condition (medians over rounds), auto/fixed ratios with and without the hog, the count auto
-ended at and how often it changed, and the load average before and after.
+ended at and how often it changed, the cores other processes kept busy during each
+condition (the hog included), the run-queue wait share per wave at the fixed count (the
+signal auto reads), and the load average before and after.
 
     .venv/bin/python bench/contention.py [--waves 3] [--rounds 2] [--tokens 24]
 """
@@ -27,6 +29,7 @@ import torch
 from decode import SIZES, make_model, prompt_ids
 
 from edgeserve import EdgeServer
+from edgeserve.engine import cpu_signals
 
 PROMPTS = (16, 48, 96, 16, 128, 32)          # one wave: prompt lengths, in arrival order
 GAP = 0.03                                   # seconds between arrivals in a wave
@@ -54,19 +57,23 @@ async def condition(store: Any, threads: str, tokens: int, waves: int, vocab: in
                           cpu_threads=threads, prewarm=False) as es:
         await es.load("model")
         await es.complete("model", [1, 2, 3], max_tokens=2)      # warm-up
+        shares = []
         for w in range(waves):
-            start = time.perf_counter()
+            start, before = time.perf_counter(), cpu_signals.read()
             done = await asyncio.gather(*[
                 one(es, prompt_ids(n, vocab, 100 * w + i), tokens, i * GAP)
                 for i, n in enumerate(PROMPTS)])
             busy += time.perf_counter() - start
+            after = cpu_signals.read()
+            if before and after and threads != "auto":     # the signal at a fixed count
+                shares.append(cpu_signals.between(before, after).wait_share(int(threads)))
             ttfts += [t for t, _ in done]
             produced += sum(c for _, c in done)
         stats = es.stats()["cpu_threads"]
     ttfts.sort()
     return {"p50": statistics.median(ttfts), "p95": ttfts[int(0.95 * (len(ttfts) - 1))],
             "tok_s": produced / busy, "threads": stats["threads"],
-            "changes": stats["changes"]}
+            "changes": stats["changes"], "wait_shares": shares}
 
 
 def hog() -> subprocess.Popen[bytes]:
@@ -90,11 +97,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     if busy:
                         time.sleep(0.3)
+                    before = cpu_signals.read()
                     result = await condition(store, threads, args.tokens, args.waves, vocab)
+                    after = cpu_signals.read()
                 finally:
                     if busy:
                         busy.kill()
                         busy.wait()
+                if before and after:    # cores other processes (the hog too) kept busy
+                    result["others"] = cpu_signals.between(before, after).others
                 key = f"{'hog' if hogged else 'quiet'}_{'auto' if threads == 'auto' else 'fixed'}"
                 runs.setdefault(key, []).append(result)
     out: dict[str, Any] = {"bench": "contention", "threads_full": int(full),
@@ -105,6 +116,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             value = statistics.median(r[figure] for r in results)
             out[f"{key}_{figure}{'_ms' if figure != 'tok_s' else ''}"] = round(
                 value * 1000 if figure != "tok_s" else value, 1)
+        others = [r["others"] for r in results if r.get("others") is not None]
+        out[f"{key}_other_cores"] = [round(o, 2) for o in others]
+        if key.endswith("fixed"):       # run-queue wait per thread, as a share of a wave
+            out[f"{key}_wait_shares"] = [round(x, 3) for r in results for x in r["wait_shares"]]
         if key.endswith("auto"):
             out[f"{key}_threads_at_end"] = [r["threads"] for r in results]
             out[f"{key}_changes"] = [r["changes"] for r in results]
