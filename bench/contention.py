@@ -8,9 +8,12 @@ full count and pays for noticing the hog). Prints one JSON line: p50/p95 TTFT an
 condition (medians over rounds), auto/fixed ratios with and without the hog, the count auto
 ended at and how often it changed, the cores other processes kept busy during each
 condition (the hog included), the run-queue wait share per wave at the fixed count (the
-signal auto reads), and the load average before and after.
+signal auto reads), and the load average before and after. Last, auto on one server while
+a hog comes and goes: the thread count over time (it should fall and rise again) and tok/s
+with and after the hog.
 
     .venv/bin/python bench/contention.py [--waves 3] [--rounds 2] [--tokens 24]
+                                         [--hog-leaves 5]
 """
 
 from __future__ import annotations
@@ -76,6 +79,40 @@ async def condition(store: Any, threads: str, tokens: int, waves: int, vocab: in
             "changes": stats["changes"], "wait_shares": shares}
 
 
+async def hog_leaves(store: Any, vocab: int, seconds: float) -> dict[str, Any]:
+    """auto on one server: a hog for `seconds` of steady work, then none for as long. When
+    the count fell and rose again (seconds after the hog started), and tok/s in each half."""
+    async with EdgeServer(models=store, device="cpu", pool_size="1GiB", prewarm=False) as es:
+        await es.load("model")
+        await es.complete("model", [1, 2, 3], max_tokens=2)
+        engine = es.engine
+        assert engine is not None
+        seen: list[tuple[float, int, float | None]] = []
+        rates: dict[bool, list[float]] = {True: [], False: []}
+        busy: subprocess.Popen[bytes] | None = hog()
+        start = time.monotonic()
+        while (now := time.monotonic() - start) < 2 * seconds:
+            if busy is not None and now >= seconds:
+                busy.kill()
+                busy.wait()
+                busy = None
+            began, before = time.perf_counter(), cpu_signals.read()
+            await asyncio.gather(*[es.complete("model", prompt_ids(32, vocab, s), max_tokens=32,
+                                               ignore_eos=True) for s in range(4)])
+            rates[busy is not None].append(128 / (time.perf_counter() - began))
+            threads, after = es.stats()["cpu_threads"]["threads"], cpu_signals.read()
+            if not seen or seen[-1][1] != threads:      # when, the count, others' cores
+                others = cpu_signals.between(before, after).others if before and after else None
+                seen.append((round(time.monotonic() - start, 2), threads,
+                             None if others is None else round(others, 2)))
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+    return {"hog_leaves_counts": seen, "hog_leaves_hog_seconds": seconds,
+            "hog_leaves_tok_s_with": round(statistics.median(rates[True]), 1),
+            "hog_leaves_tok_s_after": round(statistics.median(rates[False]), 1)}
+
+
 def hog() -> subprocess.Popen[bytes]:
     """One process that keeps a core busy."""
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -128,6 +165,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             out[f"{where}_auto_p95_ms"] / out[f"{where}_fixed_p95_ms"], 3)
         out[f"{where}_tok_s_auto_vs_fixed"] = round(
             out[f"{where}_auto_tok_s"] / out[f"{where}_fixed_tok_s"], 3)
+    if args.hog_leaves:
+        out |= await hog_leaves(store, vocab, args.hog_leaves)
     out["load_after"] = round(os.getloadavg()[0], 2)
     return out
 
@@ -137,6 +176,8 @@ def main() -> None:
     parser.add_argument("--waves", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--hog-leaves", type=float, default=5.0, metavar="SECONDS",
+                        help="then auto with a hog for this long and none after (0: skip)")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args))))
     sys.stdout.flush()
