@@ -47,7 +47,7 @@ class Tuning:
     wait_severe: float = 0.3    # a window this contended drops the count at once
     others_min: float = 0.2     # cores other processes must use for a wait to be theirs
     down_after: int = 2         # contended windows in a row before the count drops
-    probe_first: float = 2.0    # seconds before the first probe of the full count
+    probe_first: float = 1.0    # seconds before the first probe of the full count
     probe_max: float = 60.0     # the longest interval between probes
     slack: float = 0.25         # cores: other processes' use may leave this much short of one
 
