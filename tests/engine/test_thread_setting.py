@@ -105,3 +105,20 @@ def test_the_c_kernels_take_the_calling_thread_s_count(monkeypatch) -> None:
     matmul.few_rows_f32(torch.ones(4, 8), torch.ones(16, 8))
     torch.set_num_threads(main)     # torch's default for new threads, as it was
     assert passed == [other, main]
+
+
+async def test_nothing_adapts_beside_a_cuda_device() -> None:
+    from edgeserve.config import EngineConfig
+    from edgeserve.engine import Engine, cpu_signals
+
+    engines = [Engine(EngineConfig(), cuda=True), Engine(EngineConfig(), cuda=False)]
+    for engine in engines:
+        engine.start()
+    try:
+        adaptive = [await e.run(lambda e=e: e.threads.stats()["adaptive"]) for e in engines]
+    finally:
+        for engine in engines:
+            await engine.close()
+    assert adaptive[0] is False
+    if torch.get_num_threads() > 1 and cpu_signals.read() is not None:
+        assert adaptive[1] is True
