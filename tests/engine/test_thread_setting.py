@@ -4,6 +4,7 @@ keyword, and a fixed count applied on the step thread (where the forwards run)."
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -122,3 +123,32 @@ async def test_nothing_adapts_beside_a_cuda_device() -> None:
     assert adaptive[0] is False
     if torch.get_num_threads() > 1 and cpu_signals.read() is not None:
         assert adaptive[1] is True
+
+
+async def test_auto_lowers_the_step_thread_s_count_when_fed_contention(two_models) -> None:
+    """The step loop's hook: windows close between steps and the count they decide is the
+    one the next forwards use (counters fed: a core held by another process throughout)."""
+    from edgeserve.engine.cpu_signals import Reading
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: nothing to lower")
+    fed = {"wait": 0.0, "busy": 0.0}
+
+    def held() -> Reading:
+        now = time.monotonic()
+        fed["wait"] += 1.0                      # every read: a second more of waiting
+        fed["busy"] += 10.0
+        return Reading(now, fed["wait"], 0.0, fed["busy"])
+
+    async with EdgeServer(config=two_models) as es:
+        engine = es.engine
+        assert engine is not None
+        await es.load("llama")
+        before = await engine.run(torch.get_num_threads)
+        engine.threads._read = held             # from now on the counters say: contended
+        engine.threads.window = 0.001           # windows of a step or two
+        await es.complete("llama", [3, 4, 5], max_tokens=24, ignore_eos=True)
+        after = await engine.run(torch.get_num_threads)
+        stats = es.stats()["cpu_threads"]
+    assert before == stats["configured"] and after == stats["threads"] < before
+    assert stats["changes"] >= 1
