@@ -105,13 +105,12 @@ class Placer:
                     task: TaskSource | None, host_only: frozenset[str]
                     ) -> Callable[[], float]:
         """Before a load waits its turn: what it needs, announced; returns its cost
-        estimate for grouping. A file never seen that may share with resident units (under
-        a policy that shares) is hashed here, while the load waits, not in its turn (where
-        it would hold up the loads queued behind it)."""
+        estimate for grouping. A file never seen that may share with resident units is
+        hashed here, while the load waits, not in its turn (where it would hold up the
+        loads queued behind it)."""
         needs = await asyncio.to_thread(self.needs, model_id, weights, spec, task, host_only,
                                         set())
-        if self.s.policy.share and any(key is None for units in needs.values()
-                                       for key, _ in units):
+        if any(key is None for units in needs.values() for key, _ in units):
             sizes = self.resident_sizes()                  # never hashed: may it share?
             if sizes:
                 needs = await asyncio.to_thread(self.needs, model_id, weights, spec, task,

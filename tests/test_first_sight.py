@@ -12,7 +12,7 @@ from hf_models import hf_greedy, make_model
 
 from edgeserve import EdgeServer
 from edgeserve.checkpoint import HashCache, hash_file
-from edgeserve.config import Config, PoolConfig, SchedulerConfig, TierConfig
+from edgeserve.config import Config, PoolConfig, SchedulerConfig
 
 
 @pytest.fixture
@@ -153,18 +153,4 @@ async def test_a_file_that_may_share_is_hashed_before_the_load_s_turn(twins):
         report = await load
         assert report.bytes_from_device == report.bytes_total and report.bytes_released == 0
         assert hashes.computed == before + 1     # not hashed again in the turn
-        es.pools["cpu"].check_integrity()
-
-
-@pytest.mark.parametrize("policy", ["ollama", "no-sharing"])
-async def test_a_policy_that_never_shares_never_hashes_before_a_load(twins, policy):
-    store = twins
-    async with server(store, tiers=TierConfig(policy=policy)) as es:
-        await es.load("llama")
-        await es.load("llama-copy")          # equal bytes: only a policy that shares finds them
-        hashes = es.scheduler.hashes
-        assert hashes.computed == hashes.streamed == 2     # hashed as read, no pass before
-        assert es.models["llama-copy"].units.keys() == es.models["llama"].units.keys()
-        assert not set(u.key for u in es.models["llama"].units.values()) & \
-            set(u.key for u in es.models["llama-copy"].units.values())
         es.pools["cpu"].check_integrity()

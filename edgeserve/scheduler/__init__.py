@@ -249,7 +249,7 @@ class Scheduler(Residencies, RoomMaking):
                 prepared = await self.engine.run(prepare_frozen, path, spec, ctx, model_id,
                                                  attempt, sources, host_only)
             except PoolFull as e:
-                if not sources.known and ctx.share:    # sharing may make room: hash, retry
+                if not sources.known:      # sharing may make room: hash, then try again
                     sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id)
                     continue
                 if stop is not None:
