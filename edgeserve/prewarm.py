@@ -4,8 +4,10 @@ A model whose requests come in regular bursts (demand.py) is loaded shortly befo
 next burst is due, while the step thread is idle and no load runs: onto the device that
 placement scores best, when it has room or room held only by units of lower value than
 the model's: retained units, or idle models (not themselves prewarmed) whose units are
-all worth less. A prewarm never evicts a unit worth more than what it brings in. Else
-the model goes into the host tier, when that has room without dropping anything.
+all worth less. A prewarm never evicts a unit worth more than what it brings in: worth
+less is a lower decayed rate, or, for periodic models, a next burst that comes only after
+the incoming model's (its room is not needed before then). Else the model goes into the
+host tier, when that has room without dropping anything.
 A real request preempts a prewarm in progress at once: its reads stop at the next chunk
 and what it allocated goes back.
 
@@ -21,6 +23,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -197,9 +200,11 @@ class Prewarmer:
         need = sum(pool.blocks_for(m.nbytes) for m in missing) - pool.free_bytes // pool.block_size
         bw = s.ctx.bandwidth
         incoming = s.ctx.demand.score(model_id) / bw["disk"]
+        asked_after = self.asked_after(model_id, time.monotonic())
 
         def cheaper(unit: Unit) -> bool:
-            return s.ctx.reuse(unit) / bw[s.ctx.comes_back_from(unit)] < incoming
+            return s.ctx.reuse(unit) / bw[s.ctx.comes_back_from(unit)] < incoming or \
+                asked_after(s.ctx.models_of(unit))
 
         retained = [u for u in pool.policy([u for u in pool.units.values() if u.pins == 0])
                     if u.key is None or u.key not in keep]
@@ -216,6 +221,22 @@ class Prewarmer:
             if model:
                 victims.append(model)
         return victims if need <= 0 else None
+
+    def asked_after(self, model_id: str, now: float) -> Callable[[set[str]], bool]:
+        """Whether every one of some models is periodic, none has a request waiting, and
+        each is next asked for only after model_id's burst: keeping their units serves no
+        request before it (Belady's choice), so a prewarm may take their room even when
+        their decayed rate is higher. The prewarmer brings them back before their own."""
+        history, waiting = self.history, self.s.ctx.waiting
+        at = history.next_burst(model_id, now)
+
+        def check(models: set[str]) -> bool:
+            if at is None or not models:
+                return False
+            nexts = [history.next_burst(m, now) for m in models]
+            return all(n is not None and n > at + history.burst_gap and not waiting.get(m)
+                       for m, n in zip(models, nexts, strict=True))
+        return check
 
     def stats(self) -> dict[str, int | bool]:
         return {"enabled": self.enabled, **self.counts}

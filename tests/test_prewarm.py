@@ -129,3 +129,29 @@ async def test_a_prewarm_without_device_room_goes_to_the_host_tier(store):
         report = await es.load("llama")
         assert report.bytes_from_host == report.bytes_total > 0
         es.pools["cpu"].check_integrity()
+
+
+def bursts(es: EdgeServer, model: str, starts: list[float], size: int) -> None:
+    for start in starts:
+        for j in range(size):
+            es.scheduler.ctx.demand.record(model, start + 0.01 * j)
+
+
+@pytest.mark.parametrize("qwen2_next", [1.5, 0.2])
+async def test_a_prewarm_takes_the_room_of_a_model_asked_for_only_after_it(store, qwen2_next):
+    """qwen2 is asked for more (6 requests a burst against 1) but, when its next burst
+    comes after llama's, keeping it serves nothing before llama's: llama takes its room.
+    When qwen2's burst comes first, its higher rate keeps it."""
+    async with EdgeServer(config=config(store, pool=one_model_pool(store))) as es:
+        await es.load("qwen2")
+        now = time.monotonic()
+        bursts(es, "qwen2", [now + qwen2_next - 2.0 * i for i in (3, 2, 1)], 6)
+        bursts(es, "llama", [now + 0.3 - i for i in (3, 2, 1)], 1)
+        history = es.scheduler.prewarm.history
+        assert history.score("qwen2") > history.score("llama")
+        where = await es.scheduler.prewarm.prewarm("llama")
+        if qwen2_next > 0.3 + history.burst_gap:
+            assert where == "cpu" and "qwen2" not in es.models and "llama" in es.models
+        else:
+            assert where == "host" and "qwen2" in es.models and "llama" not in es.models
+        es.pools["cpu"].check_integrity()
