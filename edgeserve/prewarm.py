@@ -211,15 +211,26 @@ class Prewarmer:
         groups = [("", [u]) for u in retained] + [
             (m, [u for u in g if u.key is None or u.key not in keep])
             for m, g in s.placer.idle_units(pool, model_id) if m not in self.pending]
+        holders: dict[int, set[str]] = {}
+        for m, resident in s.models.items():
+            if resident.pool is pool:
+                for u in resident.distinct_units:
+                    holders.setdefault(u.id, set()).add(m)
         victims: list[str] = []
+        freed: set[int] = set()
         for model, group in groups:
             if need <= 0:
                 break
             if not all(cheaper(u) for u in group):
                 return None
-            need -= sum(u.nblocks for u in group)
             if model:
                 victims.append(model)
+            # A unit shared with a model that stays (a base beside its fine-tune) is freed
+            # only once every model holding it is a victim.
+            for u in group:
+                if u.id not in freed and holders.get(u.id, set()) <= set(victims):
+                    freed.add(u.id)
+                    need -= u.nblocks
         return victims if need <= 0 else None
 
     def asked_after(self, model_id: str, now: float) -> Callable[[set[str]], bool]:

@@ -155,3 +155,20 @@ async def test_a_prewarm_takes_the_room_of_a_model_asked_for_only_after_it(store
         else:
             assert where == "host" and "qwen2" in es.models and "llama" not in es.models
         es.pools["cpu"].check_integrity()
+
+
+async def test_a_prewarm_unloads_every_idle_model_holding_the_room_it_needs(store):
+    """A base and its copy share every unit: unloading one frees nothing, so the prewarm
+    unloads both (or none), never failing half way for want of room."""
+    shutil.copytree(store / "llama", store / "llama-copy")
+    async with EdgeServer(config=config(store, pool=one_model_pool(store))) as es:
+        await es.load("llama")
+        await es.load("llama-copy")
+        pool = es.pools["cpu"]
+        assert {u.id for u in es.models["llama"].distinct_units} == \
+            {u.id for u in es.models["llama-copy"].distinct_units}
+        periodic(es, "qwen2")
+        assert await es.scheduler.prewarm.prewarm("qwen2") == "cpu"
+        assert "qwen2" in es.models
+        assert "llama" not in es.models and "llama-copy" not in es.models
+        pool.check_integrity()
