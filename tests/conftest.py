@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -46,6 +47,15 @@ def family_store(tmp_path, tiny_store) -> Path:
         shutil.copytree(tiny_store / arch, root / arch)
     fine_tune(root / "llama", root / "llama-ft")
     return root
+
+
+@pytest.fixture
+def twins(tmp_path, tiny_store) -> Path:
+    """A store of `llama` and `llama-copy`: equal bytes, never hashed."""
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store / "llama", store / "llama")
+    shutil.copytree(tiny_store / "llama", store / "llama-copy")
+    return store
 
 
 @pytest.fixture(scope="session")

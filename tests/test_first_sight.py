@@ -4,7 +4,6 @@ units and keys as a load with cached hashes, and no second pass over the file.""
 from __future__ import annotations
 
 import asyncio
-import shutil
 
 import pytest
 import torch
@@ -13,15 +12,6 @@ from hf_models import hf_greedy, make_model
 from edgeserve import EdgeServer
 from edgeserve.checkpoint import HashCache, hash_file
 from edgeserve.config import Config, PoolConfig, SchedulerConfig
-
-
-@pytest.fixture
-def twins(tmp_path, tiny_store):
-    """A store of `llama` and `llama-copy`, equal bytes never hashed."""
-    store = tmp_path / "store"
-    shutil.copytree(tiny_store / "llama", store / "llama")
-    shutil.copytree(tiny_store / "llama", store / "llama-copy")
-    return store
 
 
 def server(store, device: str = "cpu", **kw) -> EdgeServer:

@@ -7,7 +7,6 @@ import os
 import shutil
 import threading
 
-import pytest
 from hf_models import make_model
 from safetensors.torch import load_file, save_file
 from test_reuse import fine_tune
@@ -19,15 +18,6 @@ from edgeserve.checkpoint import HashCache, hash_file, read_header
 from edgeserve.cli import build_parser, edge_server
 from edgeserve.config import Config, PoolConfig, SchedulerConfig, TierConfig, from_env
 from edgeserve.store_hashing import plan
-
-
-@pytest.fixture
-def twins(tmp_path, tiny_store):
-    """`llama` and `llama-copy`: equal bytes, never hashed."""
-    store = tmp_path / "store"
-    shutil.copytree(tiny_store / "llama", store / "llama")
-    shutil.copytree(tiny_store / "llama", store / "llama-copy")
-    return store
 
 
 def server(store, idle: bool = True, policy: str = "edgeserve") -> EdgeServer:
