@@ -170,16 +170,17 @@ class StoreHashing:
 
     # ---- idle time ---------------------------------------------------------------------
     def idle(self) -> bool:
-        """(any thread) No sequence, no load, no prewarm; nothing asked for since go was set."""
-        s = self.s
-        return (self.go.is_set() and s.engine.num_running + s.engine.num_waiting == 0
-                and not s._loading and s.prewarm.current is None)
+        """(any thread) Prewarming's idle time, no prewarm running, and nothing asked for
+        since go was set."""
+        return self.go.is_set() and self._quiet()
+
+    def _quiet(self) -> bool:
+        return self.s.prewarm.idle() and self.s.prewarm.current is None
 
     async def tick(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         s = self.s
-        if not self.enabled or now - self.last_demand < QUIET or not s.prewarm.idle() \
-                or s.prewarm.current:
+        if not self.enabled or now - self.last_demand < QUIET or not self._quiet():
             return
         self.go.set()
         if not self.jobs and self.current is None:
