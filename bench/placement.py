@@ -188,7 +188,8 @@ def main() -> None:
     warmup = args.duration / 3
     on_off: dict[bool, dict[str, object]] = {}
     for prewarm in (False, True) if "periodic" in traces else ():
-        on_off[prewarm] = asyncio.run(replay("affinity", periodic, pool, prewarm, warmup))
+        log = args.log / f"periodic-{'on' if prewarm else 'off'}.jsonl" if args.log else None
+        on_off[prewarm] = asyncio.run(replay("affinity", periodic, pool, prewarm, warmup, log))
         print(json.dumps({**head, "trace": "periodic", **on_off[prewarm]}))
 
     def ratio(a: dict[str, object], b: dict[str, object], key: str) -> float:

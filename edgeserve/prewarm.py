@@ -1,13 +1,11 @@
 """Predictive prewarming: load the models predicted to be asked for next, in idle time.
 
 A model whose requests come in regular bursts (demand.py) is loaded shortly before its
-next burst is due, while the step thread is idle and no load runs: onto the device that
-placement scores best, when it has room or room held only by units of lower value than
-the model's: retained units, or idle models (not themselves prewarmed) whose units are
-all worth less. A prewarm never evicts a unit worth more than what it brings in: worth
-less is a lower decayed rate, or, for periodic models, a next burst that comes only after
-the incoming model's (its room is not needed before then). Else the model goes into the
-host tier, when that has room without dropping anything.
+next burst is due, while the step thread is idle and no load runs: onto a device with
+room, or room held only by units worth less than the model until its burst (which room,
+and which device: prewarm_room.py). A prewarm never evicts a unit worth more than what
+it brings in. Else the model goes into the host tier, when that has room without
+dropping anything.
 A real request preempts a prewarm in progress at once: its reads stop at the next chunk
 and what it allocated goes back.
 
@@ -23,16 +21,14 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from edgeserve.blocks.pack import is_task_dir
 from edgeserve.demand import DemandHistory
 from edgeserve.loader import read_spec
-from edgeserve.placement import missing_units
-from edgeserve.pool import Unit
 from edgeserve.prewarm_host import read_to_host
+from edgeserve.prewarm_room import PrewarmRoom
 from edgeserve.tiers import LoadCancelled, ReadOptions
 
 if TYPE_CHECKING:
@@ -41,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeserve.prewarm")
 TICK = 0.05           # seconds between two looks at the demand history
 LEAD = 2.0            # prewarm at most this long before a burst is due (or half a period)
-RETRY = 0.5           # seconds before a prewarm that found no room is tried again
+RETRY = 0.1           # seconds before a prewarm that found no room is tried again
 
 
 @dataclass(slots=True)
@@ -59,6 +55,7 @@ class Prewarmer:
         self.tried: dict[str, float] = {}       # model -> when a prewarm last failed
         self.current: _Current | None = None
         self._task: asyncio.Task[None] | None = None
+        self.rooms = PrewarmRoom(scheduler, lambda: set(self.pending))
 
     # ---- life cycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -171,83 +168,22 @@ class Prewarmer:
         needs = await asyncio.to_thread(s.placer.needs, model_id, path, spec, None, frozenset(),
                                         sizes)
         scores = await s.engine.run(s.placer.scores, model_id, needs)
-        best = s.placer.placement.choose(scores)
-        victims = await s.engine.run(self.room, model_id, needs[best.device], best.device)
-        if best.fits and victims is not None:
+        room = await s.engine.run(self.rooms.choose, model_id, needs, scores)
+        if room is not None:
             with contextlib.suppress(LoadCancelled):
-                for victim in victims:
+                for victim in room.victims:
                     ReadOptions(stop=stop).check()
                     await s.unload(victim)
-                await s.load(model_id, best.device, stop)
-                return best.device
+                await s.load(model_id, room.device, stop)
+                return room.device
             if stop.is_set():
                 raise LoadCancelled("the prewarm yielded")
             return None
         if s.host is None:
             return None
+        best = s.placer.placement.choose(scores)
         nbytes = await asyncio.to_thread(read_to_host, s, model_id, path, best.device, stop)
         return "host" if nbytes else None
-
-    def room(self, model_id: str, units: list[tuple[str | None, int]], device: str
-             ) -> list[str] | None:
-        """(step thread) The idle models to unload so that model_id fits on device, evicting
-        only units each worth less (reuse / bandwidth back) than the model's are (its
-        demand / disk bandwidth): retained units first, then idle models not prewarmed
-        themselves. None when the model cannot fit that way."""
-        s = self.s
-        pool = s.pools[device]
-        missing, keep = missing_units(units, lambda k: pool.lookup(k) is not None, s.host)
-        need = sum(pool.blocks_for(m.nbytes) for m in missing) - pool.free_bytes // pool.block_size
-        bw = s.ctx.bandwidth
-        incoming = s.ctx.demand.score(model_id) / bw["disk"]
-        asked_after = self.asked_after(model_id, time.monotonic())
-
-        def cheaper(unit: Unit) -> bool:
-            return s.ctx.reuse(unit) / bw[s.ctx.comes_back_from(unit)] < incoming or \
-                asked_after(s.ctx.models_of(unit))
-
-        retained = [u for u in pool.policy([u for u in pool.units.values() if u.pins == 0])
-                    if u.key is None or u.key not in keep]
-        groups = [("", [u]) for u in retained] + [
-            (m, [u for u in g if u.key is None or u.key not in keep])
-            for m, g in s.placer.idle_units(pool, model_id) if m not in self.pending]
-        holders: dict[int, set[str]] = {}
-        for m, resident in s.models.items():
-            if resident.pool is pool:
-                for u in resident.distinct_units:
-                    holders.setdefault(u.id, set()).add(m)
-        victims: list[str] = []
-        freed: set[int] = set()
-        for model, group in groups:
-            if need <= 0:
-                break
-            if not all(cheaper(u) for u in group):
-                return None
-            if model:
-                victims.append(model)
-            # A unit shared with a model that stays (a base beside its fine-tune) is freed
-            # only once every model holding it is a victim.
-            for u in group:
-                if u.id not in freed and holders.get(u.id, set()) <= set(victims):
-                    freed.add(u.id)
-                    need -= u.nblocks
-        return victims if need <= 0 else None
-
-    def asked_after(self, model_id: str, now: float) -> Callable[[set[str]], bool]:
-        """Whether every one of some models is periodic, none has a request waiting, and
-        each is next asked for only after model_id's burst: keeping their units serves no
-        request before it (Belady's choice), so a prewarm may take their room even when
-        their decayed rate is higher. The prewarmer brings them back before their own."""
-        history, waiting = self.history, self.s.ctx.waiting
-        at = history.next_burst(model_id, now)
-
-        def check(models: set[str]) -> bool:
-            if at is None or not models:
-                return False
-            nexts = [history.next_burst(m, now) for m in models]
-            return all(n is not None and n > at + history.burst_gap and not waiting.get(m)
-                       for m, n in zip(models, nexts, strict=True))
-        return check
 
     def stats(self) -> dict[str, int | bool]:
         return {"enabled": self.enabled, **self.counts}

@@ -10,13 +10,14 @@ their unit with no staging at all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import queue
 import threading
 import weakref
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -93,6 +94,7 @@ class HostTier:
         self.used = 0
         self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
+        self._protected: Counter[str] = Counter()     # keys a load in progress will read
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
@@ -112,14 +114,31 @@ class HostTier:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return True
-            while self.used + nbytes > self.capacity:
-                _, old = self._entries.popitem(last=False)
-                self.used -= old.numel()
+            if self.used + nbytes > self.capacity:
+                droppable = [k for k in self._entries if k not in self._protected]
+                while self.used + nbytes > self.capacity:
+                    if not droppable:
+                        return False
+                    self.used -= self._entries.pop(droppable.pop(0)).numel()
             buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
             buf.copy_(data.reshape(-1).view(torch.uint8))
             self._entries[key] = buf
             self.used += nbytes
             return True
+
+    @contextlib.contextmanager
+    def protect(self, keys: Iterable[str]) -> Iterator[None]:
+        """While a load makes room and reads: its units' copies are never dropped to make
+        room for others (the units it evicts are demoted here while it runs)."""
+        held = Counter(keys)
+        with self._lock:
+            self._protected.update(held)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._protected.subtract(held)
+                self._protected = +self._protected
 
     def drop(self, key: str) -> None:
         with self._lock:

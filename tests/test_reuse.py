@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -172,3 +173,36 @@ async def test_corrupt_header_fails_only_that_load(store):
             await es.load("bad")
         assert (await running).usage.completion_tokens == 20
         es.pools["cpu"].check_integrity()
+
+
+def weight_bytes(path) -> int:
+    return sum(4 * torch.Size(u.shape).numel() for u in weight_plan(read_spec(path)).values())
+
+
+async def test_a_load_reads_its_host_copies_though_making_room_demotes_others(store):
+    """One model fits the pool and one the host tier: loading llama back evicts qwen2,
+    whose demotion must not push out the llama copies this very load reads."""
+    sizes = [weight_bytes(store / m) for m in ("llama", "qwen2")]
+    assert sum(sizes) > pool_for_two(store) * 6 // 10 > max(sizes)
+    cfg = config(store, pool=str(pool_for_two(store) * 6 // 10))
+    cfg = replace(cfg, tiers=replace(cfg.tiers, host_size=max(sizes) * 21 // 20))
+    async with EdgeServer(config=cfg) as es:
+        reports = [await es.load(m) for m in ("llama", "qwen2", "llama", "qwen2")]
+        # Every reload comes back from the device and the host tier, nothing from disk.
+        for report in reports[2:]:
+            assert report.bytes_from_disk == 0 and report.bytes_from_host > 0
+        assert es.host is not None and es.host.used <= es.host.capacity
+        es.pools["cpu"].check_integrity()
+
+
+def test_the_host_tier_keeps_protected_copies_and_refuses_what_would_drop_them():
+    from edgeserve.tiers import HostTier
+
+    host = HostTier(capacity=100)
+    assert host.put("a", torch.zeros(60, dtype=torch.uint8))
+    with host.protect(["a"]):
+        assert not host.put("b", torch.zeros(60, dtype=torch.uint8))   # only "a" to drop
+        assert "a" in host and "b" not in host
+        assert host.put("c", torch.zeros(30, dtype=torch.uint8))       # room left: kept
+    assert host.put("b", torch.zeros(60, dtype=torch.uint8))           # "a" may go now
+    assert "a" not in host and "b" in host and host.used <= 100

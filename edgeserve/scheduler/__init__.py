@@ -14,6 +14,7 @@ unloads it; a pinned model never leaves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
@@ -242,26 +243,29 @@ class Scheduler(Residencies, RoomMaking):
         deadline = time.monotonic() + BUSY_WAIT
         sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id,
                                           bool(host_only) or not self.config.first_sight)
-        while True:
-            ReadOptions(stop=stop).check()
-            attempt = replace(report)
-            try:
-                prepared = await self.engine.run(prepare_frozen, path, spec, ctx, model_id,
-                                                 attempt, sources, host_only)
-            except PoolFull as e:
-                if not sources.known:      # sharing may make room: hash, then try again
-                    sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id)
+        host = ctx.host.protect(sources.keys.values()) if ctx.host is not None \
+            else contextlib.nullcontext()
+        with host:      # copies of its units in the host tier stay while it makes room
+            while True:
+                ReadOptions(stop=stop).check()
+                attempt = replace(report)
+                try:
+                    prepared = await self.engine.run(prepare_frozen, path, spec, ctx, model_id,
+                                                     attempt, sources, host_only)
+                except PoolFull as e:
+                    if not sources.known:      # sharing may make room: hash, then try again
+                        sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id)
+                        continue
+                    if stop is not None:
+                        raise
+                    waited = time.perf_counter()
+                    await self._make_room(ctx.pool, model_id, deadline, e)
+                    report.room_seconds += time.perf_counter() - waited
                     continue
-                if stop is not None:
-                    raise
-                waited = time.perf_counter()
-                await self._make_room(ctx.pool, model_id, deadline, e)
-                report.room_seconds += time.perf_counter() - waited
-                continue
-            for name in ("bytes_total", "bytes_from_device", "bytes_from_host",
-                         "bytes_from_disk"):
-                setattr(report, name, getattr(attempt, name))
-            return prepared, sources
+                for name in ("bytes_total", "bytes_from_device", "bytes_from_host",
+                             "bytes_from_disk"):
+                    setattr(report, name, getattr(attempt, name))
+                return prepared, sources
 
     async def ready(self, model_id: str,
                     load: Callable[[str], Awaitable[LoadReport]] | None = None
