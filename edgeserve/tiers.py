@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import queue
+import sys
 import threading
 import weakref
 from collections import Counter, OrderedDict
@@ -114,17 +115,33 @@ class HostTier:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return True
-            if self.used + nbytes > self.capacity:
-                droppable = [k for k in self._entries if k not in self._protected]
-                while self.used + nbytes > self.capacity:
-                    if not droppable:
-                        return False
-                    self.used -= self._entries.pop(droppable.pop(0)).numel()
-            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+            fits, buf = self._make_room(nbytes)
+            if not fits:
+                return False
+            if buf is None:
+                buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
             buf.copy_(data.reshape(-1).view(torch.uint8))
             self._entries[key] = buf
             self.used += nbytes
             return True
+
+    def _make_room(self, nbytes: int) -> tuple[bool, torch.Tensor | None]:
+        """(lock held) Drop least recently used copies, never protected ones, until nbytes
+        fit; False (nothing dropped) if they cannot. A dropped buffer of exactly nbytes that
+        nobody reads any more comes back for reuse: its pages are mapped (and pinned)
+        already, where a new one would fault in every page again."""
+        droppable = [k for k in self._entries if k not in self._protected]
+        over = self.used + nbytes - self.capacity
+        if over > 0 and sum(self._entries[k].numel() for k in droppable) < over:
+            return False, None
+        reuse: torch.Tensor | None = None
+        while self.used + nbytes > self.capacity:
+            old = self._entries.pop(droppable.pop(0))
+            self.used -= old.numel()
+            if reuse is None and old.numel() == nbytes and sys.getrefcount(old) <= 2:
+                reuse = old
+            del old
+        return True, reuse
 
     @contextlib.contextmanager
     def protect(self, keys: Iterable[str]) -> Iterator[None]:

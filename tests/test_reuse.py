@@ -206,3 +206,19 @@ def test_the_host_tier_keeps_protected_copies_and_refuses_what_would_drop_them()
         assert host.put("c", torch.zeros(30, dtype=torch.uint8))       # room left: kept
     assert host.put("b", torch.zeros(60, dtype=torch.uint8))           # "a" may go now
     assert "a" not in host and "b" in host and host.used <= 100
+
+
+def test_the_host_tier_reuses_a_dropped_buffer_only_when_nobody_reads_it():
+    from edgeserve.tiers import HostTier
+
+    host = HostTier(capacity=100)
+    host.put("a", torch.arange(60, dtype=torch.uint8))
+    reading = host.get("a")                          # a load still copies from it
+    assert reading is not None
+    host.put("b", torch.ones(60, dtype=torch.uint8))
+    assert "a" not in host and torch.equal(reading, torch.arange(60, dtype=torch.uint8))
+    del reading
+    address = host.get("b").data_ptr()               # type: ignore[union-attr]
+    host.put("c", torch.full((60,), 7, dtype=torch.uint8))
+    c = host.get("c")
+    assert c is not None and c.data_ptr() == address and torch.equal(c, torch.full_like(c, 7))
