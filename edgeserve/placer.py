@@ -90,7 +90,7 @@ class Placer:
                 nbytes = {n: unit_nbytes(u, sources.schemes.get(n), ctx.dtype)
                           for n, u in plan.items()}            # quantized units: smaller
                 keys = sources.keys
-                if not keys and sizes & set(nbytes.values()):
+                if not keys and self.s.policy.share and sizes & set(nbytes.values()):
                     keys = Sources.scan(weights, spec, ctx, model_id).keys
                 units: list[tuple[str | None, int]] = [
                     (keys.get(name), nbytes[name]) for name in plan if name not in host_only]
@@ -110,7 +110,8 @@ class Placer:
         loads queued behind it)."""
         needs = await asyncio.to_thread(self.needs, model_id, weights, spec, task, host_only,
                                         set())
-        if any(key is None for units in needs.values() for key, _ in units):
+        if self.s.policy.share and any(key is None for units in needs.values()
+                                       for key, _ in units):
             sizes = self.resident_sizes()                  # never hashed: may it share?
             if sizes:
                 needs = await asyncio.to_thread(self.needs, model_id, weights, spec, task,

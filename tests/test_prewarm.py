@@ -211,3 +211,18 @@ async def test_a_prewarm_takes_the_device_whose_models_are_asked_for_latest(
         assert "qwen2" not in es.models and es.models["mistral"].pool.device == sooner
         for p in es.pools.values():
             p.check_integrity()
+
+
+async def test_a_request_joining_a_prewarm_that_just_yielded_loads_anew(store):
+    """The prewarm's load ended (cancelled) but is still listed, its done callback not yet
+    run: a real load that joins it must start its own load, not join it again forever."""
+    from edgeserve.tiers import LoadCancelled
+
+    async with EdgeServer(config=config(store)) as es:
+        ended: asyncio.Future = asyncio.get_running_loop().create_future()
+        ended.set_exception(LoadCancelled("the prewarm yielded"))
+        es.scheduler._loading["llama"] = ended        # type: ignore[assignment]
+        report = await asyncio.wait_for(es.load("llama"), 30)
+        assert "llama" in es.models and report.bytes_total > 0
+        assert "llama" not in es.scheduler._loading
+        es.pools["cpu"].check_integrity()

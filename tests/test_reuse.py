@@ -222,3 +222,18 @@ def test_the_host_tier_reuses_a_dropped_buffer_only_when_nobody_reads_it():
     host.put("c", torch.full((60,), 7, dtype=torch.uint8))
     c = host.get("c")
     assert c is not None and c.data_ptr() == address and torch.equal(c, torch.full_like(c, 7))
+
+
+@pytest.mark.parametrize("policy", ["ollama", "no-sharing"])
+async def test_a_policy_that_never_shares_never_hashes_a_file_in_a_pass_of_its_own(
+        store, policy):
+    """Hashes only find equal bytes in other models: a load under a policy that shares
+    nothing takes the hashes its reader threads compute anyway, and never reads a file
+    a second time to hash it, even when it must make room (or places beside residents)."""
+    cfg = config(store, pool=str(pool_for_two(store) * 6 // 10), policy=policy)
+    async with EdgeServer(config=cfg) as es:
+        for model_id in ("llama", "qwen2", "mistral", "llama"):
+            await es.complete(model_id, [1, 2, 3], max_tokens=2)
+        hashes = es.scheduler.hashes
+        assert hashes.streamed >= 3 and hashes.computed == hashes.streamed
+        es.pools["cpu"].check_integrity()

@@ -115,25 +115,31 @@ class Scheduler(Residencies, RoomMaking):
         """Make model_id resident, on `device` or where placement scores best; concurrent
         calls for one model share one load. `stop` set: the load gives up (a prewarm)."""
         self.placer.check_device(device)
-        self.idle_hashing.demand()
-        if stop is None:
-            self.prewarm.real_load(model_id)
-        if model_id in self.models:
-            self.placer.resident_elsewhere(model_id, device)
-            model = self.models[model_id]
-            return LoadReport(model_id, model.pool.device, 0.0, model.weight_bytes,
-                              bytes_from_device=model.weight_bytes)
-        task = self._loading.get(model_id)
-        if task is None:
-            task = asyncio.create_task(self._load(model_id, device, stop))
-            self._loading[model_id] = task
-            task.add_done_callback(lambda _: self._loading.pop(model_id, None))
-        try:
-            return await asyncio.shield(task)
-        except LoadCancelled:
-            if stop is not None:
-                raise
-            return await self.load(model_id, device)   # joined a prewarm that yielded
+        while True:
+            self.idle_hashing.demand()
+            if stop is None:
+                self.prewarm.real_load(model_id)
+            if model_id in self.models:
+                self.placer.resident_elsewhere(model_id, device)
+                model = self.models[model_id]
+                return LoadReport(model_id, model.pool.device, 0.0, model.weight_bytes,
+                                  bytes_from_device=model.weight_bytes)
+            task = self._loading.get(model_id)
+            if task is None:
+                task = asyncio.create_task(self._load(model_id, device, stop))
+                self._loading[model_id] = task
+                task.add_done_callback(
+                    lambda t: self._loading.pop(model_id) if self._loading.get(model_id) is t
+                    else None)
+            try:
+                return await asyncio.shield(task)
+            except LoadCancelled:
+                if stop is not None:
+                    raise
+                # Joined a prewarm that yielded: load anew. The ended task may still be
+                # listed (its done callback has not run when it ended before we awaited).
+                if self._loading.get(model_id) is task:
+                    del self._loading[model_id]
 
     def context(self, pool: BlockPool) -> LoadContext:
         return LoadContext(pool, self.dtype_for(pool.device), self.hashes, self.host, self.disk,
@@ -253,7 +259,7 @@ class Scheduler(Residencies, RoomMaking):
                     prepared = await self.engine.run(prepare_frozen, path, spec, ctx, model_id,
                                                      attempt, sources, host_only)
                 except PoolFull as e:
-                    if not sources.known:      # sharing may make room: hash, then try again
+                    if not sources.known and self.policy.share:   # sharing may make room
                         sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id)
                         continue
                     if stop is not None:
