@@ -3,9 +3,12 @@ requests served in arrival order and each device holding one base's family at a 
 
 Offline: Belady's choice (evict the family asked for latest: `family_misses`, the bound the
 benchmark prints). Online, from the past only: LRU (evict the family used least recently),
-and by decayed demand (evict the family with the least decayed request count, half-life
+by decayed demand (evict the family with the least decayed request count, half-life
 120 s as in `edgeserve.eviction.Demand`; the placement score's order when every family's
-units cost the same to bring back). No server runs: it counts decisions, in a second.
+units cost the same to bring back); and two online rules told more than the past can
+show (each family's share of the whole trace; that and the periodic model's schedule),
+which bound what a better estimate of demand could gain. No server runs: it counts
+decisions, in a second.
 
     .venv/bin/python bench/placement_bound.py [--seeds 0,1,2,3] [--requests 100]
 """
@@ -51,6 +54,30 @@ def decayed(half_life: float) -> Rule:
     return score
 
 
+def known_popularity(trace: list[tuple[float, str]], period: float | None = None) -> Rule:
+    """An online rule told what the past cannot show: every family's share of the whole
+    trace (the best rule for independent requests keeps the most popular families), and,
+    given `period`, when the periodic model's next burst comes (a family whose next request
+    is surely sooner is kept first). Families rank by the expected wait to their next
+    request."""
+    periodic = next((m for t, m in trace if t > 0 and abs(t / (period or 1) - round(
+        t / (period or 1))) < 1e-9), None) if period else None
+    counts: dict[str, int] = {}
+    for _, model in trace:
+        if model != periodic:
+            family = model.split("-ft")[0]
+            counts[family] = counts.get(family, 0) + 1
+    span = trace[-1][0]
+
+    def score(family: str, now: float, seen: list[tuple[float, str]]) -> float:
+        rate = counts.get(family, 0) / span
+        wait = 1 / rate if rate else math.inf
+        if period and periodic is not None and periodic.split("-ft")[0] == family:
+            wait = min(wait, (math.floor(now / period + 1e-9) + 1) * period - now)
+        return -wait
+    return score
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2,3")
@@ -62,7 +89,10 @@ def main() -> None:
         print(json.dumps({"seed": seed, "requests": len(trace),
                           "belady": family_misses(trace, 2),
                           "lru": misses(trace, 2, last_use),
-                          "decayed_demand": misses(trace, 2, decayed(120.0))}))
+                          "decayed_demand": misses(trace, 2, decayed(120.0)),
+                          "known_popularity": misses(trace, 2, known_popularity(trace)),
+                          "known_popularity_and_period":
+                              misses(trace, 2, known_popularity(trace, 3.0))}))
 
 
 if __name__ == "__main__":

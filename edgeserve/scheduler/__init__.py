@@ -14,13 +14,12 @@ unloads it; a pinned model never leaves.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -43,8 +42,6 @@ from edgeserve.loader import (
     HostUnits,
     LoadContext,
     LoadReport,
-    Prepared,
-    Sources,
     abort,
     fill,
     read_spec,
@@ -52,11 +49,11 @@ from edgeserve.loader import (
 from edgeserve.metrics import Metrics
 from edgeserve.model import ResidentModel
 from edgeserve.placer import Placer
-from edgeserve.pool import BlockPool, PoolFull
+from edgeserve.pool import BlockPool
 from edgeserve.prewarm import Prewarmer
 from edgeserve.quant.cache import QuantCache
 from edgeserve.residency import Residencies, Residency
-from edgeserve.scheduler.loading import load_scheme, prepare_frozen, progress
+from edgeserve.scheduler.loading import load_scheme, progress
 from edgeserve.scheduler.room import BUSY_WAIT, RoomMaking
 from edgeserve.scheduler.turns import Load, placed_turn
 from edgeserve.store import ModelStore, split_tag
@@ -239,39 +236,6 @@ class Scheduler(Residencies, RoomMaking):
         except BaseException:
             await self.engine.run(model.release, self.policy.retain)
             raise
-
-    async def _prepare(self, model_id: str, path: Path, spec: ModelSpec, ctx: LoadContext,
-                       report: LoadReport, host_only: frozenset[str],
-                       stop: threading.Event | None) -> tuple[Prepared, Sources]:
-        """Pin and allocate the model's units, unloading idle models while memory is short
-        (and waiting for busy ones to go idle, up to BUSY_WAIT seconds; a prewarm never
-        unloads). Keys of files never hashed stay unknown unless room runs short."""
-        deadline = time.monotonic() + BUSY_WAIT
-        sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id,
-                                          bool(host_only) or not self.config.first_sight)
-        host = ctx.host.protect(sources.keys.values()) if ctx.host is not None \
-            else contextlib.nullcontext()
-        with host:      # copies of its units in the host tier stay while it makes room
-            while True:
-                ReadOptions(stop=stop).check()
-                attempt = replace(report)
-                try:
-                    prepared = await self.engine.run(prepare_frozen, path, spec, ctx, model_id,
-                                                     attempt, sources, host_only)
-                except PoolFull as e:
-                    if not sources.known and self.policy.share:   # sharing may make room
-                        sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id)
-                        continue
-                    if stop is not None:
-                        raise
-                    waited = time.perf_counter()
-                    await self._make_room(ctx.pool, model_id, deadline, e)
-                    report.room_seconds += time.perf_counter() - waited
-                    continue
-                for name in ("bytes_total", "bytes_from_device", "bytes_from_host",
-                             "bytes_from_disk"):
-                    setattr(report, name, getattr(attempt, name))
-                return prepared, sources
 
     async def ready(self, model_id: str,
                     load: Callable[[str], Awaitable[LoadReport]] | None = None

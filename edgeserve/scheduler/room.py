@@ -1,18 +1,28 @@
-"""Making room in a pool: idle models unloaded (waiting for busy ones), and evicted weight
-units demoted to the host tier first. A mixin of `Scheduler`, which owns the models."""
+"""Making room in a pool: a load's units allocated while idle models are unloaded (waiting
+for busy ones), evicted weight units demoted to the host tier first. A mixin of
+`Scheduler`, which owns the models."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgeserve.arch.spec import ModelSpec
 from edgeserve.events import publish
+from edgeserve.loader import LoadContext, LoadReport, Prepared, Sources
 from edgeserve.pool import BlockPool, PoolFull, Unit, UnitKind
 from edgeserve.residency import Residency
+from edgeserve.scheduler.loading import prepare_frozen
+from edgeserve.tiers import ReadOptions
 
 if TYPE_CHECKING:
+    from edgeserve.config import SchedulerConfig
     from edgeserve.engine import Engine
     from edgeserve.eviction import EvictionPolicy, PolicyContext
     from edgeserve.model import ResidentModel
@@ -32,6 +42,7 @@ class RoomMaking:
     ctx: PolicyContext
     host: HostTier | None
     pools: dict[str, BlockPool]
+    config: SchedulerConfig
 
     if TYPE_CHECKING:
         async def unload(self, model_id: str) -> None: ...
@@ -49,6 +60,39 @@ class RoomMaking:
             if not self._busy(pool, loading) or time.monotonic() > deadline:
                 raise error
             await asyncio.sleep(0.005)      # their requests end soon: then unload
+
+    async def _prepare(self, model_id: str, path: Path, spec: ModelSpec, ctx: LoadContext,
+                       report: LoadReport, host_only: frozenset[str],
+                       stop: threading.Event | None) -> tuple[Prepared, Sources]:
+        """Pin and allocate the model's units, unloading idle models while memory is short
+        (and waiting for busy ones to go idle, up to BUSY_WAIT seconds; a prewarm never
+        unloads). Keys of files never hashed stay unknown unless room runs short."""
+        deadline = time.monotonic() + BUSY_WAIT
+        sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id,
+                                          bool(host_only) or not self.config.first_sight)
+        host = ctx.host.protect(sources.keys.values()) if ctx.host is not None \
+            else contextlib.nullcontext()
+        with host:      # copies of its units in the host tier stay while it makes room
+            while True:
+                ReadOptions(stop=stop).check()
+                attempt = replace(report)
+                try:
+                    prepared = await self.engine.run(prepare_frozen, path, spec, ctx, model_id,
+                                                     attempt, sources, host_only)
+                except PoolFull as e:
+                    if not sources.known and self.policy.share:   # sharing may make room
+                        sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id)
+                        continue
+                    if stop is not None:
+                        raise
+                    waited = time.perf_counter()
+                    await self._make_room(ctx.pool, model_id, deadline, e)
+                    report.room_seconds += time.perf_counter() - waited
+                    continue
+                for name in ("bytes_total", "bytes_from_device", "bytes_from_host",
+                             "bytes_from_disk"):
+                    setattr(report, name, getattr(attempt, name))
+                return prepared, sources
 
     def _busy(self, pool: BlockPool, loading: str) -> bool:
         """Models that could make room once their running requests end."""
