@@ -87,10 +87,12 @@ def test_map_shows_blocks_after_load_and_retained_after_unload(serve: Any, page:
     s = wait_summary(page, "s.models['demo-llama'] && s.models['demo-llama'].pinned > 0")
     loaded = s["models"]["demo-llama"]
     assert loaded["retained"] == 0 and loaded["kinds"]["weight"] == loaded["pinned"]
-    blocks = server.call(_model_blocks(server, "demo-llama"))
-    assert loaded["pinned"] == blocks
+    # Units are pinned (and shown) while the load still fills them; the model is listed
+    # once the load is done, which the loads counter shows.
     p.wait_for_selector(".tile:has(.label:text-is('loads')) .value:text-is('1')",
                         timeout=TIMEOUT)
+    blocks = server.call(_model_blocks(server, "demo-llama"))
+    assert loaded["pinned"] == blocks
     swatches = p.eval_on_selector_all("#models i", "is => is.map(i => i.style.background)")
     assert len(set(swatches)) == 2           # each model its own shade
     page.screenshot("loaded")
