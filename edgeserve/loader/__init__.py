@@ -100,10 +100,19 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
     before allocating anything when the missing units cannot fit even after eviction.
     The units named in host_only are read into host memory instead (a MoE model's experts
     beyond its budget). Without keys (files never hashed), every unit is allocated without
-    a key, to be keyed once read (first_sight.py)."""
+    a key, to be keyed once read (first_sight.py). While it evicts, the host tier keeps
+    the copies of its own units (the units evicted are demoted there meanwhile)."""
     sources = sources or Sources.scan(model_dir, spec, ctx, owner)
+    if ctx.host is None:
+        return _allocate(ctx, owner, report, sources, weight_plan(spec), host_only)
+    with ctx.host.protect(sources.keys.values()):
+        return _allocate(ctx, owner, report, sources, weight_plan(spec), host_only)
+
+
+def _allocate(ctx: LoadContext, owner: str, report: LoadReport, sources: Sources,
+              whole: dict[str, WeightUnit], host_only: frozenset[str]) -> Prepared:
     tensors, keys = sources.tensors, sources.keys
-    pool, whole = ctx.pool, weight_plan(spec)
+    pool = ctx.pool
     plan = {n: u for n, u in whole.items() if n not in host_only}
     schemes = sources.schemes
     out = Prepared({}, schemes=schemes)

@@ -5,7 +5,6 @@ for busy ones), evicted weight units demoted to the host tier first. A mixin of
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -70,29 +69,26 @@ class RoomMaking:
         deadline = time.monotonic() + BUSY_WAIT
         sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id,
                                           bool(host_only) or not self.config.first_sight)
-        host = ctx.host.protect(sources.keys.values()) if ctx.host is not None \
-            else contextlib.nullcontext()
-        with host:      # copies of its units in the host tier stay while it makes room
-            while True:
-                ReadOptions(stop=stop).check()
-                attempt = replace(report)
-                try:
-                    prepared = await self.engine.run(prepare_frozen, path, spec, ctx, model_id,
-                                                     attempt, sources, host_only)
-                except PoolFull as e:
-                    if not sources.known and self.policy.share:   # sharing may make room
-                        sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id)
-                        continue
-                    if stop is not None:
-                        raise
-                    waited = time.perf_counter()
-                    await self._make_room(ctx.pool, model_id, deadline, e)
-                    report.room_seconds += time.perf_counter() - waited
+        while True:
+            ReadOptions(stop=stop).check()
+            attempt = replace(report)
+            try:
+                prepared = await self.engine.run(prepare_frozen, path, spec, ctx, model_id,
+                                                 attempt, sources, host_only)
+            except PoolFull as e:
+                if not sources.known and self.policy.share:   # sharing may make room
+                    sources = await asyncio.to_thread(Sources.scan, path, spec, ctx, model_id)
                     continue
-                for name in ("bytes_total", "bytes_from_device", "bytes_from_host",
-                             "bytes_from_disk"):
-                    setattr(report, name, getattr(attempt, name))
-                return prepared, sources
+                if stop is not None:
+                    raise
+                waited = time.perf_counter()
+                await self._make_room(ctx.pool, model_id, deadline, e)
+                report.room_seconds += time.perf_counter() - waited
+                continue
+            for name in ("bytes_total", "bytes_from_device", "bytes_from_host",
+                         "bytes_from_disk"):
+                setattr(report, name, getattr(attempt, name))
+            return prepared, sources
 
     def _busy(self, pool: BlockPool, loading: str) -> bool:
         """Models that could make room once their running requests end."""
