@@ -120,13 +120,17 @@ class HostTier:
         fit; False (nothing dropped) if they cannot. A dropped buffer of exactly nbytes that
         nobody reads any more comes back for reuse: its pages are mapped (and pinned)
         already, where a new one would fault in every page again."""
-        droppable = [k for k in self._entries if k not in self._protected]
         over = self.used + nbytes - self.capacity
-        if over > 0 and sum(self._entries[k].numel() for k in droppable) < over:
+        if over <= 0:
+            return True, None
+        droppable = [k for k in self._entries if k not in self._protected]
+        if sum(self._entries[k].numel() for k in droppable) < over:
             return False, None
         reuse: torch.Tensor | None = None
-        while self.used + nbytes > self.capacity:
-            old = self._entries.pop(droppable.pop(0))
+        for key in droppable:
+            if self.used + nbytes <= self.capacity:
+                break
+            old = self._entries.pop(key)
             self.used -= old.numel()
             if reuse is None and old.numel() == nbytes and sys.getrefcount(old) <= 2:
                 reuse = old

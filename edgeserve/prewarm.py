@@ -55,7 +55,7 @@ class Prewarmer:
         self.tried: dict[str, float] = {}       # model -> when a prewarm last failed
         self.current: _Current | None = None
         self._task: asyncio.Task[None] | None = None
-        self.rooms = PrewarmRoom(scheduler, lambda: set(self.pending))
+        self.rooms = PrewarmRoom(self)
 
     # ---- life cycle --------------------------------------------------------------------
     def start(self) -> None:

@@ -29,7 +29,7 @@ from edgeserve.placer import Needs
 from edgeserve.pool import Unit
 
 if TYPE_CHECKING:
-    from edgeserve.scheduler import Scheduler
+    from edgeserve.prewarm import Prewarmer
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,14 +40,12 @@ class Room:
 
 
 class PrewarmRoom:
-    def __init__(self, scheduler: Scheduler, prewarmed: Callable[[], set[str]]) -> None:
-        self.s, self.prewarmed = scheduler, prewarmed
+    def __init__(self, prewarmer: Prewarmer) -> None:
+        self.prewarmer, self.s = prewarmer, prewarmer.s
 
     @property
     def history(self) -> DemandHistory:
-        demand = self.s.ctx.demand
-        assert isinstance(demand, DemandHistory)
-        return demand
+        return self.prewarmer.history
 
     def choose(self, model_id: str, needs: Needs, scores: Sequence[Score],
                now: float | None = None) -> Room | None:
@@ -73,7 +71,7 @@ class PrewarmRoom:
         if need <= 0:
             return Room(device, [], math.inf)
         cheaper = self.cheaper(model_id, now)
-        prewarmed = self.prewarmed()
+        prewarmed = self.prewarmer.pending
         retained = [u for u in pool.policy([u for u in pool.units.values() if u.pins == 0])
                     if u.key is None or u.key not in keep]
         groups = [("", [u]) for u in retained] + [
@@ -97,8 +95,9 @@ class PrewarmRoom:
                 next_use = min(next_use, at)
             if model:
                 victims.append(model)
+            gone = set(victims)
             for u in group:
-                if u.id not in freed and holders.get(u.id, set()) <= set(victims):
+                if u.id not in freed and holders.get(u.id, set()) <= gone:
                     freed.add(u.id)
                     need -= u.nblocks
         return Room(device, victims, next_use) if need <= 0 else None
