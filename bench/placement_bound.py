@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections import Counter
 from collections.abc import Callable
 
 from placement import family_misses, mixed_trace
@@ -60,17 +61,14 @@ def known_popularity(trace: list[tuple[float, str]], period: float | None = None
     given `period`, when the periodic model's next burst comes (a family whose next request
     is surely sooner is kept first). Families rank by the expected wait to their next
     request."""
-    periodic = next((m for t, m in trace if t > 0 and abs(t / (period or 1) - round(
-        t / (period or 1))) < 1e-9), None) if period else None
-    counts: dict[str, int] = {}
-    for _, model in trace:
-        if model != periodic:
-            family = model.split("-ft")[0]
-            counts[family] = counts.get(family, 0) + 1
+    # mixed_trace asks for its periodic model at every multiple of the period.
+    periodic = next((m for t, m in trace if t > 0 and math.isclose(
+        t / period, round(t / period), abs_tol=1e-9)), None) if period else None
+    counts = Counter(model.split("-ft")[0] for _, model in trace if model != periodic)
     span = trace[-1][0]
 
     def score(family: str, now: float, seen: list[tuple[float, str]]) -> float:
-        rate = counts.get(family, 0) / span
+        rate = counts[family] / span
         wait = 1 / rate if rate else math.inf
         if period and periodic is not None and periodic.split("-ft")[0] == family:
             wait = min(wait, (math.floor(now / period + 1e-9) + 1) * period - now)
