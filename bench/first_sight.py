@@ -23,6 +23,7 @@ import statistics
 import time
 
 from multimodel import OUT, make_store
+from tracelog import faulted
 
 from edgeserve import EdgeServer
 from edgeserve.config import Config, PoolConfig, SchedulerConfig, TierConfig
@@ -39,6 +40,7 @@ async def once(mode: str) -> dict[str, float]:
                  scheduler=SchedulerConfig(prewarm=False, idle_hashing=mode == "idle"))
     out = {}
     async with EdgeServer(config=cfg) as es:
+        await faulted(es)
         while mode == "idle" and not (es.stats()["idle_hashing"]["files"] and
                                       es.stats()["idle_hashing"]["pending"] == 0):
             await asyncio.sleep(0.01)

@@ -22,11 +22,21 @@ from edgeserve import EdgeServer
 from edgeserve.events import EventLog
 
 
+async def faulted(es: EdgeServer) -> None:
+    """Wait until every CPU pool has faulted its slab in ahead of use (edgeserve.pool.
+    hugepages.Prefault), as in a server that has been up a few seconds: a replay or a timed
+    load then does not depend on how fragmented free memory was when the pool was made."""
+    for pool in es.pools.values():
+        await asyncio.to_thread(pool.prefault.caught_up.wait)
+
+
 async def send(es: EdgeServer, trace: Trace, requests: list[tuple[float, str]],
                max_tokens: int, warmup: float = 0.0) -> list[float]:
     """Each (arrival second, model) request sent at its time, 16 prompt tokens; the TTFTs
-    of those arriving from `warmup` on, each also recorded in trace."""
+    of those arriving from `warmup` on, each also recorded in trace. Starts once the pools
+    are faulted in."""
     ttft: list[float] = []
+    await faulted(es)
     start = time.perf_counter()
 
     async def one(at: float, model: str, i: int) -> None:

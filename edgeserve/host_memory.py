@@ -96,6 +96,12 @@ class HostTier:
     def fits(self, nbytes: int) -> bool:
         return nbytes <= self.capacity
 
+    def clear(self) -> None:
+        """Drop every copy (the server has stopped)."""
+        with self._lock:
+            self._entries.clear()
+            self.used = 0
+
     def put(self, key: str, data: torch.Tensor) -> bool:
         """Keep a copy of data (any device, viewed as bytes); False if it cannot fit."""
         nbytes = data.numel() * data.element_size()

@@ -78,7 +78,9 @@ class DiskLoader:
         t = job.tensor
         view = job.dest.view(torch.uint8).reshape(-1).numpy().data
         h = options.hashes.claim(t) if options.hashes is not None else None
-        hashing = _Hashing(h) if h is not None else None
+        # a tensor of several chunks is hashed on a thread of its own, overlapping its next
+        # read; one of a single chunk right here (the other readers keep the disk busy)
+        hashing = _Hashing(h) if h is not None and t.nbytes > self.chunk else None
         try:
             for offset in range(0, t.nbytes, self.chunk):
                 options.check()
@@ -86,6 +88,8 @@ class DiskLoader:
                 read_into(t.path, t.start + offset, view[offset:offset + n])
                 if hashing is not None:
                     hashing.feed(view[offset:offset + n])
+                elif h is not None:
+                    h.update(view[offset:offset + n])
                 if progress is not None:
                     progress(n)
         finally:

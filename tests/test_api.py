@@ -233,3 +233,24 @@ async def test_logprobs_match_transformers(tiny_store):
             assert lp.top[0][0] == lp.token_id            # greedy picks the most likely
         plain = await es.complete("qwen3", p, max_tokens=6, temperature=0, ignore_eos=True)
         assert plain.logprobs is None and plain.token_ids == out.token_ids
+
+
+def rss() -> int:
+    import mmap
+    from pathlib import Path
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * mmap.PAGESIZE
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="Linux only")
+async def test_a_closed_server_gives_its_memory_back_while_still_referenced(tiny_store):
+    """An application (aiohttp's handler cache, for one) may keep a closed server alive; the
+    pool's slab, faulted in when the pool is made, must not stay with it."""
+    before = rss()
+    es = server(tiny_store, pool_size="256MiB")
+    async with es:
+        await es.load("llama")
+        assert await asyncio.to_thread(es.pools["cpu"].prefault.caught_up.wait, 60)
+        assert rss() - before > 200 << 20
+    assert es.pools["cpu"].slab is None and es.host is not None and es.host.used == 0
+    assert rss() - before < 100 << 20

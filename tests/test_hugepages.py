@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgeserve.pool import BlockPool
-from edgeserve.pool.hugepages import HUGE_PAGE, advise, host_buffer
+from edgeserve.pool import BlockPool, UnitKind
+from edgeserve.pool.hugepages import HUGE_PAGE, Prefault, advise, host_buffer
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -46,3 +46,46 @@ def test_the_cpu_pool_slab_is_aligned_and_its_views_work() -> None:
     pages[3].fill_(1.5)
     assert pool.slab[3 * 4096:4 * 4096].view(torch.float32).eq(1.5).all()
     pool.check_integrity()
+
+
+def resident_bytes(t: torch.Tensor) -> int:
+    """Bytes of t's pages the process has in memory, from /proc/self/smaps (its mapping)."""
+    start, end = t.data_ptr(), t.data_ptr() + t.numel()
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        span = line.split(" ", 1)[0]
+        if "-" not in span or not all(c in "0123456789abcdef-" for c in span):
+            continue
+        low, high = (int(x, 16) for x in span.split("-"))
+        if low <= start < high:
+            assert end <= high, "the buffer spans several mappings"
+            rss = next(entry for entry in lines[i + 1:] if entry.startswith("Rss:"))
+            return int(rss.split()[1]) * 1024
+    raise AssertionError("no mapping holds the buffer")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc")
+def test_prefault_backs_pages_ahead_of_use_only_and_keeps_the_contents() -> None:
+    buf = host_buffer(32 * HUGE_PAGE)
+    assert resident_bytes(buf) < 2 * HUGE_PAGE             # nothing touched yet
+    buf[:4096].fill_(3)
+    buf[-4096:].fill_(5)
+    ahead = Prefault(buf, ahead=8 * HUGE_PAGE)
+    assert ahead.caught_up.wait(30)
+    assert 8 * HUGE_PAGE <= resident_bytes(buf) < 16 * HUGE_PAGE   # the last page: touched
+    ahead.want(20 * HUGE_PAGE)                              # blocks below 40 MiB in use
+    assert ahead.caught_up.wait(30) and ahead.frontier == 28 * HUGE_PAGE
+    assert resident_bytes(buf) >= 28 * HUGE_PAGE
+    ahead.want(100 * HUGE_PAGE)                              # never beyond the buffer
+    assert ahead.caught_up.wait(30) and ahead.frontier == buf.numel()
+    assert int(buf[:4096].sum()) == 3 * 4096 and int(buf[-4096:].sum()) == 5 * 4096
+
+
+def test_a_cpu_pool_faults_in_ahead_of_what_it_hands_out() -> None:
+    pool = BlockPool("cpu", 8 * HUGE_PAGE, 4096)
+    assert pool.prefault.caught_up.wait(30) and pool.prefault.frontier == 8 * HUGE_PAGE
+    pool.prefault = Prefault(pool.slab, ahead=HUGE_PAGE)
+    pool.allocate(UnitKind.WEIGHT, 3 * HUGE_PAGE)
+    assert pool.prefault.caught_up.wait(30) and pool.prefault.frontier == 4 * HUGE_PAGE
+    assert BlockPool("cpu", 8 * HUGE_PAGE, 4096, storage=False).prefault.caught_up.is_set()
+    assert Prefault(torch.empty(0, dtype=torch.uint8)).caught_up.is_set()

@@ -113,6 +113,10 @@ class EdgeServer:
         await engine.close()                # aborts what still runs, on the step thread
         if self._scheduler is not None:
             self._scheduler.release_all()     # the step thread is gone: nothing reads them
+        for pool in self.pools.values():
+            pool.close()
+        if self.host is not None:
+            self.host.clear()
 
     async def shutdown(self, deadline: float = 10.0) -> None:
         """Refuse new requests, let running ones finish for up to `deadline` s, then close."""

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from edgeserve.pool.blocks import Blocks, allocate_slab
+from edgeserve.pool.hugepages import Prefault
 from edgeserve.pool.units import EvictionPolicy, PoolFull, Unit, UnitKind, lru_order
 
 __all__ = ["BlockPool", "EvictionPolicy", "PoolFull", "Unit", "UnitKind", "allocate_slab",
@@ -40,6 +41,7 @@ class BlockPool:
         self.device, self.block_size, self.policy = device, block_size, policy
         self.num_blocks = pool_size // block_size
         self.slab = allocate_slab(device, self.num_blocks * block_size) if storage else None
+        self.prefault = Prefault(self.slab)   # CPU: pages faulted in ahead of use
         self.units: dict[int, Unit] = {}
         self.by_key: dict[str, Unit] = {}
         self.epoch = 0                  # bumped whenever units move; cached views go stale
@@ -95,6 +97,7 @@ class BlockPool:
             unit = Unit(next(self._ids), kind, nbytes, start, n, key=key, owner=owner,
                         pins=1 if pin else 0, last_use=time.monotonic())
             self._blocks.take(start, n, unit.id)
+            self.prefault.want((start + n) * self.block_size)
             self.units[unit.id] = unit
             if key is not None:
                 self.by_key[key] = unit
@@ -277,6 +280,12 @@ class BlockPool:
     def reset_peak(self) -> None:
         with self._lock:
             self._peak_by_kind = dict(self._bytes_by_kind)
+
+    def close(self) -> None:
+        """Give the slab's memory back once nothing reads it (the server has stopped); the
+        bookkeeping stays, as for a pool without storage."""
+        with self._lock:
+            self.slab = None
 
     def check_integrity(self) -> None:
         """Raise AssertionError unless every block is free or owned by exactly one unit."""
