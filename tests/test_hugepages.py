@@ -87,5 +87,7 @@ def test_a_cpu_pool_faults_in_ahead_of_what_it_hands_out() -> None:
     pool.prefault = Prefault(pool.slab, ahead=HUGE_PAGE)
     pool.allocate(UnitKind.WEIGHT, 3 * HUGE_PAGE)
     assert pool.prefault.caught_up.wait(30) and pool.prefault.frontier == 4 * HUGE_PAGE
+    pool.allocate(UnitKind.KV, 4096)                 # a few bytes more: not worth a thread
+    assert pool.prefault.caught_up.is_set() and pool.prefault.frontier == 4 * HUGE_PAGE
     assert BlockPool("cpu", 8 * HUGE_PAGE, 4096, storage=False).prefault.caught_up.is_set()
     assert Prefault(torch.empty(0, dtype=torch.uint8)).caught_up.is_set()

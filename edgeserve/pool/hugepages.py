@@ -86,7 +86,9 @@ class Prefault:
         with self._lock:
             target = min(self._nbytes, self._skip + end + self.ahead) if not self._failed \
                 else 0
-            if target <= max(self._target, self.frontier):
+            have = max(self._target, self.frontier)     # moved in steps, not per block
+            step = min(PREFAULT_CHUNK, self.ahead // 4)
+            if target <= have or (target < self._nbytes and target - have < step):
                 return
             self._target = target
             self.caught_up.clear()
