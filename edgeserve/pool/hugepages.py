@@ -19,10 +19,12 @@ first simply faults the pages it writes, as before.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import sys
 import threading
 import weakref
+from typing import Any
 
 import torch
 
@@ -69,10 +71,9 @@ class Prefault:
         self.ahead, self.frontier, self._target = ahead, 0, 0
         self._lock = threading.Lock()
         self._running = self._failed = False
-        usable = slab is not None and slab.device.type == "cpu" and slab.numel() > 0 \
-            and sys.platform.startswith("linux")
         self.caught_up.set()
-        if slab is None or not usable:
+        if slab is None or slab.device.type != "cpu" or slab.numel() == 0 \
+                or not sys.platform.startswith("linux"):
             self._failed = True
             return
         self._ref = weakref.ref(slab)
@@ -116,8 +117,13 @@ class Prefault:
                     self._failed = True
 
 
+@functools.cache
+def _libc_madvise() -> Any:
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
 def _madvise(start: int, length: int, advice: int) -> bool:
     """madvise(2) on [start, start + length), start page aligned; releases the GIL."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return int(libc.madvise(start, length, advice)) == 0
+    return int(_libc_madvise()(start, length, advice)) == 0
