@@ -24,12 +24,13 @@ import torch
 from edgeserve.pool.blocks import Blocks, allocate_slab
 from edgeserve.pool.hugepages import Prefault
 from edgeserve.pool.units import EvictionPolicy, PoolFull, Unit, UnitKind, lru_order
+from edgeserve.pool.usage import Usage
 
 __all__ = ["BlockPool", "EvictionPolicy", "PoolFull", "Unit", "UnitKind", "allocate_slab",
            "lru_order"]
 
 
-class BlockPool:
+class BlockPool(Usage):
     """Blocks of one device. Thread-safe bookkeeping; data moves only in compact()."""
 
     def __init__(self, device: str, pool_size: int, block_size: int,
@@ -52,8 +53,7 @@ class BlockPool:
         self._blocks = Blocks(self.num_blocks)
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
-        self._bytes_by_kind = dict.fromkeys(UnitKind, 0)
-        self._peak_by_kind = dict.fromkeys(UnitKind, 0)
+        Usage.__init__(self)
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -251,35 +251,6 @@ class BlockPool:
         flat = self.slab.view(dtype)
         return flat.as_strided((self.num_blocks - page_blocks + 1, *page_shape),
                                (elems_per_block, *inner))
-
-    # ---- accounting --------------------------------------------------------------------
-    def _account(self, unit: Unit, sign: int) -> None:
-        kind = unit.kind
-        self._bytes_by_kind[kind] += sign * unit.nblocks * self.block_size
-        self._peak_by_kind[kind] = max(self._peak_by_kind[kind], self._bytes_by_kind[kind])
-
-    def bytes_by_kind(self) -> dict[str, int]:
-        with self._lock:
-            return {k.value: v for k, v in self._bytes_by_kind.items()}
-
-    def peak_by_kind(self) -> dict[str, int]:
-        with self._lock:
-            return {k.value: v for k, v in self._peak_by_kind.items()}
-
-    def bytes_by_owner(self) -> dict[str, dict[str, int]]:
-        """owner -> kind -> bytes (whole blocks); units without an owner are left out."""
-        out: dict[str, dict[str, int]] = {}
-        with self._lock:
-            for unit in self.units.values():
-                if unit.owner is not None:
-                    kinds = out.setdefault(unit.owner, {})
-                    kinds[unit.kind.value] = (kinds.get(unit.kind.value, 0)
-                                              + unit.nblocks * self.block_size)
-        return out
-
-    def reset_peak(self) -> None:
-        with self._lock:
-            self._peak_by_kind = dict(self._bytes_by_kind)
 
     def close(self) -> None:
         """Give the slab's memory back once nothing reads it (the server has stopped); the
