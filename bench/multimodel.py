@@ -13,9 +13,10 @@ The trace starts as soon as the server has started and its pool is faulted in (a
 server up for a few seconds; before 2026-12-02 it started at once, and the first loads of
 every policy waited for the kernel to fault the pool in). With `--fresh`, idle hashing (the
 store's never-hashed files hashed while the server is idle, on by default; Ollama-like has
-no use for hashes and hashes nothing) gets only that wait and the trace's own gaps. Each line reports the
-files it hashed, the files still hashed whole on a load's path before the load
-(`hash_passes_for_loads`) and those hashed by a load's reader threads (`hashed_as_read`).
+no use for hashes and hashes nothing) gets only that wait and the trace's own gaps. Each
+line reports the files it hashed, the files still hashed whole on a load's path before the
+load (`hash_passes_for_loads`) and those hashed by a load's reader threads
+(`hashed_as_read`).
 
     .venv/bin/python bench/multimodel.py [--requests 150] [--seed 0] [--fresh]
         [--idle-hashing on|off]
