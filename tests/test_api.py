@@ -263,3 +263,16 @@ async def test_a_closed_server_gives_its_memory_back_while_still_referenced(tiny
         assert rss() - before > 200 << 20
     assert es.pools["cpu"].slab is None and es.host is not None and es.host.used == 0
     assert rss() - before < 100 << 20
+
+
+async def test_a_closed_server_starts_again(tiny_store):
+    es = server(tiny_store)
+    outs = []
+    for _ in range(2):
+        async with es:
+            out = await es.complete("llama", [5, 6, 7], max_tokens=6, temperature=0,
+                                    ignore_eos=True)
+            outs.append(out.token_ids)
+            assert es.pools["cpu"].slab is not None and es.stats()["loads"]["loads"] == 1
+        assert es.pools["cpu"].slab is None
+    assert outs[0] == outs[1]

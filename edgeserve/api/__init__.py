@@ -78,6 +78,7 @@ class EdgeServer:
     async def start(self) -> EdgeServer:
         if self.engine is not None:
             return self
+        self._closing = False              # a closed server may be started again
         devices = discover(self.config.device)
         for i, device in enumerate(devices):
             size, block = pool_sizes(device, self.config.pool, i, len(devices))
