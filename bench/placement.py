@@ -153,7 +153,7 @@ async def replay(policy: str, requests: list[tuple[float, str]], pool: int, prew
             "loads": int(loads["loads"]),
             "gb_moved": round((loads["bytes_from_disk"] + loads["bytes_from_host"]) / 1e9, 3),
             "prewarms": stats["prewarm"]["prewarms"], "prewarm_hits": stats["prewarm"]["hits"],
-            "trace": summary}
+            "summary": summary}   # "trace" names the trace
 
 
 def main() -> None:
