@@ -83,6 +83,7 @@ class PrewarmRoom:
                 for u in resident.distinct_units:
                     holders.setdefault(u.id, set()).add(m)
         victims: list[str] = []
+        gone: set[str] = set()
         freed: set[int] = set()
         next_use = math.inf
         for model, group in groups:
@@ -95,7 +96,7 @@ class PrewarmRoom:
                 next_use = min(next_use, at)
             if model:
                 victims.append(model)
-            gone = set(victims)
+                gone.add(model)
             for u in group:
                 if u.id not in freed and holders.get(u.id, set()) <= gone:
                     freed.add(u.id)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,9 +104,7 @@ def prepare(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
     a key, to be keyed once read (first_sight.py). While it evicts, the host tier keeps
     the copies of its own units (the units evicted are demoted there meanwhile)."""
     sources = sources or Sources.scan(model_dir, spec, ctx, owner)
-    if ctx.host is None:
-        return _allocate(ctx, owner, report, sources, weight_plan(spec), host_only)
-    with ctx.host.protect(sources.keys.values()):
+    with ctx.host.protect(sources.keys.values()) if ctx.host is not None else nullcontext():
         return _allocate(ctx, owner, report, sources, weight_plan(spec), host_only)
 
 

@@ -84,9 +84,10 @@ class Prefault:
 
     def want(self, end: int) -> None:
         """The slab's bytes below end are in use: fault in up to `ahead` bytes beyond."""
+        if self._failed:
+            return
         with self._lock:
-            target = min(self._nbytes, self._skip + end + self.ahead) if not self._failed \
-                else 0
+            target = min(self._nbytes, self._skip + end + self.ahead)
             have = max(self._target, self.frontier)     # moved in steps, not per block
             step = min(PREFAULT_CHUNK, self.ahead // 4)
             if target <= have or (target < self._nbytes and target - have < step):
