@@ -211,6 +211,9 @@ class HashCache:
         self.root = root / ".edgeserve" / "hashes"
         self.computed = 0            # files hashed for loads (tests read it; not idle hashing)
         self.streamed = 0            # of which hashed while a load read them, in one pass
+        self.probed = 0              # files of which a few tensors were hashed (`some`)
+        self._some: dict[tuple[str | int, ...], dict[str, str]] = {}   # those hashes
+        self._lock = threading.Lock()
 
     def _entry(self, path: Path, algorithm: str) -> Path:
         digest = hashlib.blake2b(str(path.resolve()).encode(), digest_size=12).hexdigest()
@@ -242,10 +245,28 @@ class HashCache:
             self.put(path, hashes, algorithm, stamp)
         return hashes
 
+    def some(self, path: Path, names: set[str], algorithm: str = ALGORITHM) -> dict[str, str]:
+        """The hashes of the tensors named: from the cache, else of those tensors alone
+        (not cached: an entry holds a whole file)."""
+        hashes = self.cached(path, algorithm)
+        if hashes is not None or not names:
+            return {n: h for n, h in (hashes or {}).items() if n in names}
+        at: tuple[str | int, ...] = (str(path.resolve()), algorithm, *self.stamp(path))
+        with self._lock:
+            have = dict(self._some.get(at, {}))
+        if names - set(have):
+            have |= hash_file(path, algorithm, only=names - set(have))
+            self.probed += 1
+            with self._lock:
+                self._some[at] = have
+        return {n: have[n] for n in names}
+
     def put(self, path: Path, hashes: dict[str, str], algorithm: str = ALGORITHM,
             stamp: list[int] | None = None) -> None:
         """Keep hashes computed elsewhere (stamp: the file's, taken before it was read)."""
         entry = self._entry(path, algorithm)
+        with self._lock:                # hashes of some of its tensors: now in the entry
+            self._some = {at: h for at, h in self._some.items() if at[0] != str(path.resolve())}
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = entry.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")

@@ -7,11 +7,19 @@ load), the load allocates every unit without a key and the reader threads hash e
 tensor as its bytes stream into the pool. Once read, the keys are computed exactly as
 from cached hashes; a unit whose key turns out to be resident already is released right
 after, and the model uses the resident one.
+
+Reading a file whole into the pool is the wrong choice where the model shares most of its
+units with resident ones (a fine-tune of a resident base): it would allocate room for
+bytes already held, and may evict them to make it. Such a file is hashed whole before the
+load instead, so that the load pins what it finds. Which of the two a file gets is
+decided by one unit (`worth_a_pass`): models of one architecture have units of equal sizes
+whatever their lineage, but only a relative has equal bytes.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +58,23 @@ class FirstSight:
             ctx.hashes.computed += 1
             ctx.hashes.streamed += 1
         return unit_keys(model_dir, spec, ctx, owner, sources.tensors, known=known)
+
+
+def worth_a_pass(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
+                 sources: Sources, nbytes: dict[str, int], sizes: set[int],
+                 held: Callable[[str], bool]) -> bool:
+    """(any thread) Whether a never-hashed model may share units with those held (`held`:
+    resident, in the host tier or coming), so that hashing its files whole before its load
+    pays: its largest unit of a held unit's size (`sizes`; `nbytes` per unit) is keyed from
+    its own tensors alone and looked up. A fine-tune keeps its base's embedding (and most of
+    the rest); a model of another lineage shares none of them and is read once, hashed as
+    it streams in."""
+    fitting = [name for name in nbytes if nbytes[name] in sizes]
+    if not fitting:
+        return False
+    probe = max(fitting, key=nbytes.__getitem__)
+    keys = unit_keys(model_dir, spec, ctx, owner, sources.tensors, only={probe})
+    return probe in keys and held(keys[probe])
 
 
 def settle(prepared: Prepared, keys: dict[str, str], pool: BlockPool,

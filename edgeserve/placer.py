@@ -24,6 +24,7 @@ from edgeserve.arch import weight_plan
 from edgeserve.arch.spec import ModelSpec
 from edgeserve.blocks.arena import TileArena
 from edgeserve.blocks.task import TaskSource
+from edgeserve.first_sight import worth_a_pass
 from edgeserve.loader import LoadReport, Sources
 from edgeserve.placement import EWMA, Placement, Score, missing_units, report
 from edgeserve.pool import BlockPool, Unit, UnitKind
@@ -78,8 +79,8 @@ class Placer:
     def needs(self, model_id: str, weights: Path, spec: ModelSpec, task: TaskSource | None,
               host_only: frozenset[str], sizes: set[int]) -> Needs:
         """(any thread) The units the model needs, per device. Files never seen are hashed
-        here only if some resident unit has the size of one of theirs (it may hold equal
-        bytes: placement must know); else their keys stay None, computed as a load reads."""
+        here only if the model may share units with those held (`worth_a_pass`: placement
+        must know); else their keys stay None, computed as a load reads."""
         by_dtype: dict[torch.dtype, list[tuple[str | None, int]]] = {}
         out: Needs = {}
         plan = weight_plan(spec)
@@ -90,7 +91,10 @@ class Placer:
                 nbytes = {n: unit_nbytes(u, sources.schemes.get(n), ctx.dtype)
                           for n, u in plan.items()}            # quantized units: smaller
                 keys = sources.keys
-                if not keys and self.s.policy.share and sizes & set(nbytes.values()):
+                if not keys and self.s.policy.share and worth_a_pass(
+                        weights, spec, ctx, model_id, sources,
+                        {n: b for n, b in nbytes.items() if n not in host_only}, sizes,
+                        self.held):
                     keys = Sources.scan(weights, spec, ctx, model_id).keys
                 units: list[tuple[str | None, int]] = [
                     (keys.get(name), nbytes[name]) for name in plan if name not in host_only]
@@ -136,6 +140,13 @@ class Placer:
         pool = self.s.pools[device]
         lacking = [(k, n) for k, n in needs[device] if k is None or not _held(pool, k)]
         self.bringing[model_id] = (device, keys, lacking)
+
+    def held(self, key: str) -> bool:
+        """(any thread) Whether a unit of this key is in a pool, in the host tier, or
+        coming with a load in its turn."""
+        return any(_held(pool, key) for pool in self.s.pools.values()) \
+            or (self.s.host is not None and key in self.s.host) \
+            or any(key in keys for _, keys, _ in list(self.bringing.values()))
 
     def arrived(self, model_id: str) -> None:
         self.bringing.pop(model_id, None)

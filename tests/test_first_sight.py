@@ -144,3 +144,33 @@ async def test_a_file_that_may_share_is_hashed_before_the_load_s_turn(twins):
         assert report.bytes_from_device == report.bytes_total and report.bytes_released == 0
         assert hashes.computed == before + 1     # not hashed again in the turn
         es.pools["cpu"].check_integrity()
+
+
+async def test_a_model_of_another_lineage_is_read_once_not_hashed_first(tmp_path, twins):
+    """Same architecture (every unit of a resident unit's size), other weights: one unit is
+    keyed to find that out, then the file is read once, hashed as it streams in."""
+    store = twins
+    make_model("llama", store / "stranger", seed=7)
+    from test_reuse import fine_tune
+    fine_tune(store / "llama", store / "llama-ft")
+    async with server(store) as es:
+        await es.load("llama")
+        hashes = es.scheduler.hashes
+        before = (hashes.computed, hashes.streamed, hashes.probed)
+        report = await es.load("stranger")
+        assert (hashes.computed, hashes.streamed, hashes.probed) == \
+            (before[0] + 1, before[1] + 1, before[2] + 1)   # one probe, no second pass
+        assert report.bytes_from_disk == report.bytes_total and report.bytes_released == 0
+        keys = {n: u.key for n, u in es.models["stranger"].units.items()}
+        # A fine-tune of the resident base is hashed whole first, and pins what it finds.
+        report = await es.load("llama-ft")
+        assert hashes.computed == before[0] + 2 and hashes.streamed == before[1] + 1
+        assert hashes.probed == before[2] + 2
+        assert report.bytes_released == 0 < report.bytes_from_device
+        es.pools["cpu"].check_integrity()
+        out = await es.complete("stranger", [1, 2, 3], max_tokens=4, temperature=0,
+                                ignore_eos=True)
+        assert out.token_ids == hf_greedy(store / "stranger", [1, 2, 3], 4)
+    async with server(store) as es:                   # cached hashes: the same keys
+        await es.load("stranger")
+        assert {n: u.key for n, u in es.models["stranger"].units.items()} == keys

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from edgeserve.arch import weight_plan
 from edgeserve.arch.spec import ModelFormatError, ModelSpec, load_spec
 from edgeserve.checkpoint import TensorInfo, read_header
-from edgeserve.quant.format import read_quant
+from edgeserve.quant.format import parts, read_quant
 from edgeserve.quant.units import check_parts, part_hash, unit_schemes
 
 if TYPE_CHECKING:
@@ -42,21 +42,30 @@ def scan_checkpoint(model_dir: Path) -> dict[str, TensorInfo]:
 
 def unit_keys(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
               tensors: dict[str, TensorInfo], compute: bool = True,
-              known: dict[Path, dict[str, str]] | None = None) -> dict[str, str]:
+              known: dict[Path, dict[str, str]] | None = None,
+              only: set[str] | None = None) -> dict[str, str]:
     """Content key of every unit the model is made of; with compute=False, {} unless every
     file's tensor hashes are cached or known (a file never seen is hashed as a load reads
-    it). A quantized unit's key is made of its scheme and its source tensors' hashes (from
-    quant.json when it has them, else the stored components'), a float unit's of the
-    compute dtype and its tensors' hashes."""
+    it). With `only` (unit names), the keys of those units alone, from their own tensors
+    where a file was never hashed (nothing is cached then). A quantized unit's key is made
+    of its scheme and its source tensors' hashes (from quant.json when it has them, else
+    the stored components'), a float unit's of the compute dtype and its tensors' hashes."""
     plan = weight_plan(spec)
+    if only is not None:
+        plan = {name: unit for name, unit in plan.items() if name in only}
     info = read_quant(model_dir)
     schemes = unit_schemes(model_dir, plan, info)
     hashes: dict[str, str] = {}
     recorded = info.hashes if info is not None else {}
     if any(p not in recorded for u in plan.values() for p in u.parts):
+        wanted = {name for n, u in plan.items() for p in u.parts
+                  for name in (parts(p, schemes[n]).values() if n in schemes else (p,))}
         for path in {t.path for t in tensors.values()}:
             cached = (known or {}).get(path)
-            if cached is None:
+            if cached is None and only is not None:
+                cached = ctx.hashes.some(path, {t.name for t in tensors.values()
+                                                if t.path == path and t.name in wanted})
+            elif cached is None:
                 cached = ctx.hashes.get(path) if compute else ctx.hashes.cached(path)
             if cached is None:
                 return {}
