@@ -12,8 +12,8 @@ CHUNK bytes (read and hashed in a fraction of a millisecond), and a file stopped
 resumes where it stopped. Files most likely asked for go first: those of models whose
 tensors have the shapes of a resident model's (they may share its units, so their load
 would hash them whole first), then by demand. The bases of task packs are hashed with
-blake2b too (a pack is checked against its base's blake2b hashes). A policy that does not
-share units keys them by file, not by content: nothing is hashed for it.
+blake2b too (a pack is checked against its base's blake2b hashes). A policy that neither
+shares nor retains units has no use for keys: nothing is hashed for it.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def plan(entries: Iterable[tuple[str, Path]], hashes: HashCache, resident: Itera
 class StoreHashing:
     def __init__(self, scheduler: Scheduler, enabled: bool = True) -> None:
         self.s = scheduler
-        self.enabled = enabled and scheduler.policy.share
+        self.enabled = enabled and (scheduler.policy.share or scheduler.policy.retain)
         self.counts = dict.fromkeys(("files", "bytes", "yielded"), 0)
         self.jobs: list[Job] = []
         self.current: FileHashing | None = None

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from edgeserve.arch import weight_plan
 from edgeserve.arch.spec import ModelFormatError, ModelSpec, load_spec
-from edgeserve.checkpoint import HashCache, TensorInfo, read_header
+from edgeserve.checkpoint import TensorInfo, read_header
 from edgeserve.quant.format import parts, read_quant
 from edgeserve.quant.units import check_parts, part_hash, unit_schemes
 
@@ -49,10 +49,7 @@ def unit_keys(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
     it). With `only` (unit names), the keys of those units alone, from their own tensors
     where a file was never hashed (nothing is cached then). A quantized unit's key is made
     of its scheme and its source tensors' hashes (from quant.json when it has them, else
-    the stored components'), a float unit's of the compute dtype and its tensors' hashes.
-    Where nothing is shared (`ctx.share` false), a key is the model's own and stands only
-    for the same file unchanged: the file's path, size and time and the tensor's name take
-    the place of its hash, so no file is hashed."""
+    the stored components'), a float unit's of the compute dtype and its tensors' hashes."""
     plan = weight_plan(spec)
     if only is not None:
         plan = {name: unit for name, unit in plan.items() if name in only}
@@ -60,11 +57,7 @@ def unit_keys(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
     schemes = unit_schemes(model_dir, plan, info)
     hashes: dict[str, str] = {}
     recorded = info.hashes if info is not None else {}
-    if not ctx.share:       # keys private to the model: its files' identity, no hashing
-        stamps = {path: HashCache.stamp(path) for path in {t.path for t in tensors.values()}}
-        hashes = {t.name: f"{t.path.resolve()}|{stamps[t.path]}|{t.name}"
-                  for t in tensors.values()}
-    elif any(p not in recorded for u in plan.values() for p in u.parts):
+    if any(p not in recorded for u in plan.values() for p in u.parts):
         wanted = {name for n, u in plan.items() for p in u.parts
                   for name in (parts(p, schemes[n]).values() if n in schemes else (p,))}
         for path in {t.path for t in tensors.values()}:
