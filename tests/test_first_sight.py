@@ -174,3 +174,29 @@ async def test_a_model_of_another_lineage_is_read_once_not_hashed_first(tmp_path
     async with server(store) as es:                   # cached hashes: the same keys
         await es.load("stranger")
         assert {n: u.key for n, u in es.models["stranger"].units.items()} == keys
+
+
+async def test_a_sharded_relative_is_hashed_whole_first(tmp_path, twins):
+    """The unit that decides is found in whichever shard holds it; every shard is then
+    hashed before the load, which pins the base's units instead of reading them."""
+    from test_reuse import fine_tune
+    from transformers import AutoModelForCausalLM
+
+    store = twins
+    fine_tune(store / "llama", tmp_path / "ft")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ft").save_pretrained(
+        store / "llama-ft", max_shard_size="100KB")
+    shards = len(list((store / "llama-ft").glob("model-*.safetensors")))
+    assert shards > 1
+    async with server(store) as es:
+        await es.load("llama")
+        hashes = es.scheduler.hashes
+        before = (hashes.computed, hashes.streamed)
+        report = await es.load("llama-ft")
+        assert (hashes.computed, hashes.streamed) == (before[0] + shards, before[1])
+        assert hashes.probed >= 1 and report.bytes_released == 0
+        assert 0 < report.bytes_from_disk < report.bytes_from_device
+        es.pools["cpu"].check_integrity()
+        out = await es.complete("llama-ft", [1, 2, 3], max_tokens=4, temperature=0,
+                                ignore_eos=True)
+        assert out.token_ids == hf_greedy(store / "llama-ft", [1, 2, 3], 4)
