@@ -237,23 +237,31 @@ class HashCache:
         return None
 
     def get(self, path: Path, algorithm: str = ALGORITHM) -> dict[str, str]:
+        """Every tensor's hash of path: cached, else computed (those `some` hashed already
+        are not hashed again) and cached."""
         hashes = self.cached(path, algorithm)
         if hashes is None:
             stamp = self.stamp(path)
-            hashes = hash_file(path, algorithm)
+            have = self._partial(path, algorithm, stamp)
+            rest = {t.name for t in read_header(path)} - set(have)
+            hashes = have | (hash_file(path, algorithm, only=rest) if rest else {})
             self.computed += 1
             self.put(path, hashes, algorithm, stamp)
         return hashes
 
+    def _partial(self, path: Path, algorithm: str, stamp: list[int]) -> dict[str, str]:
+        with self._lock:
+            return dict(self._some.get((str(path.resolve()), algorithm, *stamp), {}))
+
     def some(self, path: Path, names: set[str], algorithm: str = ALGORITHM) -> dict[str, str]:
         """The hashes of the tensors named: from the cache, else of those tensors alone
-        (not cached: an entry holds a whole file)."""
+        (not cached: an entry holds a whole file; kept for its `get`)."""
         hashes = self.cached(path, algorithm)
         if hashes is not None or not names:
             return {n: h for n, h in (hashes or {}).items() if n in names}
-        at: tuple[str | int, ...] = (str(path.resolve()), algorithm, *self.stamp(path))
-        with self._lock:
-            have = dict(self._some.get(at, {}))
+        stamp = self.stamp(path)
+        at: tuple[str | int, ...] = (str(path.resolve()), algorithm, *stamp)
+        have = self._partial(path, algorithm, stamp)
         if names - set(have):
             have |= hash_file(path, algorithm, only=names - set(have))
             self.probed += 1

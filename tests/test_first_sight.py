@@ -200,3 +200,25 @@ async def test_a_sharded_relative_is_hashed_whole_first(tmp_path, twins):
         out = await es.complete("llama-ft", [1, 2, 3], max_tokens=4, temperature=0,
                                 ignore_eos=True)
         assert out.token_ids == hf_greedy(store / "llama-ft", [1, 2, 3], 4)
+
+
+def test_a_pass_after_a_probe_hashes_only_the_rest(tmp_path, monkeypatch):
+    import edgeserve.checkpoint as checkpoint
+
+    path = make_model("llama", tmp_path / "m") / "model.safetensors"
+    whole = hash_file(path)
+    probe = "model.embed_tokens.weight"
+    asked: list[set[str] | None] = []
+    real = checkpoint.hash_file
+
+    def counting(p, algorithm="blake3", chunk=checkpoint.HASH_CHUNK, only=None):
+        asked.append(only)
+        return real(p, algorithm, chunk, only)
+
+    monkeypatch.setattr(checkpoint, "hash_file", counting)
+    cache = HashCache(tmp_path)
+    assert cache.some(path, {probe}) == {probe: whole[probe]}
+    assert cache.some(path, {probe}) == {probe: whole[probe]}      # kept: not hashed again
+    assert cache.cached(path) is None and cache.probed == 1
+    assert cache.get(path) == whole and cache.cached(path) == whole
+    assert asked == [{probe}, set(whole) - {probe}]
