@@ -117,9 +117,13 @@ class TierConfig:
     """The host tier below the pools, the disk pipeline, and the eviction policy."""
 
     host_size: int | None = None   # None: an eighth of RAM, capped at 8 GiB
-    readers: int = 4               # disk reader threads
+    readers: int | None = None     # disk reader threads; None: one per core, at most 4
     read_chunk: int = 32 << 20     # bytes per sequential read
     policy: str = "edgeserve"      # see edgeserve.eviction.POLICIES
+
+    def __post_init__(self) -> None:
+        if self.readers is not None and self.readers < 1:
+            raise ValueError(f"readers must be at least 1, got {self.readers}")
 
 
 # How a MoE model's experts are cached (see experts/cache.py).

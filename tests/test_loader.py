@@ -113,3 +113,17 @@ def test_missing_weights_file(tmp_path):
     with pytest.raises(ModelFormatError, match=r"no model\.safetensors"):
         load(path)
     shutil.rmtree(path)
+
+
+def test_reader_threads_follow_the_cores(monkeypatch):
+    import os
+
+    from edgeserve.config import TierConfig
+    from edgeserve.tiers import DiskLoader
+
+    for cores, readers in ((1, 1), (2, 2), (3, 3), (16, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _, n=cores: set(range(n)))
+        assert DiskLoader().readers == readers
+    assert DiskLoader(readers=6).readers == 6
+    with pytest.raises(ValueError, match="readers"):
+        TierConfig(readers=0)
