@@ -12,10 +12,10 @@ Every device is scored for a load by the sum of three terms, in seconds:
              policy's order; idle models are unloaded after retained units
     queue  = the work already queued there: decode steps left x the step time
 
-The lowest score wins; ties go to the device with more free memory. A device that cannot
-make room even by unloading every idle model scores infinity. A model whose units are
-resident (or retained) on a device moves no bytes there, so a fine-tune goes where its
-base is and a task where its base's units are.
+The lowest score wins; ties go to the device with more free memory (within 5% where
+nothing is evicted). A device that cannot make room even by unloading every idle model
+scores infinity. A model whose units are resident (or retained) on a device moves no bytes
+there, so a fine-tune goes where its base is and a task where its base's units are.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ from edgeserve.pool import BlockPool, Unit
 from edgeserve.tiers import HostTier
 
 EWMA = 0.3        # weight of a new bandwidth measurement
+# Where a model fits without evicting anything, scores within this share of the lowest are
+# a tie, won by the device with more free memory: a model that shares nothing must not
+# pile onto one device for a bandwidth measured a few percent higher there, or for a few
+# bytes of equal norms. Where something must be evicted, the lowest score wins.
+TIE_SHARE = 0.05
 # Seconds ahead over which an evicted unit's reuse is counted until a device has swapped
 # twice: then the device's own time between swaps (its residency window). A decayed count
 # (half-life minutes) would make the probability 1 for any model asked for a few times,
@@ -148,13 +153,20 @@ class Placement:
 
     @staticmethod
     def choose(scores: Sequence[Score]) -> Score:
-        """The lowest total; ties to more free memory. None fits (busy models hold the
-        room): the device whose own queued work drains first, then the least missing."""
+        """The lowest total; ties to more free memory, and so are scores within TIE_SHARE
+        of it where no device evicts anything.
+        None fits (busy models hold the room): the device whose own queued work drains
+        first, then the least missing."""
         fitting = [s for s in scores if s.fits]
         if not fitting:
             return min(scores, key=lambda s: (round(s.drain_s, 6),
                                               s.missing_bytes - s.free_bytes, s.device))
-        return min(fitting, key=lambda s: (round(s.total_s, 6), -s.free_bytes, s.device))
+        best = min(fitting, key=lambda s: (round(s.total_s, 6), -s.free_bytes, s.device))
+        if best.evict_s > 0:
+            return best
+        near = [s for s in fitting
+                if s.evict_s == 0 and s.total_s <= best.total_s * (1 + TIE_SHARE) + 1e-9]
+        return min(near, key=lambda s: (-s.free_bytes, s.total_s, s.device))
 
 
 def report(chosen: Score, scores: Sequence[Score], override: bool) -> dict[str, object]:

@@ -132,6 +132,16 @@ def test_score_terms_and_ties():
     bw = ctx.bandwidth
     assert sa.move_s == pytest.approx(8192 / bw["disk"] + 8192 / bw["host"])
     assert Placement.choose([sa, sb]).device == "cpu:1"          # tie: more free memory
+    # Nothing evicted: a bandwidth measured 3% higher on cpu:0 is no reason to go there.
+    placement.measured("cpu:0", "disk", bw["disk"] * 1.1)       # EWMA: +3%
+    placement.measured("cpu:0", "host", bw["host"] * 1.1)
+    faster = placement.score(a, missing, set(), [], [], queued_steps=0)
+    assert sb.total_s / 1.05 < faster.total_s < sb.total_s
+    assert Placement.choose([faster, sb]).device == "cpu:1"
+    placement.measured("cpu:0", "disk", bw["disk"] * 2)         # far faster: it wins
+    placement.measured("cpu:0", "host", bw["host"] * 2)
+    much = placement.score(a, missing, set(), [], [], queued_steps=0)
+    assert Placement.choose([much, sb]).device == "cpu:0"
     busy = placement.score(b, missing, set(), [], [], queued_steps=5)
     assert busy.queue_s == pytest.approx(0.05)
     assert Placement.choose([sa, busy]).device == "cpu:0"        # queued work counts
