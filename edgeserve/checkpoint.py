@@ -265,8 +265,9 @@ class HashCache:
         if names - set(have):
             have |= hash_file(path, algorithm, only=names - set(have))
             self.probed += 1
-            with self._lock:
-                self._some[at] = have
+            if self.cached(path, algorithm) is None:   # else a load put the whole file
+                with self._lock:
+                    self._some[at] = have
         return {n: have[n] for n in names}
 
     def put(self, path: Path, hashes: dict[str, str], algorithm: str = ALGORITHM,

@@ -12,7 +12,7 @@ Reading a file whole into the pool is the wrong choice where the model shares mo
 units with resident ones (a fine-tune of a resident base): it would allocate room for
 bytes already held, and may evict them to make it. Such a file is hashed whole before the
 load instead, so that the load pins what it finds. Which of the two a file gets is
-decided by one unit (`worth_a_pass`): models of one architecture have units of equal sizes
+decided by two units (`worth_a_pass`): models of one architecture have units of equal sizes
 whatever their lineage, but only a relative has equal bytes.
 """
 
@@ -65,16 +65,17 @@ def worth_a_pass(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
                  held: Callable[[str], bool]) -> bool:
     """(any thread) Whether a never-hashed model may share units with those held (`held`:
     resident, in the host tier or coming), so that hashing its files whole before its load
-    pays: its largest unit of a held unit's size (`sizes`; `nbytes` per unit) is keyed from
-    its own tensors alone and looked up. A fine-tune keeps its base's embedding (and most of
-    the rest); a model of another lineage shares none of them and is read once, hashed as
-    it streams in."""
+    pays: two of its units of a held unit's size (`sizes`; `nbytes` per unit), the largest
+    and one half way through the model, are keyed from their own tensors alone and looked
+    up. A fine-tune keeps its base's embedding and most of its layers (two, so that a base
+    partly evicted, or a fine-tune that changed one of them, is still found); a model of
+    another lineage shares none of them and is read once, hashed as it streams in."""
     fitting = [name for name in nbytes if nbytes[name] in sizes]
     if not fitting:
         return False
-    probe = max(fitting, key=nbytes.__getitem__)
-    keys = unit_keys(model_dir, spec, ctx, owner, sources.tensors, only={probe})
-    return probe in keys and held(keys[probe])
+    probes = {max(fitting, key=nbytes.__getitem__), fitting[len(fitting) // 2]}
+    keys = unit_keys(model_dir, spec, ctx, owner, sources.tensors, only=probes)
+    return any(held(keys[name]) for name in probes if name in keys)
 
 
 def settle(prepared: Prepared, keys: dict[str, str], pool: BlockPool,

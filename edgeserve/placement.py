@@ -30,10 +30,11 @@ from edgeserve.pool import BlockPool, Unit
 from edgeserve.tiers import HostTier
 
 EWMA = 0.3        # weight of a new bandwidth measurement
-# Where a model fits without evicting anything, scores within this share of the lowest are
-# a tie, won by the device with more free memory: a model that shares nothing must not
-# pile onto one device for a bandwidth measured a few percent higher there, or for a few
-# bytes of equal norms. Where something must be evicted, the lowest score wins.
+# Where a model's missing bytes fit in free memory, scores within this share of the lowest
+# (missing about as many bytes) are a tie, won by the device with more free
+# memory: a model that shares nothing must not pile onto one device for a bandwidth
+# measured a few percent higher there, or for a few bytes of equal norms. Where something
+# must be evicted, or a device holds more of the model, the lowest score wins.
 TIE_SHARE = 0.05
 # Seconds ahead over which an evicted unit's reuse is counted until a device has swapped
 # twice: then the device's own time between swaps (its residency window). A decayed count
@@ -154,7 +155,8 @@ class Placement:
     @staticmethod
     def choose(scores: Sequence[Score]) -> Score:
         """The lowest total; ties to more free memory, and so are scores within TIE_SHARE
-        of it where no device evicts anything.
+        of it that miss about as many bytes (within TIE_SHARE), where those fit in free
+        memory.
         None fits (busy models hold the room): the device whose own queued work drains
         first, then the least missing."""
         fitting = [s for s in scores if s.fits]
@@ -162,11 +164,15 @@ class Placement:
             return min(scores, key=lambda s: (round(s.drain_s, 6),
                                               s.missing_bytes - s.free_bytes, s.device))
         best = min(fitting, key=lambda s: (round(s.total_s, 6), -s.free_bytes, s.device))
-        if best.evict_s > 0:
+        if best.missing_bytes > best.free_bytes:
             return best
-        near = [s for s in fitting
-                if s.evict_s == 0 and s.total_s <= best.total_s * (1 + TIE_SHARE) + 1e-9]
-        return min(near, key=lambda s: (-s.free_bytes, s.total_s, s.device))
+
+        def near(s: Score) -> bool:   # as good, missing about as many bytes, in free memory
+            return s.total_s <= best.total_s * (1 + TIE_SHARE) + 1e-9 \
+                and abs(s.missing_bytes - best.missing_bytes) \
+                <= TIE_SHARE * max(s.missing_bytes, best.missing_bytes) \
+                and s.missing_bytes <= s.free_bytes
+        return min(filter(near, fitting), key=lambda s: (-s.free_bytes, s.total_s, s.device))
 
 
 def report(chosen: Score, scores: Sequence[Score], override: bool) -> dict[str, object]:

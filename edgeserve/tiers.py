@@ -69,7 +69,8 @@ class DiskLoader:
 
     def __init__(self, readers: int | None = None, chunk: int = 32 << 20,
                  pinned: bool = False) -> None:
-        self.readers, self.chunk, self.pinned = readers or default_readers(), chunk, pinned
+        self.readers = default_readers() if readers is None else readers
+        self.chunk, self.pinned = chunk, pinned
 
     def load(self, jobs: list[DiskJob], progress: Callable[[int], None] | None = None,
              min_direct: int = 0, options: ReadOptions | None = None) -> None:

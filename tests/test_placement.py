@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -142,6 +143,15 @@ def test_score_terms_and_ties():
     placement.measured("cpu:0", "host", bw["host"] * 2)
     much = placement.score(a, missing, set(), [], [], queued_steps=0)
     assert Placement.choose([much, sb]).device == "cpu:0"
+    # Another device within 5%, with more free memory but missing more of the model: the
+    # one holding most of it (its base there, a queue ahead) wins.
+    base_there = placement.score(a, missing[:1], set(), [], [], queued_steps=1)
+    slower = Placement(ctx, step_seconds=0.01)
+    empty = slower.score(b, missing, set(), [], [], queued_steps=0)
+    empty = dataclasses.replace(empty, move_s=base_there.total_s * 1.03)  # a little higher
+    assert base_there.total_s < empty.total_s < base_there.total_s * 1.05
+    assert empty.free_bytes > base_there.free_bytes
+    assert Placement.choose([base_there, empty]).device == "cpu:0"
     busy = placement.score(b, missing, set(), [], [], queued_steps=5)
     assert busy.queue_s == pytest.approx(0.05)
     assert Placement.choose([sa, busy]).device == "cpu:0"        # queued work counts
