@@ -188,6 +188,12 @@ class StreamHashes:
             self._claimed.add((t.path, t.name))
         return tensor_hasher(t, self.algorithm)
 
+    def know(self, path: Path, hashes: dict[str, str]) -> None:
+        """Hashes computed before the read (a probe's): those tensors are not hashed again."""
+        with self._lock:
+            self._claimed.update((path, name) for name in hashes)
+            self._done.setdefault(path, {}).update(hashes)
+
     def finish(self, t: TensorInfo, h: Hasher) -> None:
         digest = h.hexdigest()
         with self._lock:
@@ -242,14 +248,15 @@ class HashCache:
         hashes = self.cached(path, algorithm)
         if hashes is None:
             stamp = self.stamp(path)
-            have = self._partial(path, algorithm, stamp)
+            have = self.partial(path, algorithm, stamp)
             rest = {t.name for t in read_header(path)} - set(have)
             hashes = have | (hash_file(path, algorithm, only=rest) if rest else {})
             self.computed += 1
             self.put(path, hashes, algorithm, stamp)
         return hashes
 
-    def _partial(self, path: Path, algorithm: str, stamp: list[int]) -> dict[str, str]:
+    def partial(self, path: Path, algorithm: str, stamp: list[int]) -> dict[str, str]:
+        """The hashes `some` computed for the file as it was at stamp (not cached)."""
         with self._lock:
             return dict(self._some.get((str(path.resolve()), algorithm, *stamp), {}))
 
@@ -261,7 +268,7 @@ class HashCache:
             return {n: h for n, h in (hashes or {}).items() if n in names}
         stamp = self.stamp(path)
         at: tuple[str | int, ...] = (str(path.resolve()), algorithm, *stamp)
-        have = self._partial(path, algorithm, stamp)
+        have = self.partial(path, algorithm, stamp)
         if names - set(have):
             have |= hash_file(path, algorithm, only=names - set(have))
             self.probed += 1

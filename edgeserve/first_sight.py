@@ -38,12 +38,16 @@ class FirstSight:
     stamps: dict[Path, list[int]] = field(default_factory=dict)   # taken before the read
 
     @classmethod
-    def of(cls, sources: Sources) -> FirstSight | None:
-        """None when the keys are known already (cached hashes)."""
+    def of(cls, sources: Sources, cache: HashCache) -> FirstSight | None:
+        """None when the keys are known already (cached hashes). The tensors a probe hashed
+        (`worth_a_pass`) are not hashed again."""
         if sources.known:
             return None
         paths = {t.path for t in sources.tensors.values()}
-        return cls(stamps={p: HashCache.stamp(p) for p in paths})
+        first = cls(stamps={p: HashCache.stamp(p) for p in paths})
+        for path, stamp in first.stamps.items():
+            first.hashes.know(path, cache.partial(path, first.hashes.algorithm, stamp))
+        return first
 
     def options(self, stop: threading.Event | None = None) -> ReadOptions:
         return ReadOptions(self.hashes, stop)

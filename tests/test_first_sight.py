@@ -146,20 +146,36 @@ async def test_a_file_that_may_share_is_hashed_before_the_load_s_turn(twins):
         es.pools["cpu"].check_integrity()
 
 
-async def test_a_model_of_another_lineage_is_read_once_not_hashed_first(tmp_path, twins):
-    """Same architecture (every unit of a resident unit's size), other weights: one unit is
-    keyed to find that out, then the file is read once, hashed as it streams in."""
+async def test_a_model_of_another_lineage_is_read_once_not_hashed_first(tmp_path, twins,
+                                                                       monkeypatch):
+    """Same architecture (every unit of a resident unit's size), other weights: two units
+    are keyed to find that out, then the file is read once, hashed as it streams in (every
+    tensor hashed once, the probe's included)."""
+    from test_reuse import fine_tune
+
+    import edgeserve.checkpoint as checkpoint
+
     store = twins
     make_model("llama", store / "stranger", seed=7)
-    from test_reuse import fine_tune
     fine_tune(store / "llama", store / "llama-ft")
     async with server(store) as es:
         await es.load("llama")
         hashes = es.scheduler.hashes
         before = (hashes.computed, hashes.streamed, hashes.probed)
+        hashed: list[str] = []
+        real = checkpoint.tensor_hasher
+
+        def counting(t, algorithm=checkpoint.ALGORITHM):
+            hashed.append(t.name)
+            return real(t, algorithm)
+
+        monkeypatch.setattr(checkpoint, "tensor_hasher", counting)
         report = await es.load("stranger")
+        monkeypatch.undo()
         assert (hashes.computed, hashes.streamed, hashes.probed) == \
             (before[0] + 1, before[1] + 1, before[2] + 1)   # one probe, no second pass
+        names = [t.name for t in checkpoint.read_header(store / "stranger" / "model.safetensors")]
+        assert sorted(hashed) == sorted(names)               # each tensor hashed once
         assert report.bytes_from_disk == report.bytes_total and report.bytes_released == 0
         keys = {n: u.key for n, u in es.models["stranger"].units.items()}
         # A fine-tune of the resident base is hashed whole first, and pins what it finds.

@@ -208,7 +208,7 @@ class Scheduler(Residencies, RoomMaking):
         prepared, sources = await self._prepare(model_id, weights, spec, ctx, report,
                                                 host_only, stop)      # returns it frozen
         try:
-            first = FirstSight.of(sources)
+            first = FirstSight.of(sources, ctx.hashes)
             with progress(model_id, report.bytes_from_disk + report.bytes_from_host) as bar:
                 options = first.options(stop) if first else ReadOptions(stop=stop)
                 seconds = await asyncio.to_thread(fill, prepared, ctx, bar, options)
