@@ -70,11 +70,16 @@ class Placer:
                                  f"{', '.join(self.s.pools)}", "device")
 
     def resident_sizes(self) -> set[int]:
-        """(any thread) Byte sizes of the weight units held by any pool or the host tier:
-        a unit of another size cannot share bytes with them."""
+        """(any thread) Byte sizes of the weight units held by any pool or the host tier,
+        or known to loads still queued: a unit of another size cannot share bytes with them."""
         sizes = {u.nbytes for pool in self.s.pools.values() for u in pool.snapshot()
                  if u.kind in (UnitKind.WEIGHT, UnitKind.EXPERT)}
+        sizes |= {nbytes for key, nbytes in self._queued_units() if key is not None}
         return sizes | (self.s.host.sizes() if self.s.host is not None else set())
+
+    def _queued_units(self) -> list[tuple[str | None, int]]:
+        return [unit for needs in list(self.queued.values()) for units in needs.values()
+                for unit in units]
 
     def needs(self, model_id: str, weights: Path, spec: ModelSpec, task: TaskSource | None,
               host_only: frozenset[str], sizes: set[int]) -> Needs:
@@ -143,10 +148,11 @@ class Placer:
 
     def held(self, key: str) -> bool:
         """(any thread) Whether a unit of this key is in a pool, in the host tier, or
-        coming with a load in its turn."""
+        coming with a load in its turn or queued for one."""
         return any(_held(pool, key) for pool in self.s.pools.values()) \
             or (self.s.host is not None and key in self.s.host) \
-            or any(key in keys for _, keys, _ in list(self.bringing.values()))
+            or any(key in keys for _, keys, _ in list(self.bringing.values())) \
+            or any(key == k for k, _ in self._queued_units())
 
     def arrived(self, model_id: str) -> None:
         self.bringing.pop(model_id, None)

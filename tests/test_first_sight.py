@@ -238,3 +238,29 @@ def test_a_pass_after_a_probe_hashes_only_the_rest(tmp_path, monkeypatch):
     assert cache.cached(path) is None and cache.probed == 1
     assert cache.get(path) == whole and cache.cached(path) == whole
     assert asked == [{probe}, set(whole) - {probe}]
+
+
+async def test_a_relative_of_a_queued_load_is_hashed_before_its_turn(twins):
+    """The base is not in the pool yet, only queued (its hashes cached): a relative queued
+    behind it is still found to share, and hashed whole while both wait."""
+    store = twins
+    HashCache(store).get(store / "llama" / "model.safetensors")
+    async with server(store) as es:
+        hashes, grouping = es.scheduler.hashes, es.scheduler.grouping
+        grouping.holder = object()  # type: ignore[assignment]    # another load's turn
+        base = asyncio.create_task(es.load("llama"))
+        for _ in range(400):
+            if "llama" in es.scheduler.placer.queued:
+                break
+            await asyncio.sleep(0.005)
+        copy = asyncio.create_task(es.load("llama-copy"))
+        for _ in range(400):                    # hashed while it waits, not in its turn
+            if hashes.computed:
+                break
+            await asyncio.sleep(0.005)
+        assert hashes.computed == 1 and hashes.probed == 1 and not copy.done()
+        grouping.holder = None
+        reports = [await base, await copy]
+        assert sum(r.bytes_from_disk for r in reports) == reports[0].bytes_total
+        assert all(r.bytes_released == 0 for r in reports) and hashes.streamed == 0
+        es.pools["cpu"].check_integrity()
