@@ -169,6 +169,14 @@ def hash_file(path: Path, algorithm: str = ALGORITHM, chunk: int = HASH_CHUNK,
     return {name: h.hexdigest() for name, h in hashers.items()}
 
 
+def hash_rest(path: Path, have: dict[str, str], algorithm: str) -> dict[str, str]:
+    """Every tensor's hash of path: those in `have`, the others computed now."""
+    if not have:
+        return hash_file(path, algorithm)
+    rest = {t.name for t in read_header(path)} - set(have)
+    return have | (hash_file(path, algorithm, only=rest) if rest else {})
+
+
 class StreamHashes:
     """Tensor hashes computed by the reader threads of a load while the bytes stream in,
     so that a file seen for the first time is not read twice. Each tensor is hashed once,
@@ -204,8 +212,7 @@ class StreamHashes:
         load did not need, usually none)."""
         with self._lock:
             have = dict(self._done.get(path, {}))
-        rest = {t.name for t in read_header(path)} - set(have)
-        return have | (hash_file(path, self.algorithm, only=rest) if rest else {})
+        return hash_rest(path, have, self.algorithm)
 
 
 class HashCache:
@@ -248,9 +255,7 @@ class HashCache:
         hashes = self.cached(path, algorithm)
         if hashes is None:
             stamp = self.stamp(path)
-            have = self.partial(path, algorithm, stamp)
-            rest = {t.name for t in read_header(path)} - set(have)
-            hashes = have | (hash_file(path, algorithm, only=rest) if rest else {})
+            hashes = hash_rest(path, self.partial(path, algorithm, stamp), algorithm)
             self.computed += 1
             self.put(path, hashes, algorithm, stamp)
         return hashes
@@ -269,8 +274,8 @@ class HashCache:
         stamp = self.stamp(path)
         at: tuple[str | int, ...] = (str(path.resolve()), algorithm, *stamp)
         have = self.partial(path, algorithm, stamp)
-        if names - set(have):
-            have |= hash_file(path, algorithm, only=names - set(have))
+        if missing := names - set(have):
+            have |= hash_file(path, algorithm, only=missing)
             self.probed += 1
             if self.cached(path, algorithm) is None:   # else a load put the whole file
                 with self._lock:

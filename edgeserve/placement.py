@@ -156,9 +156,8 @@ class Placement:
     def choose(scores: Sequence[Score]) -> Score:
         """The lowest total; ties to more free memory, and so are scores within TIE_SHARE
         of it that miss about as many bytes (within TIE_SHARE), where those fit in free
-        memory.
-        None fits (busy models hold the room): the device whose own queued work drains
-        first, then the least missing."""
+        memory. None fits (busy models hold the room): the device whose own queued work
+        drains first, then the least missing."""
         fitting = [s for s in scores if s.fits]
         if not fitting:
             return min(scores, key=lambda s: (round(s.drain_s, 6),

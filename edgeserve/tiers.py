@@ -12,7 +12,6 @@ their unit with no staging at all.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from collections.abc import Callable
@@ -57,11 +56,9 @@ def default_readers() -> int:
     load: 39 ms to their last first token with four readers, 30 ms with two, 22 ms alone),
     while a 0.5 GB load took about as long with two (0.35 s against 0.33 s); one reader
     could not hide a first sight's hashing (1.5x the load with cached hashes)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:              # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
+    from edgeserve.engine.threads import cpu_count  # (the engine imports this module)
+
+    return max(1, min(4, cpu_count()))
 
 
 class DiskLoader:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeserve.arch import weight_plan
+from edgeserve.arch.plan import WeightUnit
 from edgeserve.arch.spec import ModelFormatError, ModelSpec, load_spec
 from edgeserve.checkpoint import TensorInfo, read_header
 from edgeserve.quant.format import parts, read_quant
@@ -58,8 +59,7 @@ def unit_keys(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
     hashes: dict[str, str] = {}
     recorded = info.hashes if info is not None else {}
     if any(p not in recorded for u in plan.values() for p in u.parts):
-        wanted = {name for n, u in plan.items() for p in u.parts
-                  for name in (parts(p, schemes[n]).values() if n in schemes else (p,))}
+        wanted = _tensors_of(plan, schemes) if only is not None else set()
         for path in {t.path for t in tensors.values()}:
             cached = (known or {}).get(path)
             if cached is None and only is not None:
@@ -80,6 +80,13 @@ def unit_keys(model_dir: Path, spec: ModelSpec, ctx: LoadContext, owner: str,
             h.update(f"|{owner}".encode())
         keys[name] = h.hexdigest()
     return keys
+
+
+def _tensors_of(plan: dict[str, WeightUnit], schemes: dict[str, str]) -> set[str]:
+    """The checkpoint tensors the units of plan are read from (a quantized part's own
+    components)."""
+    return {name for n, unit in plan.items() for part in unit.parts
+            for name in (parts(part, schemes[n]).values() if n in schemes else (part,))}
 
 
 def _check(model_dir: Path, spec: ModelSpec, tensors: dict[str, TensorInfo],
